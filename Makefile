@@ -1,0 +1,52 @@
+# mlplatform: `make run` trains and serves the demo model, `make test` runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# All platform state lives under one directory; Dagster's instance is inside it.
+export MLPLATFORM_HOME ?= $(CURDIR)/.mlplatform
+export DAGSTER_HOME ?= $(MLPLATFORM_HOME)/dagster
+
+.PHONY: install run test ui stop lint format clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "mlplatform needs Python 3.11 or newer (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+## run: materialize the whole asset graph and leave the endpoint running
+run: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m mlplatform run
+
+## test: the whole test suite
+test: install
+	$(BIN)/python -m pytest
+
+## ui: Dagster web UI and daemon (sensors) on http://127.0.0.1:3000
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+## stop: stop the local Ray head and the endpoint
+stop:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m mlplatform stop; fi
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## clean: stop everything and delete all platform state
+clean: stop
+	rm -rf $(MLPLATFORM_HOME)

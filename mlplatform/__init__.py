@@ -1,0 +1,1 @@
+"""mlplatform: a Dagster asset-based ML platform for tabular models."""

@@ -1,0 +1,1 @@
+"""Dagster definitions, one module per lifecycle stage (the module name is the asset group)."""

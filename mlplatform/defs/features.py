@@ -1,0 +1,213 @@
+"""Features: the feature spec, a deterministic train/valid/test split, and the drift baseline."""
+
+
+import dataclasses
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import whylogs as why
+from pydantic import Field
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+
+from mlplatform.defs.ingest import data_version
+from mlplatform.resources import DataSource
+from mlplatform.settings import load_settings
+from mlplatform.tabular import FeatureSpec, coerce_features, encode_target, infer_feature_spec
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """The split dataset and its spec; every split keeps the raw input columns and the target."""
+
+    spec: FeatureSpec
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+    data_version: str
+    time_ordered: bool
+
+    def inputs(self, split: str) -> pd.DataFrame:
+        """The model input columns of a split."""
+        return getattr(self, split)[list(self.spec.features)]
+
+    def labels(self, split: str) -> np.ndarray:
+        """A split's target as 0/1 (1 = positive class)."""
+        return encode_target(getattr(self, split)[self.spec.target], self.spec)
+
+
+class FeaturesConfig(dg.Config):
+    """How the data is split."""
+
+    valid_fraction: float = Field(default=0.15, description="Share of rows for validation (model selection).")
+    test_fraction: float = Field(default=0.15, description="Share of rows for the held-out test.")
+    seed: int = Field(default=42, description="Seed of the random split (no time column).")
+    leakage_auc: float = Field(
+        default=0.98, description="A single feature predicting the target this well on its own is leakage."
+    )
+
+
+def split_frame(frame: pd.DataFrame, spec: FeatureSpec, config: FeaturesConfig) -> tuple[pd.DataFrame, ...]:
+    """Split rows into train/valid/test.
+
+    With a time column the split is chronological (oldest rows train, newest test), so evaluation
+    mimics predicting the future; otherwise it is a seeded split stratified by the target.
+    """
+    n_holdout = config.valid_fraction + config.test_fraction
+    if spec.time_column:
+        order = pd.to_datetime(frame[spec.time_column], errors="coerce", utc=True, format="mixed")
+        ordered = frame.iloc[np.argsort(order.to_numpy(), kind="stable")]
+        n = len(ordered)
+        train_end = int(round(n * (1 - n_holdout)))
+        valid_end = int(round(n * (1 - config.test_fraction)))
+        return ordered.iloc[:train_end], ordered.iloc[train_end:valid_end], ordered.iloc[valid_end:]
+    labels = frame[spec.target]
+    train, holdout = train_test_split(frame, test_size=n_holdout, random_state=config.seed, stratify=labels)
+    valid, test = train_test_split(
+        holdout,
+        test_size=config.test_fraction / n_holdout,
+        random_state=config.seed,
+        stratify=holdout[spec.target],
+    )
+    return train, valid, test
+
+
+def single_feature_auc(feature_set: FeatureSet) -> dict[str, float]:
+    """How well each feature alone ranks the training target (max of AUC and 1 - AUC)."""
+    coerced = coerce_features(feature_set.inputs("train"), feature_set.spec)
+    labels = feature_set.labels("train")
+    scores = {}
+    for name in coerced.columns:
+        column = coerced[name]
+        if feature_set.spec.features[name] == "categorical":
+            column = column.map(pd.Series(labels, index=coerced.index).groupby(column).mean())
+        elif feature_set.spec.features[name] == "datetime":
+            column = column.map(lambda stamp: stamp.timestamp() if pd.notna(stamp) else np.nan)
+        values = pd.to_numeric(column, errors="coerce").astype(float)
+        known = values.notna().to_numpy()
+        if known.sum() < 10 or len(np.unique(labels[known])) < 2:
+            continue
+        auc = roc_auc_score(labels[known], values.to_numpy()[known])
+        scores[name] = round(float(max(auc, 1 - auc)), 4)
+    return scores
+
+
+def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
+    """Every split is non-empty with both classes; chronological splits do not overlap in time."""
+    problems = []
+    for split in SPLITS:
+        labels = feature_set.labels(split)
+        if len(labels) == 0:
+            problems.append(f"{split} is empty")
+        elif len(np.unique(labels)) < 2:
+            problems.append(f"{split} has a single class")
+    if feature_set.time_ordered and not problems:
+        column = feature_set.spec.time_column
+        stamps = {s: pd.to_datetime(getattr(feature_set, s)[column], utc=True, format="mixed") for s in SPLITS}
+        if stamps["train"].max() > stamps["valid"].min() or stamps["valid"].max() > stamps["test"].min():
+            problems.append("chronological splits overlap in time")
+    return dg.AssetCheckResult(
+        check_name="split_sanity",
+        passed=not problems,
+        description="; ".join(problems) or "all splits non-empty with both classes",
+        metadata={f"{split}_rows": len(getattr(feature_set, split)) for split in SPLITS},
+    )
+
+
+def check_leakage(feature_set: FeatureSet, max_auc: float) -> dg.AssetCheckResult:
+    """No single feature predicts the target almost perfectly (a label leaked into the inputs)."""
+    scores = single_feature_auc(feature_set)
+    leaking = {name: auc for name, auc in scores.items() if auc >= max_auc}
+    return dg.AssetCheckResult(
+        check_name="no_target_leakage",
+        passed=not leaking,
+        description=(
+            f"features predicting the target alone (AUC >= {max_auc}): {leaking}"
+            if leaking
+            else f"best single-feature AUC {max(scores.values(), default=0.5):.3f} < {max_auc}"
+        ),
+        metadata={"single_feature_auc": dg.MetadataValue.json(scores)},
+    )
+
+
+def _spec_table(spec: FeatureSpec) -> str:
+    rows = [f"| {name} | {kind} | used |" for name, kind in spec.features.items()]
+    rows += [f"| {name} | - | dropped: {reason} |" for name, reason in spec.dropped.items()]
+    return "| column | kind | use |\n|---|---|---|\n" + "\n".join(rows)
+
+
+@dg.asset(
+    group_name="features",
+    kinds={"pandas", "sklearn"},
+    owners=["team:ml-platform"],
+    check_specs=[
+        dg.AssetCheckSpec("split_sanity", asset="features", blocking=True),
+        dg.AssetCheckSpec("no_target_leakage", asset="features", blocking=True),
+    ],
+)
+def features(context: dg.AssetExecutionContext, config: FeaturesConfig, raw_data: pd.DataFrame, data_source: DataSource):
+    """Feature spec (inferred types, dropped columns) and the train/valid/test split."""
+    spec = infer_feature_spec(raw_data, data_source.resolved_target(), data_source.resolved_time_column())
+    for name, reason in spec.dropped.items():
+        context.log.info(f"dropping column '{name}': {reason}")
+    train, valid, test = split_frame(raw_data, spec, config)
+    feature_set = FeatureSet(
+        spec=spec,
+        train=train,
+        valid=valid,
+        test=test,
+        data_version=data_version(raw_data),
+        time_ordered=spec.time_column is not None,
+    )
+    balance = {split: round(float(feature_set.labels(split).mean()), 4) for split in SPLITS}
+    yield dg.Output(
+        feature_set,
+        metadata={
+            **{f"{split}_rows": len(getattr(feature_set, split)) for split in SPLITS},
+            "positive_class": str(spec.positive_class),
+            "positive_rate": dg.MetadataValue.json(balance),
+            "split": "chronological by " + spec.time_column if spec.time_column else f"stratified, seed {config.seed}",
+            "features": dg.MetadataValue.md(_spec_table(spec)),
+            "data_version": feature_set.data_version,
+        },
+    )
+    yield check_split(feature_set)
+    yield check_leakage(feature_set, config.leakage_auc)
+
+
+def profile_frame(frame: pd.DataFrame, spec: FeatureSpec) -> why.DatasetProfileView:
+    """whylogs profile of a frame's features (training dtypes) and target: a drift baseline."""
+    coerced = coerce_features(frame, spec)
+    for name in spec.columns_of("datetime"):
+        coerced[name] = coerced[name].dt.strftime("%Y-%m-%dT%H:%M:%S")
+    if spec.target in frame.columns:
+        coerced[spec.target] = encode_target(frame[spec.target], spec)
+    return why.log(pandas=coerced).profile().view()
+
+
+@dg.asset(group_name="features", kinds={"whylogs"}, owners=["team:ml-platform"])
+def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -> str:
+    """whylogs profile of the training split: the baseline that live traffic is compared with."""
+    view = profile_frame(features.train, features.spec)
+    directory = load_settings().profiles_dir / "reference"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = Path(directory, f"{features.data_version}.bin")
+    view.write(str(path))
+    summary = view.to_pandas()
+    context.add_output_metadata(
+        {
+            "profile_path": dg.MetadataValue.path(str(path)),
+            "rows": len(features.train),
+            "columns": dg.MetadataValue.json(sorted(view.get_columns())),
+            "summary": dg.MetadataValue.md(
+                summary[[c for c in ("counts/n", "counts/null", "distribution/mean", "distribution/stddev") if c in summary]]
+                .round(4)
+                .to_markdown()
+            ),
+        }
+    )
+    return str(path)

@@ -1,0 +1,207 @@
+"""Training: LightGBM and a scikit-learn baseline, the best on validation registered as challenger."""
+
+
+import dataclasses
+import importlib.metadata
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import lightgbm
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+from pydantic import Field
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
+from sklearn.pipeline import Pipeline
+
+from mlplatform.defs.features import FeatureSet
+from mlplatform.resources import MlflowTracking
+from mlplatform.tabular import TabularModel, build_preprocessor, make_model_pipeline
+
+CHALLENGER_ALIAS = "challenger"
+CHAMPION_ALIAS = "champion"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """A registered model version: how assets hand a model to each other (never "latest file")."""
+
+    name: str
+    version: str
+    mlflow_run_id: str
+    algorithm: str
+
+    @property
+    def uri(self) -> str:
+        """The pinned MLflow model URI."""
+        return f"models:/{self.name}/{self.version}"
+
+
+class TrainingConfig(dg.Config):
+    """Training knobs (shown in the Launchpad)."""
+
+    seed: int = Field(default=42, description="Random seed for every estimator.")
+    n_estimators: int = Field(default=600, description="LightGBM boosting rounds (upper bound; early stopping).")
+    learning_rate: float = Field(default=0.05, description="LightGBM learning rate.")
+    num_leaves: int = Field(default=15, description="LightGBM leaves per tree.")
+    min_child_samples: int = Field(default=20, description="LightGBM minimum rows per leaf.")
+    early_stopping_rounds: int = Field(default=50, description="Stop LightGBM after this many rounds without gain.")
+    logistic_c: float = Field(default=1.0, description="Inverse L2 strength of the logistic baseline.")
+    selection_metric: str = Field(default="roc_auc", description="Validation metric that picks the candidate.")
+
+
+def score_probabilities(labels: np.ndarray, probability: np.ndarray) -> dict[str, float]:
+    """Threshold-free quality of positive-class probabilities (higher AUCs, lower losses are better)."""
+    clipped = np.clip(probability, 1e-7, 1 - 1e-7)
+    return {
+        "roc_auc": float(roc_auc_score(labels, probability)),
+        "pr_auc": float(average_precision_score(labels, probability)),
+        "log_loss": float(log_loss(labels, clipped, labels=[0, 1])),
+        "brier": float(brier_score_loss(labels, probability)),
+    }
+
+
+def train_lightgbm(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
+    """Gradient boosting with early stopping on the validation split."""
+    spec = feature_set.spec
+    preprocessor = build_preprocessor(spec, for_trees=True)
+    coerce = make_model_pipeline(spec, preprocessor, "passthrough")
+    train_matrix = coerce.fit_transform(feature_set.inputs("train"))
+    valid_matrix = coerce.transform(feature_set.inputs("valid"))
+    estimator = lightgbm.LGBMClassifier(
+        n_estimators=config.n_estimators,
+        learning_rate=config.learning_rate,
+        num_leaves=config.num_leaves,
+        min_child_samples=config.min_child_samples,
+        subsample=0.8,
+        subsample_freq=1,
+        colsample_bytree=0.8,
+        random_state=config.seed,
+        verbose=-1,
+    )
+    estimator.fit(
+        train_matrix,
+        feature_set.labels("train"),
+        eval_set=[(valid_matrix, feature_set.labels("valid"))],
+        eval_metric="auc",
+        callbacks=[lightgbm.early_stopping(config.early_stopping_rounds, verbose=False)],
+    )
+    # One thread per prediction call: serving predicts small batches, where threads only add overhead.
+    estimator.set_params(n_jobs=1)
+    return make_model_pipeline(spec, preprocessor, estimator)
+
+
+def train_logistic(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
+    """The scikit-learn baseline: scaled, one-hot encoded logistic regression."""
+    spec = feature_set.spec
+    pipeline = make_model_pipeline(
+        spec,
+        build_preprocessor(spec, for_trees=False),
+        LogisticRegression(C=config.logistic_c, max_iter=2000, random_state=config.seed),
+    )
+    return pipeline.fit(feature_set.inputs("train"), feature_set.labels("train"))
+
+
+TRAINERS = {"lightgbm": train_lightgbm, "sklearn_logistic": train_logistic}
+
+
+def select_best(scores: dict[str, dict[str, float]], metric: str) -> str:
+    """The algorithm with the best validation ``metric`` (losses are minimised, others maximised)."""
+    lower_is_better = metric in {"log_loss", "brier"}
+    ranked = sorted(scores, key=lambda name: scores[name][metric], reverse=not lower_is_better)
+    return ranked[0]
+
+
+def code_lineage() -> dict[str, str]:
+    """Package version and, when running from a git checkout, its commit."""
+    lineage = {"code_version": importlib.metadata.version("mlplatform")}
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        lineage["git_sha"] = sha
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return lineage
+
+
+def _example_record(frame: pd.DataFrame) -> dict[str, Any]:
+    """One training row as JSON-ready values (what a client would send)."""
+    row = frame.iloc[0]
+    return {name: (None if pd.isna(value) else value.item() if isinstance(value, np.generic) else value) for name, value in row.items()}
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"lightgbm", "sklearn", "mlflow"},
+    owners=["team:ml-platform"],
+    code_version="1",
+)
+def candidate_model(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    features: FeatureSet,
+    mlflow_tracking: MlflowTracking,
+) -> dg.Output[ModelRef]:
+    """The best of LightGBM and a scikit-learn baseline on validation, registered as `challenger`."""
+    scores: dict[str, dict[str, float]] = {}
+    pipelines: dict[str, Pipeline] = {}
+    for algorithm, train in TRAINERS.items():
+        pipelines[algorithm] = train(features, config)
+        probability = pipelines[algorithm].predict_proba(features.inputs("valid"))[:, 1]
+        scores[algorithm] = score_probabilities(features.labels("valid"), probability)
+        context.log.info(f"{algorithm}: validation {scores[algorithm]}")
+    best = select_best(scores, config.selection_metric)
+
+    spec = features.spec
+    model = TabularModel(pipelines[best], spec, example_record=_example_record(features.inputs("train")))
+    sample = features.inputs("train").head(20)
+    lineage = {"dagster_run_id": context.run_id, "data_version": features.data_version, **code_lineage()}
+    mlflow.log_params(
+        {"algorithm": best, "features": len(spec.features), "train_rows": len(features.train), **config.model_dump()}
+    )
+    mlflow.log_metrics(
+        {f"valid_{metric}_{algorithm}": value for algorithm, s in scores.items() for metric, value in s.items()}
+        | {f"valid_{metric}": value for metric, value in scores[best].items()}
+    )
+    mlflow.set_tags(lineage)
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=model,
+        signature=infer_signature(sample, model.predict_frame(sample)),
+        input_example=sample.head(3),
+        registered_model_name=mlflow_tracking.registered_model_name,
+        pip_requirements=[
+            f"{package}=={importlib.metadata.version(package)}"
+            for package in ("mlflow", "scikit-learn", "lightgbm", "pandas", "numpy")
+        ],
+    )
+    name, version = mlflow_tracking.registered_model_name, str(info.registered_model_version)
+    client = mlflow_tracking.client()
+    for key, value in (lineage | {"algorithm": best}).items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, CHALLENGER_ALIAS, version)
+    ref = ModelRef(name=name, version=version, mlflow_run_id=mlflow_tracking.run_id, algorithm=best)
+    return dg.Output(
+        ref,
+        metadata={
+            "model_name": name,
+            "model_version": version,
+            "model_uri": ref.uri,
+            "mlflow_run_id": ref.mlflow_run_id,
+            "algorithm": best,
+            **{f"valid_{metric}": round(value, 4) for metric, value in scores[best].items()},
+            "candidates": dg.MetadataValue.md(
+                pd.DataFrame(scores).T.round(4).rename_axis("algorithm").to_markdown()
+            ),
+        },
+    )

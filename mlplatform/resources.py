@@ -1,0 +1,209 @@
+"""Dagster resources: one class per external service (data source, MLflow, Ray Serve).
+
+Every field left unset falls back, at execution time, to :func:`mlplatform.settings.load_settings`
+(environment variables with embedded defaults), so the same definitions run on a laptop and in
+production, and any field can be overridden per run from the Launchpad.
+"""
+
+
+import glob
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import fsspec
+import mlflow
+import pandas as pd
+from dagster_mlflow.resources import MlFlow
+from mlflow import MlflowClient
+from pydantic import Field, PrivateAttr
+
+from mlplatform.demo.data import write_demo_source
+from mlplatform.serving import cluster
+from mlplatform.serving.app import ServingSettings
+from mlplatform.settings import DEMO_TARGET, load_settings
+from mlplatform.tabular import DataError
+
+_READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
+
+
+def _read_table(uri: str) -> pd.DataFrame:
+    suffix = Path(uri.split("?")[0]).suffix.lower()
+    reader = _READERS.get(suffix)
+    if reader is None:
+        raise DataError(f"cannot read {uri}: expected a .csv or .parquet file")
+    with fsspec.open(uri, "rb") as handle:
+        try:
+            return reader(handle)
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError) as error:
+            raise DataError(f"cannot parse {uri} as {suffix[1:]}: {error}") from error
+
+
+def expand_source(uri: str) -> list[str]:
+    """The files behind a source: a file, a glob or a folder (local or any fsspec URL).
+
+    Raises:
+        DataError: if nothing matches.
+    """
+    filesystem, path = fsspec.core.url_to_fs(uri)
+    protocol = uri.split("://")[0] + "://" if "://" in uri else ""
+    if filesystem.isdir(path):
+        found = sorted(
+            p for p in filesystem.find(path) if Path(p).suffix.lower() in _READERS and not Path(p).name.startswith(".")
+        )
+    elif glob.has_magic(path):
+        found = sorted(filesystem.glob(path))
+    else:
+        found = [path] if filesystem.exists(path) else []
+    if not found:
+        raise DataError(f"no data files found at {uri}")
+    return [f"{protocol}{p}" if protocol and not p.startswith(protocol) else p for p in found]
+
+
+class DataSource(dg.ConfigurableResource):
+    """The raw tabular data: a CSV/Parquet file, glob or folder, local or an fsspec URL."""
+
+    uri: str | None = Field(
+        default=None, description="Data location; default MLPLATFORM_SOURCE, else the demo dataset."
+    )
+    target: str | None = Field(default=None, description="Label column; default MLPLATFORM_TARGET.")
+    time_column: str | None = Field(
+        default=None, description="Column ordering rows in time; default MLPLATFORM_TIME_COLUMN or inferred."
+    )
+
+    def resolved_uri(self) -> str:
+        """The configured source, writing the demo dataset under the platform home if none is."""
+        settings = load_settings()
+        uri = self.uri or settings.source
+        return uri or str(write_demo_source(settings.data_dir / "demo"))
+
+    def resolved_target(self) -> str:
+        """The label column.
+
+        Raises:
+            DataError: if a custom source is configured without a target.
+        """
+        settings = load_settings()
+        target = self.target or settings.target
+        if target:
+            return target
+        if self.uri or settings.source:
+            raise DataError("set MLPLATFORM_TARGET (or the data_source resource's `target`) to the label column")
+        return DEMO_TARGET
+
+    def resolved_time_column(self) -> str | None:
+        """The configured time column, if any (otherwise it is inferred from the data)."""
+        return self.time_column or load_settings().time_column
+
+    def load(self) -> tuple[pd.DataFrame, str]:
+        """Read every file of the source into one frame.
+
+        Returns:
+            ``(frame, uri)``.
+
+        Raises:
+            DataError: if the source is missing, unreadable or its files disagree on columns.
+        """
+        uri = self.resolved_uri()
+        frames = [_read_table(path) for path in expand_source(uri)]
+        columns = list(frames[0].columns)
+        for frame in frames[1:]:
+            if list(frame.columns) != columns:
+                raise DataError(f"files under {uri} have different columns")
+        return pd.concat(frames, ignore_index=True), uri
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """MLflow tracking and registry, with one MLflow run per Dagster run.
+
+    The run is managed by dagster-mlflow's ``MlFlow`` (found or started by Dagster run id, tagged
+    with it); this resource adds what it lacks: an embedded store under the platform home by
+    default, and an experiment whose artifacts live beside that store.
+    """
+
+    experiment_name: str = Field(default="mlplatform", description="MLflow experiment.")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="Tracking/registry URI; default MLFLOW_TRACKING_URI, else SQLite in the home."
+    )
+    model_name: str | None = Field(
+        default=None, description="Registered model name; default MLPLATFORM_MODEL_NAME or 'mlplatform'."
+    )
+    _run: MlFlow | None = PrivateAttr(default=None)
+
+    @property
+    def tracking_uri(self) -> str:
+        """The resolved tracking URI."""
+        return self.mlflow_tracking_uri or load_settings().tracking_uri
+
+    @property
+    def registered_model_name(self) -> str:
+        """The resolved registered model name."""
+        return self.model_name or load_settings().model_name
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Point MLflow at the store, make sure the experiment exists, join this run's MLflow run."""
+        settings = load_settings()
+        uri = self.tracking_uri
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        if mlflow.get_experiment_by_name(self.experiment_name) is None:
+            local_store = not uri.startswith(("http://", "https://", "databricks"))
+            mlflow.create_experiment(
+                self.experiment_name, artifact_location=settings.mlflow_artifacts_uri if local_store else None
+            )
+        self._run = MlFlow(context)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Close the MLflow run; a later step of the same Dagster run resumes it."""
+        if self._run is not None:
+            mlflow.end_run()
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run of the current Dagster run."""
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("no active MLflow run: the resource was not set up for execution")
+        return active.info.run_id
+
+    def client(self) -> MlflowClient:
+        """A registry/tracking client for the resolved URI."""
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def version_by_alias(self, alias: str) -> Any | None:
+        """The registered model version behind ``alias``, or ``None`` if unset."""
+        try:
+            return self.client().get_model_version_by_alias(self.registered_model_name, alias)
+        except mlflow.exceptions.MlflowException:
+            return None
+
+
+class RayServe(dg.ConfigurableResource):
+    """Ray Serve: a local head on 127.0.0.1 by default, an existing cluster with RAY_ADDRESS."""
+
+    address: str | None = Field(default=None, description="Ray cluster address; default RAY_ADDRESS, else local.")
+    host: str | None = Field(default=None, description="HTTP interface; default MLPLATFORM_SERVE_HOST or 127.0.0.1.")
+    port: int | None = Field(default=None, description="HTTP port; default MLPLATFORM_SERVE_PORT or 8000.")
+    app_name: str = Field(default="mlplatform", description="Ray Serve application name.")
+
+    @property
+    def url(self) -> str:
+        """The endpoint's base URL as clients reach it."""
+        settings = load_settings()
+        if self.host is None and self.port is None:
+            return settings.endpoint_url
+        return f"http://{self.host or settings.serve_host}:{self.port or settings.serve_port}"
+
+    def deploy(self, serving: ServingSettings) -> None:
+        """Deploy or roll forward the endpoint (see :func:`mlplatform.serving.cluster.deploy`)."""
+        settings = load_settings()
+        cluster.deploy(
+            serving,
+            ray_address=self.address or settings.ray_address,
+            host=self.host or settings.serve_host,
+            port=self.port or settings.serve_port,
+            app_name=self.app_name,
+            local_ray_port=settings.ray_port,
+        )

@@ -1,0 +1,173 @@
+"""The Ray Serve application: a FastAPI ingress serving one registered MLflow model.
+
+It takes a model URI and settings, nothing else, and imports nothing from Dagster: it can be
+deployed by the platform's ``model_endpoint`` asset, by ``serve run`` or from a test.
+
+Routes: ``POST /predict``, ``GET /healthz``, ``GET /model``, OpenAPI at ``/docs``.
+"""
+
+
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any
+
+import pandas as pd
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+
+from mlplatform.serving.loopback import bind_replica_grpc_to_loopback
+from mlplatform.serving.model import ServedModel, load_served_model
+from mlplatform.serving.validation import InvalidRequest, validate_records
+
+
+class ServingSettings(BaseModel):
+    """Arguments of the serving application (the Ray Serve app builder's typed args)."""
+
+    model_uri: str = Field(description="models:/<name>/<version> or models:/<name>@<alias>.")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking/registry URI.")
+    max_records: int = Field(default=10_000, gt=0, description="Largest batch per request.")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Largest request body.")
+    max_batch_size: int = Field(default=64, gt=0, description="Micro-batch size for single records.")
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0, description="Micro-batch wait.")
+    num_replicas: int = Field(default=1, gt=0, description="Serving replicas.")
+    max_ongoing_requests: int = Field(default=128, gt=0, description="Concurrency per replica.")
+    replica_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica.")
+
+
+class PredictRequest(BaseModel):
+    """Body of ``POST /predict`` (documented in OpenAPI; validated against the model's spec)."""
+
+    records: list[dict[str, Any]] = Field(
+        min_length=1, description="Feature records: one object per row, every feature present."
+    )
+
+
+class PredictResponse(BaseModel):
+    """Body of a successful ``POST /predict``."""
+
+    request_id: str
+    model_name: str
+    model_version: str
+    predictions: list[Any] = Field(description="Predicted class label per record.")
+    probabilities: list[float] = Field(description="Positive-class probability per record.")
+
+
+api = FastAPI(
+    title="mlplatform model endpoint",
+    description="Predictions from the champion model registered in MLflow.",
+)
+
+
+@api.exception_handler(InvalidRequest)
+async def _invalid_request(_: Request, error: InvalidRequest) -> JSONResponse:
+    return JSONResponse(status_code=error.status_code, content={"detail": error.errors})
+
+
+def _too_large(size: int, limit: int) -> InvalidRequest:
+    return InvalidRequest(
+        413, [{"loc": ["body"], "msg": f"body of {size} bytes exceeds the limit of {limit}", "type": "too_large"}]
+    )
+
+
+def _parse_body(raw: bytes, max_body_bytes: int) -> Any:
+    """The request body as JSON, or an :class:`InvalidRequest` naming what is wrong with it."""
+    if len(raw) > max_body_bytes:
+        raise _too_large(len(raw), max_body_bytes)
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidRequest(
+            400, [{"loc": ["body"], "msg": f"body is not valid JSON: {error}", "type": "json_invalid"}]
+        ) from error
+    if not isinstance(payload, dict) or "records" not in payload:
+        raise InvalidRequest(
+            422,
+            [{"loc": ["body", "records"], "msg": 'body must be an object {"records": [...]}', "type": "missing"}],
+        )
+    extra = sorted(set(payload) - {"records"})
+    if extra:
+        raise InvalidRequest(
+            422, [{"loc": ["body", extra[0]], "msg": f"unexpected field '{extra[0]}'", "type": "extra_forbidden"}]
+        )
+    return payload["records"]
+
+
+@serve.deployment
+@serve.ingress(api)
+class ModelEndpoint:
+    """One replica: loads the model once, answers predictions, micro-batches single records."""
+
+    def __init__(self, settings: dict[str, Any]):
+        bind_replica_grpc_to_loopback()
+        self.settings = ServingSettings.model_validate(settings)
+        self.model: ServedModel = load_served_model(self.settings.model_uri, self.settings.tracking_uri)
+        self._predict_batched.set_max_batch_size(self.settings.max_batch_size)
+        self._predict_batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _predict_batched(self, frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
+        """Predict many single-record requests in one model call."""
+        result = self.model.predict(pd.concat(frames, ignore_index=True))
+        return [result.iloc[i : i + 1] for i in range(len(frames))]
+
+    @api.post(
+        "/predict",
+        response_model=PredictResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+            }
+        },
+        responses={400: {"description": "Not JSON"}, 413: {"description": "Too large"}, 422: {"description": "Invalid records"}},
+    )
+    async def predict(self, request: Request) -> dict[str, Any]:
+        """Predict class labels and positive-class probabilities for the posted records."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raise _too_large(int(declared), self.settings.max_body_bytes)
+        records = _parse_body(await request.body(), self.settings.max_body_bytes)
+        frame = validate_records(records, self.model.spec, self.settings.max_records)
+        if len(frame) == 1:
+            result = await self._predict_batched(frame)
+        else:
+            result = self.model.predict(frame)
+        return {
+            "request_id": uuid.uuid4().hex,
+            "model_name": self.model.name,
+            "model_version": self.model.version,
+            "predictions": result["prediction"].tolist(),
+            "probabilities": result["probability"].tolist(),
+        }
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness and the served model's identity."""
+        return {"status": "ok", "model_name": self.model.name, "model_version": self.model.version}
+
+    @api.get("/model")
+    async def model_info(self) -> dict[str, Any]:
+        """The served model's card: version, lineage, metrics, input schema, an example record."""
+        return dataclasses.asdict(self.model.card) | {"uptime_s": round(time.time() - self.model.card.loaded_at, 1)}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Typed Ray Serve app builder (``serve run mlplatform.serving.app:build_app model_uri=...``).
+
+    Args:
+        args: :class:`ServingSettings` fields.
+
+    Returns:
+        The bound application, ready for ``serve.run``.
+    """
+    settings = ServingSettings.model_validate(args)
+    return ModelEndpoint.options(
+        num_replicas=settings.num_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        ray_actor_options={"num_cpus": settings.replica_cpus},
+    ).bind(settings.model_dump())

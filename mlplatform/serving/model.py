@@ -1,0 +1,110 @@
+"""Loading a registered model for serving, pinned to one version, with its lineage card."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+
+from mlplatform.tabular import FeatureSpec, TabularModel
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """What ``GET /model`` reports: identity, lineage, quality and the input contract."""
+
+    model_name: str
+    model_version: str
+    model_uri: str
+    mlflow_run_id: str | None
+    dagster_run_id: str | None
+    data_version: str | None
+    metrics: dict[str, float]
+    features: dict[str, str]
+    classes: list[Any]
+    threshold: float
+    example_record: dict[str, Any]
+    loaded_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """A loaded model version and its card."""
+
+    name: str
+    version: str
+    model: TabularModel
+    card: ModelCard
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """The model's input contract."""
+        return self.model.spec
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Labels and positive-class probabilities for validated records."""
+        return self.model.predict_frame(frame)
+
+
+def resolve_model_version(model_uri: str, client: MlflowClient) -> tuple[str, str]:
+    """Resolve a ``models:/`` URI to ``(name, version)``; aliases are pinned to their version now.
+
+    Raises:
+        ValueError: if the URI is not a ``models:/<name>/<version>`` or ``models:/<name>@<alias>``.
+    """
+    match = _MODELS_URI.match(model_uri)
+    if match is None:
+        raise ValueError(f"expected models:/<name>/<version> or models:/<name>@<alias>, got {model_uri!r}")
+    name = match["name"]
+    if match["version"]:
+        return name, match["version"]
+    return name, client.get_model_version_by_alias(name, match["alias"]).version
+
+
+def load_served_model(model_uri: str, tracking_uri: str | None = None) -> ServedModel:
+    """Load a registered model version and assemble its card from the MLflow registry.
+
+    Args:
+        model_uri: ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` (pinned at load).
+        tracking_uri: the MLflow tracking/registry URI; ``None`` uses MLflow's configured one.
+
+    Returns:
+        The model ready to predict.
+
+    Raises:
+        TypeError: if the registered model is not an mlplatform tabular model.
+    """
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient()
+    name, version = resolve_model_version(model_uri, client)
+    pinned_uri = f"models:/{name}/{version}"
+    python_model = mlflow.pyfunc.load_model(pinned_uri).unwrap_python_model()
+    if not isinstance(python_model, TabularModel):
+        raise TypeError(f"{pinned_uri} is a {type(python_model).__name__}, not an mlplatform TabularModel")
+    model_version = client.get_model_version(name, version)
+    metrics = client.get_run(model_version.run_id).data.metrics if model_version.run_id else {}
+    spec = python_model.spec
+    card = ModelCard(
+        model_name=name,
+        model_version=str(version),
+        model_uri=pinned_uri,
+        mlflow_run_id=model_version.run_id,
+        dagster_run_id=model_version.tags.get("dagster_run_id"),
+        data_version=model_version.tags.get("data_version"),
+        metrics=dict(sorted(metrics.items())),
+        features=dict(spec.features),
+        classes=list(spec.classes),
+        threshold=python_model.threshold,
+        example_record=python_model.example_record,
+        loaded_at=time.time(),
+    )
+    return ServedModel(name=name, version=str(version), model=python_model, card=card)

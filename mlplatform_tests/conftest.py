@@ -1,0 +1,88 @@
+"""Shared fixtures: an isolated platform home per test, one real Ray Serve instance per session."""
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+import mlplatform.serving  # noqa: F401  (sets Ray's loopback mode before Ray is imported)
+from mlplatform.demo.data import generate_loans
+from mlplatform.resources import DataSource, MlflowTracking, RayServe
+
+PLATFORM_VARIABLES = (
+    "MLPLATFORM_SOURCE",
+    "MLPLATFORM_TARGET",
+    "MLPLATFORM_TIME_COLUMN",
+    "MLPLATFORM_MODEL_NAME",
+    "MLPLATFORM_SERVE_HOST",
+    "MLPLATFORM_SERVE_PORT",
+    "MLPLATFORM_ENDPOINT_URL",
+    "MLPLATFORM_RAY_PORT",
+    "MLFLOW_TRACKING_URI",
+    "RAY_ADDRESS",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def platform_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own platform home and none of the caller's platform settings."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MLPLATFORM_HOME", str(home))
+    for name in PLATFORM_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
+    """A persistent Dagster instance for the test, so several runs share asset history."""
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as test_instance:
+        yield test_instance
+
+
+@pytest.fixture
+def small_loans_csv(tmp_path: Path) -> Path:
+    """A small demo-like dataset as a user's CSV."""
+    path = tmp_path / "loans.csv"
+    generate_loans(n_rows=1200, seed=3).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> Iterator[int]:
+    """One real local Ray instance with Serve listening on 127.0.0.1 for the whole session."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mlplatform-tests")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def training_resources(small_loans_csv: Path) -> dict[str, dg.ConfigurableResource]:
+    """The real data and MLflow resources on the test's home and data (no serving)."""
+    return {
+        "data_source": DataSource(uri=str(small_loans_csv), target="defaulted"),
+        "mlflow_tracking": MlflowTracking(),
+    }
+
+
+@pytest.fixture
+def resources(
+    training_resources: dict[str, dg.ConfigurableResource], serve_port: int
+) -> dict[str, dg.ConfigurableResource]:
+    """Every real platform resource, serving on the session's Ray Serve port."""
+    return training_resources | {"ray_serve": RayServe(port=serve_port)}

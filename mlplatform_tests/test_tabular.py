@@ -1,0 +1,109 @@
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from mlplatform.demo.data import generate_loans
+from mlplatform.tabular import (
+    DataError,
+    TabularModel,
+    build_preprocessor,
+    coerce_features,
+    encode_target,
+    infer_classes,
+    infer_feature_kind,
+    infer_feature_spec,
+    make_model_pipeline,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "kind"),
+    [
+        ("income", [1.5, 2.0, None, 4.0], "numeric"),
+        ("count", [1, 2, 2, 5], "numeric"),
+        ("color", ["red", "blue", "red", None], "categorical"),
+        ("flag", [True, False, True, True], "boolean"),
+        ("flag_text", ["true", "False", "TRUE", None], "boolean"),
+        ("when", ["2024-01-02", "2024-02-03T10:00:00", "2024-03-04", None], "datetime"),
+    ],
+)
+def test_infer_feature_kind(name, values, kind):
+    assert infer_feature_kind(name, pd.Series(values))[0] == kind
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "reason"),
+    [
+        ("customer_id", [7, 3, 9, 1], "identifier-like"),
+        ("row", [1, 2, 3, 4], "consecutive"),
+        ("code", [f"c{i}" for i in range(100)], "identifier-like"),
+        ("country", ["NL"] * 4, "constant"),
+        ("empty", [None, None, None, None], "missing"),
+    ],
+)
+def test_infer_feature_kind_drops_with_reason(name, values, reason):
+    kind, why = infer_feature_kind(name, pd.Series(values))
+    assert kind is None
+    assert reason in why
+
+
+def test_infer_classes_prefers_positive_tokens_then_minority():
+    assert infer_classes(pd.Series([0, 1, 0, 0])) == (0, 1)
+    assert infer_classes(pd.Series(["no", "yes", "yes"])) == ("no", "yes")
+    assert infer_classes(pd.Series(["stay", "churn", "stay", "stay"])) == ("stay", "churn")
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [([1, 2, 3, 1], "3 distinct values"), ([1, 1, 1], "1 distinct values"), ([1, None, 0], "missing")],
+)
+def test_infer_classes_rejects_non_binary_targets(labels, message):
+    with pytest.raises(DataError, match=message):
+        infer_classes(pd.Series(labels, name="y"))
+
+
+def test_feature_spec_of_demo_data():
+    frame = generate_loans(n_rows=500)
+    spec = infer_feature_spec(frame, "defaulted")
+    assert spec.time_column == "application_date"
+    assert "application_id" in spec.dropped
+    assert spec.features["purpose"] == "categorical"
+    assert spec.features["has_cosigner"] == "boolean"
+    assert spec.features["application_date"] == "datetime"
+    assert spec.features["income"] == "numeric"
+    assert "defaulted" not in spec.features
+
+
+def test_feature_spec_rejects_missing_target():
+    with pytest.raises(DataError, match="target column 'label' not found"):
+        infer_feature_spec(pd.DataFrame({"a": [1, 2]}), "label")
+
+
+def test_coerce_features_converts_json_like_values():
+    spec = infer_feature_spec(generate_loans(n_rows=300), "defaulted")
+    record = generate_loans(n_rows=1).drop(columns=["defaulted", "application_id"]).iloc[0].to_dict()
+    record["age"] = 30  # an int where training saw floats
+    record["has_cosigner"] = None
+    coerced = coerce_features(pd.DataFrame([record]), spec)
+    assert coerced["age"].dtype == float
+    assert np.isnan(coerced.loc[0, "has_cosigner"])
+    assert str(coerced["application_date"].dtype).startswith("datetime64")
+
+
+def test_coerce_features_names_missing_columns():
+    spec = infer_feature_spec(generate_loans(n_rows=300), "defaulted")
+    with pytest.raises(DataError, match="missing input columns: age"):
+        coerce_features(generate_loans(n_rows=3).drop(columns=["age"]), spec)
+
+
+def test_tabular_model_predicts_labels_and_probabilities_from_raw_records():
+    frame = generate_loans(n_rows=1500, seed=1)
+    spec = infer_feature_spec(frame, "defaulted")
+    pipeline = make_model_pipeline(spec, build_preprocessor(spec, for_trees=False), LogisticRegression(max_iter=500))
+    pipeline.fit(frame[list(spec.features)], encode_target(frame["defaulted"], spec))
+    model = TabularModel(pipeline, spec, threshold=0.3)
+    out = model.predict(None, frame[list(spec.features)].head(50))
+    assert list(out.columns) == ["prediction", "probability"]
+    assert out["probability"].between(0, 1).all()
+    assert ((out["probability"] >= 0.3) == (out["prediction"] == 1)).all()
