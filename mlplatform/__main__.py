@@ -2,7 +2,8 @@
 
 ``run`` materializes the whole asset graph (``retrain_job``) on the Dagster instance in
 ``DAGSTER_HOME`` (default: under the platform home), so the run appears in the web UI, and prints
-the live endpoint with a request to paste. ``stop`` shuts the local Ray head (and the endpoint) down.
+the live endpoint with a request to paste. ``stop`` shuts the local Ray head and the endpoint
+down.
 """
 
 import argparse
@@ -24,11 +25,16 @@ def run_pipeline() -> int:
     os.makedirs(dagster_home, exist_ok=True)
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def("retrain_job").execute_in_process(instance=instance, raise_on_error=False)
+        result = defs.resolve_job_def("retrain_job").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
     elapsed = time.perf_counter() - started
     if not result.success:
         failed = [event.step_key for event in result.all_events if event.is_step_failure]
-        print(f"\nThe run failed at {', '.join(failed) or 'a step'} after {elapsed:.0f}s.", file=sys.stderr)
+        print(
+            f"\nThe run failed at {', '.join(failed) or 'a step'} after {elapsed:.0f}s.",
+            file=sys.stderr,
+        )
         print(f"Inspect it with `make ui` (run id {result.run_id}).", file=sys.stderr)
         return 1
     endpoint = result.output_for_node("model_endpoint")

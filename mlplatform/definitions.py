@@ -1,6 +1,5 @@
 """The platform's single entry point: every asset, check, job and resource."""
 
-
 import dagster as dg
 
 from mlplatform.defs.evaluation import evaluation_report

@@ -5,7 +5,6 @@ Every field left unset falls back, at execution time, to :func:`mlplatform.setti
 production, and any field can be overridden per run from the Launchpad.
 """
 
-
 import glob
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,15 @@ def expand_source(uri: str) -> list[str]:
 
     Raises:
         DataError: if nothing matches.
+
     """
     filesystem, path = fsspec.core.url_to_fs(uri)
     protocol = uri.split("://")[0] + "://" if "://" in uri else ""
     if filesystem.isdir(path):
         found = sorted(
-            p for p in filesystem.find(path) if Path(p).suffix.lower() in _READERS and not Path(p).name.startswith(".")
+            p
+            for p in filesystem.find(path)
+            if Path(p).suffix.lower() in _READERS and not Path(p).name.startswith(".")
         )
     elif glob.has_magic(path):
         found = sorted(filesystem.glob(path))
@@ -68,7 +70,8 @@ class DataSource(dg.ConfigurableResource):
     )
     target: str | None = Field(default=None, description="Label column; default MLPLATFORM_TARGET.")
     time_column: str | None = Field(
-        default=None, description="Column ordering rows in time; default MLPLATFORM_TIME_COLUMN or inferred."
+        default=None,
+        description="Column ordering rows in time; default MLPLATFORM_TIME_COLUMN or inferred.",
     )
 
     def resolved_uri(self) -> str:
@@ -82,13 +85,16 @@ class DataSource(dg.ConfigurableResource):
 
         Raises:
             DataError: if a custom source is configured without a target.
+
         """
         settings = load_settings()
         target = self.target or settings.target
         if target:
             return target
         if self.uri or settings.source:
-            raise DataError("set MLPLATFORM_TARGET (or the data_source resource's `target`) to the label column")
+            raise DataError(
+                "set MLPLATFORM_TARGET (or the data_source resource's `target`) to the label column"
+            )
         return DEMO_TARGET
 
     def resolved_time_column(self) -> str | None:
@@ -103,6 +109,7 @@ class DataSource(dg.ConfigurableResource):
 
         Raises:
             DataError: if the source is missing, unreadable or its files disagree on columns.
+
         """
         uri = self.resolved_uri()
         frames = [_read_table(path) for path in expand_source(uri)]
@@ -123,10 +130,12 @@ class MlflowTracking(dg.ConfigurableResource):
 
     experiment_name: str = Field(default="mlplatform", description="MLflow experiment.")
     mlflow_tracking_uri: str | None = Field(
-        default=None, description="Tracking/registry URI; default MLFLOW_TRACKING_URI, else SQLite in the home."
+        default=None,
+        description="Tracking/registry URI; default MLFLOW_TRACKING_URI, else SQLite in the home.",
     )
     model_name: str | None = Field(
-        default=None, description="Registered model name; default MLPLATFORM_MODEL_NAME or 'mlplatform'."
+        default=None,
+        description="Registered model name; default MLPLATFORM_MODEL_NAME or 'mlplatform'.",
     )
     _run: MlFlow | None = PrivateAttr(default=None)
 
@@ -141,7 +150,7 @@ class MlflowTracking(dg.ConfigurableResource):
         return self.model_name or load_settings().model_name
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Point MLflow at the store, make sure the experiment exists, join this run's MLflow run."""
+        """Point MLflow at the store, ensure the experiment exists, join this run's MLflow run."""
         settings = load_settings()
         uri = self.tracking_uri
         if uri.startswith("sqlite:///"):
@@ -151,7 +160,8 @@ class MlflowTracking(dg.ConfigurableResource):
         if mlflow.get_experiment_by_name(self.experiment_name) is None:
             local_store = not uri.startswith(("http://", "https://", "databricks"))
             mlflow.create_experiment(
-                self.experiment_name, artifact_location=settings.mlflow_artifacts_uri if local_store else None
+                self.experiment_name,
+                artifact_location=settings.mlflow_artifacts_uri if local_store else None,
             )
         self._run = MlFlow(context)
 
@@ -183,9 +193,15 @@ class MlflowTracking(dg.ConfigurableResource):
 class RayServe(dg.ConfigurableResource):
     """Ray Serve: a local head on 127.0.0.1 by default, an existing cluster with RAY_ADDRESS."""
 
-    address: str | None = Field(default=None, description="Ray cluster address; default RAY_ADDRESS, else local.")
-    host: str | None = Field(default=None, description="HTTP interface; default MLPLATFORM_SERVE_HOST or 127.0.0.1.")
-    port: int | None = Field(default=None, description="HTTP port; default MLPLATFORM_SERVE_PORT or 8000.")
+    address: str | None = Field(
+        default=None, description="Ray cluster address; default RAY_ADDRESS, else local."
+    )
+    host: str | None = Field(
+        default=None, description="HTTP interface; default MLPLATFORM_SERVE_HOST or 127.0.0.1."
+    )
+    port: int | None = Field(
+        default=None, description="HTTP port; default MLPLATFORM_SERVE_PORT or 8000."
+    )
     app_name: str = Field(default="mlplatform", description="Ray Serve application name.")
 
     @property

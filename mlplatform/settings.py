@@ -37,6 +37,7 @@ class PlatformSettings:
         serve_port: the endpoint's HTTP port.
         ray_port: the GCS port of the local Ray head (when ``ray_address`` is ``None``).
         public_url: the endpoint's URL as clients reach it; ``None`` = ``http://host:port``.
+
     """
 
     home: Path
@@ -73,7 +74,7 @@ class PlatformSettings:
 
     @property
     def profiles_dir(self) -> Path:
-        """whylogs profiles: the training reference and live traffic."""
+        """Whylogs profiles: the training reference and live traffic."""
         return self.home / "profiles"
 
     @property
@@ -94,6 +95,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PlatformSettings:
 
     Raises:
         ValueError: if a port is not a number.
+
     """
     env = os.environ if environ is None else environ
     home = Path(env.get("MLPLATFORM_HOME") or DEFAULT_HOME).expanduser().resolve()

@@ -46,6 +46,7 @@ class FeatureSpec:
         time_column: the column that orders rows in time (used for splitting), if any.
         dropped: column name -> reason it is not used as a feature.
         categories: categorical column -> the values seen in training (for schemas and docs).
+
     """
 
     features: dict[str, FeatureKind]
@@ -90,6 +91,7 @@ def infer_feature_kind(name: str, column: pd.Series) -> tuple[FeatureKind | None
 
     Returns:
         ``(kind, reason)``: the feature kind, or ``None`` with the reason it is dropped.
+
     """
     values = column.dropna()
     if values.empty:
@@ -97,9 +99,7 @@ def infer_feature_kind(name: str, column: pd.Series) -> tuple[FeatureKind | None
     n_unique = values.nunique()
     if n_unique <= 1:
         return None, f"constant (only value: {values.iloc[0]!r})"
-    if pd.api.types.is_bool_dtype(column) or (
-        column.dtype == object and _looks_boolean(values)
-    ):
+    if pd.api.types.is_bool_dtype(column) or (column.dtype == object and _looks_boolean(values)):
         return "boolean", "two truth values"
     if pd.api.types.is_datetime64_any_dtype(column):
         return "datetime", "datetime dtype"
@@ -125,6 +125,7 @@ def infer_classes(target: pd.Series) -> tuple[Any, ...]:
 
     Raises:
         DataError: if the target is missing values or does not have exactly two classes.
+
     """
     if target.isna().any():
         raise DataError(f"target '{target.name}' has {int(target.isna().sum())} missing values")
@@ -164,6 +165,7 @@ def infer_feature_spec(
 
     Raises:
         DataError: if the target is missing or not binary, or no usable feature remains.
+
     """
     if target not in frame.columns:
         raise DataError(
@@ -184,7 +186,9 @@ def infer_feature_spec(
         if kind == "categorical":
             categories[str(name)] = sorted(frame[name].dropna().astype(str).unique().tolist())
     if not features:
-        raise DataError("no usable feature columns: " + "; ".join(f"{k}: {v}" for k, v in dropped.items()))
+        raise DataError(
+            "no usable feature columns: " + "; ".join(f"{k}: {v}" for k, v in dropped.items())
+        )
     if time_column is not None and features.get(time_column) != "datetime":
         raise DataError(f"time column '{time_column}' is not a datetime feature of the data")
     if time_column is None:
@@ -218,6 +222,7 @@ def coerce_features(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
 
     Raises:
         DataError: if input columns are missing.
+
     """
     missing = [name for name in spec.features if name not in frame.columns]
     if missing:
@@ -281,6 +286,7 @@ def build_preprocessor(spec: FeatureSpec, for_trees: bool) -> ColumnTransformer:
         spec: the feature spec.
         for_trees: ordinal-encode categories and keep NaN for gradient boosting (which handles
             both natively); otherwise impute, scale and one-hot encode for linear models.
+
     """
     numeric, categorical = spec.columns_of("numeric"), spec.columns_of("categorical")
     boolean, datetime = spec.columns_of("boolean"), spec.columns_of("datetime")
@@ -302,7 +308,9 @@ def build_preprocessor(spec: FeatureSpec, for_trees: bool) -> ColumnTransformer:
         groups = [
             (
                 "numeric",
-                make_pipeline(SimpleImputer(strategy="median", add_indicator=True), StandardScaler()),
+                make_pipeline(
+                    SimpleImputer(strategy="median", add_indicator=True), StandardScaler()
+                ),
                 numeric + boolean,
             ),
             (
@@ -315,14 +323,18 @@ def build_preprocessor(spec: FeatureSpec, for_trees: bool) -> ColumnTransformer:
             ),
             (
                 "datetime",
-                make_pipeline(DatetimeExpander(), SimpleImputer(strategy="median"), StandardScaler()),
+                make_pipeline(
+                    DatetimeExpander(), SimpleImputer(strategy="median"), StandardScaler()
+                ),
                 datetime,
             ),
         ]
     return ColumnTransformer([g for g in groups if g[2]], sparse_threshold=0.0)
 
 
-def make_model_pipeline(spec: FeatureSpec, preprocessor: ColumnTransformer, estimator: Any) -> Pipeline:
+def make_model_pipeline(
+    spec: FeatureSpec, preprocessor: ColumnTransformer, estimator: Any
+) -> Pipeline:
     """Assemble coercion, preprocessing and estimator into one servable pipeline."""
     return Pipeline(
         [("coerce", FrameCoercer(spec)), ("preprocess", preprocessor), ("estimator", estimator)]
@@ -362,7 +374,9 @@ class TabularModel(mlflow.pyfunc.PythonModel):
         labels = np.where(probability >= self.threshold, positive, negative)
         return pd.DataFrame({"prediction": labels, "probability": probability}, index=frame.index)
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         """MLflow pyfunc entry point; see :meth:`predict_frame`."""
         return self.predict_frame(pd.DataFrame(model_input))
 

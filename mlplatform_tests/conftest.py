@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import mlflow
 import pytest
 
 import mlplatform.serving  # noqa: F401  (sets Ray's loopback mode before Ray is imported)
@@ -32,20 +33,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def isolate_platform(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """Point the platform at ``home`` and forget every other platform and MLflow setting.
+
+    MLflow keeps its tracking URI in a module global and mirrors it into MLFLOW_TRACKING_URI, so
+    both are reset: otherwise one test's store would leak into the next.
+    """
+    monkeypatch.setenv("MLPLATFORM_HOME", str(home))
+    for name in PLATFORM_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(autouse=True)
 def platform_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own platform home and none of the caller's platform settings."""
     home = tmp_path / "home"
-    monkeypatch.setenv("MLPLATFORM_HOME", str(home))
-    for name in PLATFORM_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    isolate_platform(monkeypatch, home)
     return home
 
 
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
     """A persistent Dagster instance for the test, so several runs share asset history."""
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as test_instance:
+    directory = tmp_path / "dagster"
+    directory.mkdir()
+    with dg.instance_for_test(temp_dir=str(directory)) as test_instance:
         yield test_instance
 
 
@@ -64,7 +77,13 @@ def serve_port() -> Iterator[int]:
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mlplatform-tests")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="mlplatform-tests",
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()

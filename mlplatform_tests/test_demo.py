@@ -4,7 +4,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from mlplatform.demo.data import generate_loans, write_demo_source
-from mlplatform.tabular import build_preprocessor, encode_target, infer_feature_spec, make_model_pipeline
+from mlplatform.tabular import (
+    build_preprocessor,
+    encode_target,
+    infer_feature_spec,
+    make_model_pipeline,
+)
 
 
 def test_same_seed_same_data():
@@ -23,9 +28,13 @@ def test_demo_data_is_realistic():
 def test_signal_is_learnable_and_drift_moves_the_data():
     frame = generate_loans(4000, seed=1)
     spec = infer_feature_spec(frame, "defaulted")
-    model = make_model_pipeline(spec, build_preprocessor(spec, for_trees=False), LogisticRegression(max_iter=1000))
+    model = make_model_pipeline(
+        spec, build_preprocessor(spec, for_trees=False), LogisticRegression(max_iter=1000)
+    )
     model.fit(frame.iloc[:3000], encode_target(frame["defaulted"].iloc[:3000], spec))
-    auc = roc_auc_score(frame["defaulted"].iloc[3000:], model.predict_proba(frame.iloc[3000:])[:, 1])
+    auc = roc_auc_score(
+        frame["defaulted"].iloc[3000:], model.predict_proba(frame.iloc[3000:])[:, 1]
+    )
     assert auc > 0.65
     drifted = generate_loans(4000, seed=1, drift=1.0)
     assert drifted["credit_score"].mean() < frame["credit_score"].mean() - 30

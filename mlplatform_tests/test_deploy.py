@@ -69,6 +69,7 @@ PLATFORM_ENV_VARS = (
     "MLPLATFORM_MODEL_NAME",
     "MLPLATFORM_SERVE_HOST",
     "MLPLATFORM_SERVE_PORT",
+    "MLPLATFORM_ENDPOINT_URL",
 )
 ROOT_USERS = {"", "root", "0", "0:0", "root:root"}
 
@@ -423,7 +424,8 @@ def test_compose_service_addresses_are_consistent(compose: dict[str, Any]) -> No
     ray = re.fullmatch(r"ray://([\w-]+):(\d+)", env["RAY_ADDRESS"])
     assert ray and ray[1] in services
     assert f"--ray-client-server-port={ray[2]}" in services[ray[1]]["command"]
-    assert env["MLPLATFORM_SERVE_HOST"] == services[ray[1]]["hostname"]
+    assert env["MLPLATFORM_SERVE_HOST"] == "0.0.0.0"  # inside the head container
+    assert env["MLPLATFORM_ENDPOINT_URL"] == f"http://{services[ray[1]]['hostname']}:8000"
     ports = [str(p).rsplit(":", 2)[-2:] for p in services[ray[1]]["ports"]]
     assert [env["MLPLATFORM_SERVE_PORT"]] * 2 in ports
 

@@ -56,7 +56,11 @@ def test_infer_classes_prefers_positive_tokens_then_minority():
 
 @pytest.mark.parametrize(
     ("labels", "message"),
-    [([1, 2, 3, 1], "3 distinct values"), ([1, 1, 1], "1 distinct values"), ([1, None, 0], "missing")],
+    [
+        ([1, 2, 3, 1], "3 distinct values"),
+        ([1, 1, 1], "1 distinct values"),
+        ([1, None, 0], "missing"),
+    ],
 )
 def test_infer_classes_rejects_non_binary_targets(labels, message):
     with pytest.raises(DataError, match=message):
@@ -82,7 +86,9 @@ def test_feature_spec_rejects_missing_target():
 
 def test_coerce_features_converts_json_like_values():
     spec = infer_feature_spec(generate_loans(n_rows=300), "defaulted")
-    record = generate_loans(n_rows=1).drop(columns=["defaulted", "application_id"]).iloc[0].to_dict()
+    record = (
+        generate_loans(n_rows=1).drop(columns=["defaulted", "application_id"]).iloc[0].to_dict()
+    )
     record["age"] = 30  # an int where training saw floats
     record["has_cosigner"] = None
     coerced = coerce_features(pd.DataFrame([record]), spec)
@@ -100,7 +106,9 @@ def test_coerce_features_names_missing_columns():
 def test_tabular_model_predicts_labels_and_probabilities_from_raw_records():
     frame = generate_loans(n_rows=1500, seed=1)
     spec = infer_feature_spec(frame, "defaulted")
-    pipeline = make_model_pipeline(spec, build_preprocessor(spec, for_trees=False), LogisticRegression(max_iter=500))
+    pipeline = make_model_pipeline(
+        spec, build_preprocessor(spec, for_trees=False), LogisticRegression(max_iter=500)
+    )
     pipeline.fit(frame[list(spec.features)], encode_target(frame["defaulted"], spec))
     model = TabularModel(pipeline, spec, threshold=0.3)
     out = model.predict(None, frame[list(spec.features)].head(50))

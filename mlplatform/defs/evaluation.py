@@ -1,6 +1,5 @@
 """Evaluation: challenger vs current champion on the same held-out test split, and the gate."""
 
-
 import dataclasses
 
 import dagster as dg
@@ -46,13 +45,18 @@ class PromotionGateConfig(dg.Config):
     """Bounds a challenger must meet to become champion."""
 
     gate_metric: str = Field(default="roc_auc", description="Test metric the gate compares.")
-    min_score: float = Field(default=0.6, description="Absolute floor (ceiling for losses) on the gate metric.")
+    min_score: float = Field(
+        default=0.6, description="Absolute floor (ceiling for losses) on the gate metric."
+    )
     tolerance: float = Field(
-        default=0.005, description="How much worse than the champion the challenger may be and still pass."
+        default=0.005,
+        description="How much worse than the champion the challenger may be and still pass.",
     )
 
 
-def classification_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float]:
+def classification_metrics(
+    labels: np.ndarray, probability: np.ndarray, threshold: float
+) -> dict[str, float]:
     """Probability metrics plus accuracy, precision, recall and F1 at ``threshold``."""
     predicted = (probability >= threshold).astype(int)
     return score_probabilities(labels, probability) | {
@@ -67,7 +71,9 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
     """Apply the gate: the floor, then no worse than the champion beyond the tolerance."""
     metric = config.gate_metric
     if metric not in report.challenger_metrics:
-        raise ValueError(f"unknown gate metric '{metric}'; choose one of {sorted(report.challenger_metrics)}")
+        raise ValueError(
+            f"unknown gate metric '{metric}'; choose one of {sorted(report.challenger_metrics)}"
+        )
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     score = report.challenger_metrics[metric]
     champion_score = report.champion_metrics[metric] if report.champion_metrics else None
@@ -76,13 +82,23 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
         reason = f"test {metric} {score:.4f} misses the {bound} of {config.min_score}"
         return GateDecision(False, reason, metric, score, champion_score)
     if champion_score is None:
-        reason = f"test {metric} {score:.4f} clears {config.min_score}; no comparable champion ({report.champion_note})"
+        reason = (
+            f"test {metric} {score:.4f} clears {config.min_score}; "
+            f"no comparable champion ({report.champion_note})"
+        )
         return GateDecision(True, reason, metric, score, None)
     margin = sign * (score - champion_score)
-    verdict = "worse than" if margin < -config.tolerance else "within tolerance of" if margin < 0 else "at least as good as"
+    verdict = (
+        "worse than"
+        if margin < -config.tolerance
+        else "within tolerance of"
+        if margin < 0
+        else "at least as good as"
+    )
     reason = (
-        f"test {metric} {score:.4f} vs champion v{report.champion.version if report.champion else '?'} "
-        f"{champion_score:.4f} ({margin:+.4f}, tolerance {config.tolerance}): {verdict} the champion"
+        f"test {metric} {score:.4f} vs champion "
+        f"v{report.champion.version if report.champion else '?'} {champion_score:.4f} "
+        f"({margin:+.4f}, tolerance {config.tolerance}): {verdict} the champion"
     )
     return GateDecision(margin >= -config.tolerance, reason, metric, score, champion_score)
 
@@ -116,7 +132,9 @@ def evaluation_report(
     """Challenger vs current champion on the held-out test split; the blocking promotion gate."""
     labels, inputs = features.labels("test"), features.inputs("test")
     challenger = load_tabular_model(candidate_model)
-    challenger_metrics = classification_metrics(labels, challenger.positive_probability(inputs), challenger.threshold)
+    challenger_metrics = classification_metrics(
+        labels, challenger.positive_probability(inputs), challenger.threshold
+    )
 
     champion_version = mlflow_tracking.version_by_alias(CHAMPION_ALIAS)
     champion, champion_metrics, note = None, None, "no champion yet"
@@ -129,7 +147,9 @@ def evaluation_report(
         )
         try:
             model = load_tabular_model(champion)
-            champion_metrics = classification_metrics(labels, model.positive_probability(inputs), model.threshold)
+            champion_metrics = classification_metrics(
+                labels, model.positive_probability(inputs), model.threshold
+            )
             note = f"champion v{champion.version} scored on the same test split"
         except DataError as error:
             note = f"champion v{champion.version} cannot score this data ({error})"

@@ -1,6 +1,5 @@
 """Features: the feature spec, a deterministic train/valid/test split, and the drift baseline."""
 
-
 import dataclasses
 from pathlib import Path
 
@@ -43,15 +42,20 @@ class FeatureSet:
 class FeaturesConfig(dg.Config):
     """How the data is split."""
 
-    valid_fraction: float = Field(default=0.15, description="Share of rows for validation (model selection).")
+    valid_fraction: float = Field(
+        default=0.15, description="Share of rows for validation (model selection)."
+    )
     test_fraction: float = Field(default=0.15, description="Share of rows for the held-out test.")
     seed: int = Field(default=42, description="Seed of the random split (no time column).")
     leakage_auc: float = Field(
-        default=0.98, description="A single feature predicting the target this well on its own is leakage."
+        default=0.98,
+        description="A single feature predicting the target this well on its own is leakage.",
     )
 
 
-def split_frame(frame: pd.DataFrame, spec: FeatureSpec, config: FeaturesConfig) -> tuple[pd.DataFrame, ...]:
+def split_frame(
+    frame: pd.DataFrame, spec: FeatureSpec, config: FeaturesConfig
+) -> tuple[pd.DataFrame, ...]:
     """Split rows into train/valid/test.
 
     With a time column the split is chronological (oldest rows train, newest test), so evaluation
@@ -62,11 +66,13 @@ def split_frame(frame: pd.DataFrame, spec: FeatureSpec, config: FeaturesConfig) 
         order = pd.to_datetime(frame[spec.time_column], errors="coerce", utc=True, format="mixed")
         ordered = frame.iloc[np.argsort(order.to_numpy(), kind="stable")]
         n = len(ordered)
-        train_end = int(round(n * (1 - n_holdout)))
-        valid_end = int(round(n * (1 - config.test_fraction)))
+        train_end = round(n * (1 - n_holdout))
+        valid_end = round(n * (1 - config.test_fraction))
         return ordered.iloc[:train_end], ordered.iloc[train_end:valid_end], ordered.iloc[valid_end:]
     labels = frame[spec.target]
-    train, holdout = train_test_split(frame, test_size=n_holdout, random_state=config.seed, stratify=labels)
+    train, holdout = train_test_split(
+        frame, test_size=n_holdout, random_state=config.seed, stratify=labels
+    )
     valid, test = train_test_split(
         holdout,
         test_size=config.test_fraction / n_holdout,
@@ -107,8 +113,14 @@ def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
             problems.append(f"{split} has a single class")
     if feature_set.time_ordered and not problems:
         column = feature_set.spec.time_column
-        stamps = {s: pd.to_datetime(getattr(feature_set, s)[column], utc=True, format="mixed") for s in SPLITS}
-        if stamps["train"].max() > stamps["valid"].min() or stamps["valid"].max() > stamps["test"].min():
+        stamps = {
+            s: pd.to_datetime(getattr(feature_set, s)[column], utc=True, format="mixed")
+            for s in SPLITS
+        }
+        if (
+            stamps["train"].max() > stamps["valid"].min()
+            or stamps["valid"].max() > stamps["test"].min()
+        ):
             problems.append("chronological splits overlap in time")
     return dg.AssetCheckResult(
         check_name="split_sanity",
@@ -149,9 +161,16 @@ def _spec_table(spec: FeatureSpec) -> str:
         dg.AssetCheckSpec("no_target_leakage", asset="features", blocking=True),
     ],
 )
-def features(context: dg.AssetExecutionContext, config: FeaturesConfig, raw_data: pd.DataFrame, data_source: DataSource):
+def features(
+    context: dg.AssetExecutionContext,
+    config: FeaturesConfig,
+    raw_data: pd.DataFrame,
+    data_source: DataSource,
+):
     """Feature spec (inferred types, dropped columns) and the train/valid/test split."""
-    spec = infer_feature_spec(raw_data, data_source.resolved_target(), data_source.resolved_time_column())
+    spec = infer_feature_spec(
+        raw_data, data_source.resolved_target(), data_source.resolved_time_column()
+    )
     for name, reason in spec.dropped.items():
         context.log.info(f"dropping column '{name}': {reason}")
     train, valid, test = split_frame(raw_data, spec, config)
@@ -170,7 +189,9 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, raw_data
             **{f"{split}_rows": len(getattr(feature_set, split)) for split in SPLITS},
             "positive_class": str(spec.positive_class),
             "positive_rate": dg.MetadataValue.json(balance),
-            "split": "chronological by " + spec.time_column if spec.time_column else f"stratified, seed {config.seed}",
+            "split": "chronological by " + spec.time_column
+            if spec.time_column
+            else f"stratified, seed {config.seed}",
             "features": dg.MetadataValue.md(_spec_table(spec)),
             "data_version": feature_set.data_version,
         },
@@ -180,7 +201,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, raw_data
 
 
 def profile_frame(frame: pd.DataFrame, spec: FeatureSpec) -> why.DatasetProfileView:
-    """whylogs profile of a frame's features (training dtypes) and target: a drift baseline."""
+    """Whylogs profile of a frame's features (training dtypes) and target: a drift baseline."""
     coerced = coerce_features(frame, spec)
     for name in spec.columns_of("datetime"):
         coerced[name] = coerced[name].dt.strftime("%Y-%m-%dT%H:%M:%S")
@@ -191,7 +212,7 @@ def profile_frame(frame: pd.DataFrame, spec: FeatureSpec) -> why.DatasetProfileV
 
 @dg.asset(group_name="features", kinds={"whylogs"}, owners=["team:ml-platform"])
 def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -> str:
-    """whylogs profile of the training split: the baseline that live traffic is compared with."""
+    """Whylogs profile of the training split: the baseline that live traffic is compared with."""
     view = profile_frame(features.train, features.spec)
     directory = load_settings().profiles_dir / "reference"
     directory.mkdir(parents=True, exist_ok=True)
@@ -204,7 +225,18 @@ def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -
             "rows": len(features.train),
             "columns": dg.MetadataValue.json(sorted(view.get_columns())),
             "summary": dg.MetadataValue.md(
-                summary[[c for c in ("counts/n", "counts/null", "distribution/mean", "distribution/stddev") if c in summary]]
+                summary[
+                    [
+                        c
+                        for c in (
+                            "counts/n",
+                            "counts/null",
+                            "distribution/mean",
+                            "distribution/stddev",
+                        )
+                        if c in summary
+                    ]
+                ]
                 .round(4)
                 .to_markdown()
             ),

@@ -1,6 +1,5 @@
 """Ingest: read the configured source into ``raw_data`` and guard it with blocking checks."""
 
-
 import hashlib
 
 import dagster as dg
@@ -17,7 +16,8 @@ class RawDataConfig(dg.Config):
 
     min_rows: int = Field(default=200, description="Fewest rows worth training on.")
     max_null_share: float = Field(
-        default=0.9, description="A column with a larger share of missing values fails the data check."
+        default=0.9,
+        description="A column with a larger share of missing values fails the data check.",
     )
 
 
@@ -46,7 +46,10 @@ def check_schema(frame: pd.DataFrame, target: str) -> dg.AssetCheckResult:
         check_name="schema",
         passed=not problems,
         description="; ".join(problems) or "target present, columns unique, features present",
-        metadata={"columns": dg.MetadataValue.json([str(c) for c in frame.columns]), "target": target},
+        metadata={
+            "columns": dg.MetadataValue.json([str(c) for c in frame.columns]),
+            "target": target,
+        },
     )
 
 
@@ -65,7 +68,9 @@ def check_no_empty_columns(frame: pd.DataFrame, max_null_share: float) -> dg.Ass
         ),
         metadata={
             "max_null_share": max_null_share,
-            "null_share": dg.MetadataValue.json({str(k): round(float(v), 4) for k, v in null_share.items()}),
+            "null_share": dg.MetadataValue.json(
+                {str(k): round(float(v), 4) for k, v in null_share.items()}
+            ),
         },
     )
 
@@ -74,7 +79,9 @@ def check_target_is_binary(frame: pd.DataFrame, target: str) -> dg.AssetCheckRes
     """The target has no missing values and exactly two classes."""
     if target not in frame.columns:
         return dg.AssetCheckResult(
-            check_name="target_is_binary", passed=False, description=f"target column '{target}' is missing"
+            check_name="target_is_binary",
+            passed=False,
+            description=f"target column '{target}' is missing",
         )
     labels = frame[target]
     counts = labels.value_counts()
@@ -90,7 +97,9 @@ def check_target_is_binary(frame: pd.DataFrame, target: str) -> dg.AssetCheckRes
         check_name="target_is_binary",
         passed=not problems,
         description="; ".join(problems) or "two classes, no missing labels",
-        metadata={"class_counts": dg.MetadataValue.json({str(k): int(v) for k, v in counts.items()})},
+        metadata={
+            "class_counts": dg.MetadataValue.json({str(k): int(v) for k, v in counts.items()})
+        },
     )
 
 
@@ -105,7 +114,9 @@ def check_enough_rows(frame: pd.DataFrame, min_rows: int) -> dg.AssetCheckResult
 
 
 def _column_schema(frame: pd.DataFrame) -> dg.TableSchema:
-    return dg.TableSchema(columns=[dg.TableColumn(str(name), str(dtype)) for name, dtype in frame.dtypes.items()])
+    return dg.TableSchema(
+        columns=[dg.TableColumn(str(name), str(dtype)) for name, dtype in frame.dtypes.items()]
+    )
 
 
 @dg.asset(
@@ -113,14 +124,18 @@ def _column_schema(frame: pd.DataFrame) -> dg.TableSchema:
     kinds={"pandas"},
     owners=["team:ml-platform"],
     tags={"stage": "ingest"},
-    check_specs=[dg.AssetCheckSpec(name, asset="raw_data", blocking=True) for name in RAW_DATA_CHECKS],
+    check_specs=[
+        dg.AssetCheckSpec(name, asset="raw_data", blocking=True) for name in RAW_DATA_CHECKS
+    ],
 )
 def raw_data(context: dg.AssetExecutionContext, config: RawDataConfig, data_source: DataSource):
     """Raw training data read from the configured source (the embedded demo dataset by default)."""
     frame, uri = data_source.load()
     target = data_source.resolved_target()
     version = data_version(frame)
-    context.log.info(f"read {len(frame)} rows x {frame.shape[1]} columns from {uri} (data version {version})")
+    context.log.info(
+        f"read {len(frame)} rows x {frame.shape[1]} columns from {uri} (data version {version})"
+    )
     yield dg.Output(
         frame,
         data_version=dg.DataVersion(version),

@@ -1,6 +1,5 @@
 """Registry: promote the challenger to `champion` (it only runs once the blocking gate passed)."""
 
-
 import datetime as dt
 
 import dagster as dg

@@ -1,6 +1,5 @@
 """Serving: deploy the champion to Ray Serve, wait until it answers, smoke-test it."""
 
-
 import dataclasses
 import datetime as dt
 import json
@@ -41,11 +40,19 @@ class EndpointConfig(dg.Config):
 
     num_replicas: int = Field(default=1, description="Serving replicas.")
     max_ongoing_requests: int = Field(default=128, description="Concurrent requests per replica.")
-    max_batch_size: int = Field(default=64, description="Micro-batch size for single-record requests.")
-    batch_wait_timeout_s: float = Field(default=0.002, description="Longest wait to fill a micro-batch.")
+    max_batch_size: int = Field(
+        default=64, description="Micro-batch size for single-record requests."
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.002, description="Longest wait to fill a micro-batch."
+    )
     replica_cpus: float = Field(default=0.5, description="CPUs reserved per replica.")
-    ready_timeout_s: float = Field(default=180.0, description="How long to wait for the new version.")
-    max_p50_latency_ms: float = Field(default=250.0, description="Latency bound of the endpoint check.")
+    ready_timeout_s: float = Field(
+        default=180.0, description="How long to wait for the new version."
+    )
+    max_p50_latency_ms: float = Field(
+        default=250.0, description="Latency bound of the endpoint check."
+    )
 
 
 def smoke_test(url: str, record: dict[str, Any], expected_version: str) -> dict[str, Any]:
@@ -53,13 +60,16 @@ def smoke_test(url: str, record: dict[str, Any], expected_version: str) -> dict[
 
     Raises:
         RuntimeError: on any non-200 answer or a different serving version.
+
     """
     response = httpx.post(f"{url}/predict", json={"records": [record]}, timeout=30)
     if response.status_code != 200:
         raise RuntimeError(f"smoke test got HTTP {response.status_code}: {response.text[:500]}")
     body = response.json()
     if body["model_version"] != expected_version:
-        raise RuntimeError(f"smoke test answered by v{body['model_version']}, expected v{expected_version}")
+        raise RuntimeError(
+            f"smoke test answered by v{body['model_version']}, expected v{expected_version}"
+        )
     return body
 
 
@@ -87,7 +97,7 @@ def model_endpoint(
     ray_serve: RayServe,
     mlflow_tracking: MlflowTracking,
 ):
-    """The champion live on Ray Serve over HTTP (rolling update: the old version answers until then)."""
+    """The champion live on Ray Serve over HTTP, updated in place (rolling, no downtime)."""
     serving = ServingSettings(
         model_uri=champion_model.uri,
         tracking_uri=mlflow_tracking.tracking_uri,
@@ -132,6 +142,12 @@ def model_endpoint(
     yield dg.AssetCheckResult(
         check_name="endpoint_health",
         passed=p50 <= config.max_p50_latency_ms,
-        description=f"serving v{champion_model.version}; p50 {p50:.1f} ms over {len(latencies)} requests",
-        metadata={"p50_ms": round(p50, 2), "max_ms": round(max(latencies), 2), "bound_ms": config.max_p50_latency_ms},
+        description=(
+            f"serving v{champion_model.version}; p50 {p50:.1f} ms over {len(latencies)} requests"
+        ),
+        metadata={
+            "p50_ms": round(p50, 2),
+            "max_ms": round(max(latencies), 2),
+            "bound_ms": config.max_p50_latency_ms,
+        },
     )

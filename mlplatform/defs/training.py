@@ -1,5 +1,4 @@
-"""Training: LightGBM and a scikit-learn baseline, the best on validation registered as challenger."""
-
+"""Training: LightGBM and a scikit-learn baseline; the better one is registered as challenger."""
 
 import dataclasses
 import importlib.metadata
@@ -45,17 +44,25 @@ class TrainingConfig(dg.Config):
     """Training knobs (shown in the Launchpad)."""
 
     seed: int = Field(default=42, description="Random seed for every estimator.")
-    n_estimators: int = Field(default=600, description="LightGBM boosting rounds (upper bound; early stopping).")
+    n_estimators: int = Field(
+        default=600, description="LightGBM boosting rounds (upper bound; early stopping)."
+    )
     learning_rate: float = Field(default=0.05, description="LightGBM learning rate.")
     num_leaves: int = Field(default=15, description="LightGBM leaves per tree.")
     min_child_samples: int = Field(default=20, description="LightGBM minimum rows per leaf.")
-    early_stopping_rounds: int = Field(default=50, description="Stop LightGBM after this many rounds without gain.")
-    logistic_c: float = Field(default=1.0, description="Inverse L2 strength of the logistic baseline.")
-    selection_metric: str = Field(default="roc_auc", description="Validation metric that picks the candidate.")
+    early_stopping_rounds: int = Field(
+        default=50, description="Stop LightGBM after this many rounds without gain."
+    )
+    logistic_c: float = Field(
+        default=1.0, description="Inverse L2 strength of the logistic baseline."
+    )
+    selection_metric: str = Field(
+        default="roc_auc", description="Validation metric that picks the candidate."
+    )
 
 
 def score_probabilities(labels: np.ndarray, probability: np.ndarray) -> dict[str, float]:
-    """Threshold-free quality of positive-class probabilities (higher AUCs, lower losses are better)."""
+    """Threshold-free quality of positive-class probabilities (AUCs up, losses down is better)."""
     clipped = np.clip(probability, 1e-7, 1 - 1e-7)
     return {
         "roc_auc": float(roc_auc_score(labels, probability)),
@@ -86,11 +93,12 @@ def train_lightgbm(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
     estimator.fit(
         train_matrix,
         feature_set.labels("train"),
-        eval_set=[(valid_matrix, feature_set.labels("valid"))],
+        eval_X=(valid_matrix,),
+        eval_y=(feature_set.labels("valid"),),
         eval_metric="auc",
         callbacks=[lightgbm.early_stopping(config.early_stopping_rounds, verbose=False)],
     )
-    # One thread per prediction call: serving predicts small batches, where threads only add overhead.
+    # One thread per prediction call: serving predicts small batches, where threads add overhead.
     estimator.set_params(n_jobs=1)
     return make_model_pipeline(spec, preprocessor, estimator)
 
@@ -110,7 +118,7 @@ TRAINERS = {"lightgbm": train_lightgbm, "sklearn_logistic": train_logistic}
 
 
 def select_best(scores: dict[str, dict[str, float]], metric: str) -> str:
-    """The algorithm with the best validation ``metric`` (losses are minimised, others maximised)."""
+    """The algorithm with the best validation ``metric`` (losses minimised, others maximised)."""
     lower_is_better = metric in {"log_loss", "brier"}
     ranked = sorted(scores, key=lambda name: scores[name][metric], reverse=not lower_is_better)
     return ranked[0]
@@ -137,7 +145,10 @@ def code_lineage() -> dict[str, str]:
 def _example_record(frame: pd.DataFrame) -> dict[str, Any]:
     """One training row as JSON-ready values (what a client would send)."""
     row = frame.iloc[0]
-    return {name: (None if pd.isna(value) else value.item() if isinstance(value, np.generic) else value) for name, value in row.items()}
+    return {
+        name: (None if pd.isna(value) else value.item() if isinstance(value, np.generic) else value)
+        for name, value in row.items()
+    }
 
 
 @dg.asset(
@@ -152,7 +163,7 @@ def candidate_model(
     features: FeatureSet,
     mlflow_tracking: MlflowTracking,
 ) -> dg.Output[ModelRef]:
-    """The best of LightGBM and a scikit-learn baseline on validation, registered as `challenger`."""
+    """The better of LightGBM and a scikit-learn baseline on validation, alias `challenger`."""
     scores: dict[str, dict[str, float]] = {}
     pipelines: dict[str, Pipeline] = {}
     for algorithm, train in TRAINERS.items():
@@ -163,14 +174,31 @@ def candidate_model(
     best = select_best(scores, config.selection_metric)
 
     spec = features.spec
-    model = TabularModel(pipelines[best], spec, example_record=_example_record(features.inputs("train")))
+    model = TabularModel(
+        pipelines[best], spec, example_record=_example_record(features.inputs("train"))
+    )
+    # The signature keeps the data's own dtypes: integer columns without gaps stay integers, as
+    # clients send them; the pipeline's FrameCoercer converts to training dtypes either way.
     sample = features.inputs("train").head(20)
-    lineage = {"dagster_run_id": context.run_id, "data_version": features.data_version, **code_lineage()}
+    lineage = {
+        "dagster_run_id": context.run_id,
+        "data_version": features.data_version,
+        **code_lineage(),
+    }
     mlflow.log_params(
-        {"algorithm": best, "features": len(spec.features), "train_rows": len(features.train), **config.model_dump()}
+        {
+            "algorithm": best,
+            "features": len(spec.features),
+            "train_rows": len(features.train),
+            **config.model_dump(),
+        }
     )
     mlflow.log_metrics(
-        {f"valid_{metric}_{algorithm}": value for algorithm, s in scores.items() for metric, value in s.items()}
+        {
+            f"valid_{metric}_{algorithm}": value
+            for algorithm, s in scores.items()
+            for metric, value in s.items()
+        }
         | {f"valid_{metric}": value for metric, value in scores[best].items()}
     )
     mlflow.set_tags(lineage)

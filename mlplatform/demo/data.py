@@ -38,6 +38,7 @@ def generate_loans(
 
     Returns:
         One row per application, the label in column ``defaulted`` (0/1).
+
     """
     if not 0.0 <= drift <= 1.0:
         raise ValueError(f"drift must be within [0, 1], got {drift}")
@@ -54,7 +55,9 @@ def generate_loans(
     open_accounts = rng.poisson(7 + 3 * drift, n)
     delinquencies_2y = rng.poisson(0.3 + 0.5 * drift, n)
     purpose = rng.choice(PURPOSES, n, p=[0.38, 0.22, 0.12, 0.1, 0.08, 0.1])
-    home_ownership = rng.choice(HOME_OWNERSHIP, n, p=[0.4 + 0.2 * drift, 0.45 - 0.15 * drift, 0.15 - 0.05 * drift])
+    home_ownership = rng.choice(
+        HOME_OWNERSHIP, n, p=[0.4 + 0.2 * drift, 0.45 - 0.15 * drift, 0.15 - 0.05 * drift]
+    )
     region = rng.choice(REGIONS, n)
     has_cosigner = rng.random(n) < 0.12
     interest_rate = np.clip(
@@ -114,6 +117,7 @@ def write_demo_source(directory: Path, n_rows: int = 5000, drift: float = 0.0) -
 
     Returns:
         The CSV's path.
+
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "loans.csv"

@@ -6,7 +6,6 @@ deployed by the platform's ``model_endpoint`` asset, by ``serve run`` or from a 
 Routes: ``POST /predict``, ``GET /healthz``, ``GET /model``, OpenAPI at ``/docs``.
 """
 
-
 import dataclasses
 import json
 import time
@@ -32,7 +31,9 @@ class ServingSettings(BaseModel):
     tracking_uri: str | None = Field(default=None, description="MLflow tracking/registry URI.")
     max_records: int = Field(default=10_000, gt=0, description="Largest batch per request.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Largest request body.")
-    max_batch_size: int = Field(default=64, gt=0, description="Micro-batch size for single records.")
+    max_batch_size: int = Field(
+        default=64, gt=0, description="Micro-batch size for single records."
+    )
     batch_wait_timeout_s: float = Field(default=0.002, ge=0, description="Micro-batch wait.")
     num_replicas: int = Field(default=1, gt=0, description="Serving replicas.")
     max_ongoing_requests: int = Field(default=128, gt=0, description="Concurrency per replica.")
@@ -70,7 +71,14 @@ async def _invalid_request(_: Request, error: InvalidRequest) -> JSONResponse:
 
 def _too_large(size: int, limit: int) -> InvalidRequest:
     return InvalidRequest(
-        413, [{"loc": ["body"], "msg": f"body of {size} bytes exceeds the limit of {limit}", "type": "too_large"}]
+        413,
+        [
+            {
+                "loc": ["body"],
+                "msg": f"body of {size} bytes exceeds the limit of {limit}",
+                "type": "too_large",
+            }
+        ],
     )
 
 
@@ -82,17 +90,31 @@ def _parse_body(raw: bytes, max_body_bytes: int) -> Any:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidRequest(
-            400, [{"loc": ["body"], "msg": f"body is not valid JSON: {error}", "type": "json_invalid"}]
+            400,
+            [{"loc": ["body"], "msg": f"body is not valid JSON: {error}", "type": "json_invalid"}],
         ) from error
     if not isinstance(payload, dict) or "records" not in payload:
         raise InvalidRequest(
             422,
-            [{"loc": ["body", "records"], "msg": 'body must be an object {"records": [...]}', "type": "missing"}],
+            [
+                {
+                    "loc": ["body", "records"],
+                    "msg": 'body must be an object {"records": [...]}',
+                    "type": "missing",
+                }
+            ],
         )
     extra = sorted(set(payload) - {"records"})
     if extra:
         raise InvalidRequest(
-            422, [{"loc": ["body", extra[0]], "msg": f"unexpected field '{extra[0]}'", "type": "extra_forbidden"}]
+            422,
+            [
+                {
+                    "loc": ["body", extra[0]],
+                    "msg": f"unexpected field '{extra[0]}'",
+                    "type": "extra_forbidden",
+                }
+            ],
         )
     return payload["records"]
 
@@ -105,7 +127,9 @@ class ModelEndpoint:
     def __init__(self, settings: dict[str, Any]):
         bind_replica_grpc_to_loopback()
         self.settings = ServingSettings.model_validate(settings)
-        self.model: ServedModel = load_served_model(self.settings.model_uri, self.settings.tracking_uri)
+        self.model: ServedModel = load_served_model(
+            self.settings.model_uri, self.settings.tracking_uri
+        )
         self._predict_batched.set_max_batch_size(self.settings.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -124,7 +148,11 @@ class ModelEndpoint:
                 "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
             }
         },
-        responses={400: {"description": "Not JSON"}, 413: {"description": "Too large"}, 422: {"description": "Invalid records"}},
+        responses={
+            400: {"description": "Not JSON"},
+            413: {"description": "Too large"},
+            422: {"description": "Invalid records"},
+        },
     )
     async def predict(self, request: Request) -> dict[str, Any]:
         """Predict class labels and positive-class probabilities for the posted records."""
@@ -153,7 +181,9 @@ class ModelEndpoint:
     @api.get("/model")
     async def model_info(self) -> dict[str, Any]:
         """The served model's card: version, lineage, metrics, input schema, an example record."""
-        return dataclasses.asdict(self.model.card) | {"uptime_s": round(time.time() - self.model.card.loaded_at, 1)}
+        return dataclasses.asdict(self.model.card) | {
+            "uptime_s": round(time.time() - self.model.card.loaded_at, 1)
+        }
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -164,6 +194,7 @@ def build_app(args: dict[str, Any]) -> Application:
 
     Returns:
         The bound application, ready for ``serve.run``.
+
     """
     settings = ServingSettings.model_validate(args)
     return ModelEndpoint.options(

@@ -41,7 +41,7 @@ def loopback_environment() -> dict[str, str]:
 
 
 def is_loopback(address: str) -> bool:
-    """Whether a Ray address (``host:port`` or ``ray://host:port``) names this machine's loopback."""
+    """Whether a Ray address (``host:port`` or ``ray://host:port``) is this machine's loopback."""
     host = address.split("://")[-1].rsplit(":", 1)[0]
     return host in {"localhost", LOOPBACK}
 
@@ -66,6 +66,7 @@ def ensure_local_head(port: int, serve_port: int | None = None, timeout_s: float
 
     Raises:
         RuntimeError: if ``ray start`` fails or the head does not come up in time.
+
     """
     address = f"{LOOPBACK}:{port}"
     if port_is_open(LOOPBACK, port):
@@ -85,7 +86,9 @@ def ensure_local_head(port: int, serve_port: int | None = None, timeout_s: float
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
-    result = subprocess.run(command, env=loopback_environment(), capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        command, env=loopback_environment(), capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stdout}\n{result.stderr}")
     deadline = time.monotonic() + timeout_s
@@ -123,11 +126,16 @@ def deploy(
         port: port for Serve's HTTP proxy.
         app_name: the Serve application name (one endpoint per name).
         local_ray_port: the local head's GCS port when ``ray_address`` is ``None``.
+
     """
     connected_here = not ray.is_initialized()
     if connected_here:
         address = ray_address or ensure_local_head(local_ray_port, serve_port=port)
-        init_args: dict[str, Any] = {"address": address, "log_to_driver": False, "namespace": "mlplatform"}
+        init_args: dict[str, Any] = {
+            "address": address,
+            "log_to_driver": False,
+            "namespace": "mlplatform",
+        }
         if is_loopback(address):
             init_args["_node_ip_address"] = LOOPBACK
         ray.init(**init_args)
@@ -147,6 +155,7 @@ def wait_until_serving(url: str, model_version: str, timeout_s: float = 120.0) -
 
     Raises:
         TimeoutError: if that version is not served within ``timeout_s``.
+
     """
     deadline = time.monotonic() + timeout_s
     last: str = "no response"
@@ -160,4 +169,6 @@ def wait_until_serving(url: str, model_version: str, timeout_s: float = 120.0) -
         except httpx.HTTPError as error:
             last = repr(error)
         time.sleep(0.5)
-    raise TimeoutError(f"{url} did not serve model version {model_version} within {timeout_s:.0f}s ({last})")
+    raise TimeoutError(
+        f"{url} did not serve model version {model_version} within {timeout_s:.0f}s ({last})"
+    )

@@ -1,9 +1,10 @@
 """Keep a single-machine Ray Serve off the network.
 
 Ray Serve 2.60 replicas open an inter-deployment gRPC server on ``[::]:0``, all interfaces, and
-the address is not configurable. On the embedded single-node default (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
-node address 127.0.0.1) peers only ever dial 127.0.0.1, so binding there is equivalent and
-exposes nothing. In a real multi-node cluster the variable is unset or 1 and Ray is left alone.
+the address is not configurable. On the embedded single-node default
+(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, node address 127.0.0.1) peers only ever dial
+127.0.0.1, so binding there is equivalent and exposes nothing. In a real multi-node cluster the
+variable is unset or 1 and Ray is left alone.
 """
 
 import os
@@ -23,6 +24,7 @@ def bind_replica_grpc_to_loopback() -> bool:
 
     Returns:
         Whether the binding was changed.
+
     """
     if not single_node_mode():
         return False

@@ -58,10 +58,13 @@ def resolve_model_version(model_uri: str, client: MlflowClient) -> tuple[str, st
 
     Raises:
         ValueError: if the URI is not a ``models:/<name>/<version>`` or ``models:/<name>@<alias>``.
+
     """
     match = _MODELS_URI.match(model_uri)
     if match is None:
-        raise ValueError(f"expected models:/<name>/<version> or models:/<name>@<alias>, got {model_uri!r}")
+        raise ValueError(
+            f"expected models:/<name>/<version> or models:/<name>@<alias>, got {model_uri!r}"
+        )
     name = match["name"]
     if match["version"]:
         return name, match["version"]
@@ -80,6 +83,7 @@ def load_served_model(model_uri: str, tracking_uri: str | None = None) -> Served
 
     Raises:
         TypeError: if the registered model is not an mlplatform tabular model.
+
     """
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -89,7 +93,9 @@ def load_served_model(model_uri: str, tracking_uri: str | None = None) -> Served
     pinned_uri = f"models:/{name}/{version}"
     python_model = mlflow.pyfunc.load_model(pinned_uri).unwrap_python_model()
     if not isinstance(python_model, TabularModel):
-        raise TypeError(f"{pinned_uri} is a {type(python_model).__name__}, not an mlplatform TabularModel")
+        raise TypeError(
+            f"{pinned_uri} is a {type(python_model).__name__}, not an mlplatform TabularModel"
+        )
     model_version = client.get_model_version(name, version)
     metrics = client.get_run(model_version.run_id).data.metrics if model_version.run_id else {}
     spec = python_model.spec

@@ -43,10 +43,16 @@ def _type_problem(kind: FeatureKind, value: Any) -> str | None:
             return "must be a finite number"
         return None
     if kind == "boolean":
-        return None if isinstance(value, bool) else f"must be true, false or null, got {type(value).__name__}"
+        return (
+            None
+            if isinstance(value, bool)
+            else f"must be true, false or null, got {type(value).__name__}"
+        )
     if not isinstance(value, str):
         return f"must be a string or null, got {type(value).__name__}"
-    if kind == "datetime" and pd.isna(pd.to_datetime(value, errors="coerce", utc=True, format="mixed")):
+    if kind == "datetime" and pd.isna(
+        pd.to_datetime(value, errors="coerce", utc=True, format="mixed")
+    ):
         return f"must be an ISO 8601 date or datetime, got {value!r}"
     return None
 
@@ -65,29 +71,44 @@ def validate_records(records: Any, spec: FeatureSpec, max_records: int) -> pd.Da
     Raises:
         InvalidRequest: 422 for a malformed request (naming each bad field), 413 for too many
             records.
+
     """
     if not isinstance(records, list):
         raise InvalidRequest(422, [_error(["records"], "must be a list of records", "list_type")])
     if not records:
-        raise InvalidRequest(422, [_error(["records"], "must contain at least one record", "too_short")])
+        raise InvalidRequest(
+            422, [_error(["records"], "must contain at least one record", "too_short")]
+        )
     if len(records) > max_records:
         raise InvalidRequest(
             413,
-            [_error(["records"], f"{len(records)} records exceed the limit of {max_records} per request", "too_long")],
+            [
+                _error(
+                    ["records"],
+                    f"{len(records)} records exceed the limit of {max_records} per request",
+                    "too_long",
+                )
+            ],
         )
     expected = spec.features
     errors: list[dict[str, Any]] = []
     for index, record in enumerate(records):
         if not isinstance(record, Mapping):
-            errors.append(_error(["records", index], "must be an object of feature values", "dict_type"))
+            errors.append(
+                _error(["records", index], "must be an object of feature values", "dict_type")
+            )
             continue
         for name, kind in expected.items():
             if name not in record:
-                errors.append(_error(["records", index, name], f"field '{name}' is required", "missing"))
+                errors.append(
+                    _error(["records", index, name], f"field '{name}' is required", "missing")
+                )
                 continue
             problem = _type_problem(kind, record[name])
             if problem:
-                errors.append(_error(["records", index, name], f"field '{name}' {problem}", "type_error"))
+                errors.append(
+                    _error(["records", index, name], f"field '{name}' {problem}", "type_error")
+                )
         errors.extend(
             _error(["records", index, name], f"unexpected field '{name}'", "extra_forbidden")
             for name in record

@@ -1,0 +1,137 @@
+"""The whole graph on real MLflow and real Ray Serve over HTTP."""
+
+import json
+import threading
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from mlplatform.definitions import ASSETS
+from mlplatform.demo.data import generate_loans
+from mlplatform.resources import DataSource
+
+
+def _records(n: int, seed: int) -> list[dict]:
+    frame = (
+        generate_loans(n, seed=seed).drop(columns=["defaulted", "application_id"]).astype(object)
+    )
+    return json.loads(frame.where(frame.notna(), None).to_json(orient="records"))
+
+
+def _champion_version() -> str:
+    return str(MlflowClient().get_model_version_by_alias("mlplatform", "champion").version)
+
+
+class TrafficProbe(threading.Thread):
+    """Sends single-record predictions in a loop and keeps every status and served version."""
+
+    def __init__(self, url: str, record: dict):
+        super().__init__(daemon=True)
+        self.url, self.record = url, record
+        self.statuses: list[int] = []
+        self.versions: set[str] = set()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                response = client.post(f"{self.url}/predict", json={"records": [self.record]})
+                self.statuses.append(response.status_code)
+                if response.status_code == 200:
+                    self.versions.add(response.json()["model_version"])
+
+
+@pytest.fixture
+def first_run(resources, instance) -> dg.ExecuteInProcessResult:
+    result = dg.materialize(ASSETS, resources=resources, instance=instance)
+    assert result.success
+    return result
+
+
+def test_endpoint_answers_like_the_registered_champion(first_run):
+    endpoint = first_run.output_for_node("model_endpoint")
+    records = _records(25, seed=21)
+    response = httpx.post(f"{endpoint.url}/predict", json={"records": records})
+    assert response.status_code == 200
+    body = response.json()
+    expected = mlflow.pyfunc.load_model("models:/mlplatform@champion").predict(
+        pd.DataFrame(records)
+    )
+    assert body["model_name"] == "mlplatform"
+    assert body["model_version"] == endpoint.model_version == _champion_version()
+    assert body["predictions"] == expected["prediction"].tolist()
+    assert body["probabilities"] == pytest.approx(expected["probability"].tolist(), abs=1e-12)
+    materialization = first_run.asset_materializations_for_node("model_endpoint")[0]
+    assert materialization.metadata["model_version"].value == endpoint.model_version
+    health = next(
+        c for c in first_run.get_asset_check_evaluations() if c.check_name == "endpoint_health"
+    )
+    assert health.passed
+
+
+def test_second_run_redeploys_without_dropping_requests(first_run, resources, instance):
+    endpoint = first_run.output_for_node("model_endpoint")
+    probe = TrafficProbe(endpoint.url, endpoint.example_record)
+    probe.start()
+    second = dg.materialize(ASSETS, resources=resources, instance=instance)
+    probe.stop.set()
+    probe.join()
+    assert second.success
+    assert len(probe.statuses) > 20
+    assert set(probe.statuses) == {200}
+    report = second.output_for_node("evaluation_report")
+    assert (report.challenger.version, report.champion.version) == ("2", "1")
+    tags = MlflowClient().get_model_version("mlplatform", "2").tags
+    assert tags["promotion.decision"] == "promoted"
+    assert "vs champion v1" in tags["promotion.reason"]
+    assert httpx.get(f"{endpoint.url}/healthz").json()["model_version"] == "2"
+    assert probe.versions <= {"1", "2"}
+
+
+def _bad_data(kind: str, directory: Path) -> str:
+    frame = generate_loans(800, seed=9)
+    if kind == "missing_target":
+        frame = frame.drop(columns=["defaulted"])
+    elif kind == "all_null_column":
+        frame["credit_score"] = None
+    elif kind == "one_class_target":
+        frame["defaulted"] = 0
+    elif kind == "wrong_file":
+        frame = pd.DataFrame({"city": ["a", "b"] * 200, "population": range(400)})
+    path = directory / f"{kind}.csv"
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "failing_check"),
+    [
+        ("missing_target", "schema"),
+        ("all_null_column", "no_empty_columns"),
+        ("one_class_target", "target_is_binary"),
+        ("wrong_file", "schema"),
+    ],
+)
+def test_bad_data_stops_at_raw_data_and_serving_is_untouched(
+    first_run, resources, instance, tmp_path, kind, failing_check
+):
+    endpoint = first_run.output_for_node("model_endpoint")
+    champion_before = _champion_version()
+    versions_before = len(MlflowClient().search_model_versions("name='mlplatform'"))
+    bad = resources | {"data_source": DataSource(uri=_bad_data(kind, tmp_path), target="defaulted")}
+    result = dg.materialize(ASSETS, resources=bad, instance=instance, raise_on_error=False)
+    assert not result.success
+    failed = {c.check_name for c in result.get_asset_check_evaluations() if not c.passed}
+    assert failing_check in failed
+    executed = {e.step_key for e in result.all_events if e.is_step_success}
+    assert executed.isdisjoint({"features", "candidate_model", "champion_model", "model_endpoint"})
+    assert _champion_version() == champion_before
+    assert len(MlflowClient().search_model_versions("name='mlplatform'")) == versions_before
+    answer = httpx.post(f"{endpoint.url}/predict", json={"records": [endpoint.example_record]})
+    assert answer.status_code == 200
+    assert answer.json()["model_version"] == champion_before
