@@ -26,9 +26,17 @@ retrain_job = dg.define_asset_job(
     description="Ingest, train, evaluate, promote through the gate and redeploy the endpoint.",
 )
 
+rollback_job = dg.define_asset_job(
+    "rollback_job",
+    selection=dg.AssetSelection.assets(champion_model, model_endpoint),
+    config={"ops": {"champion_model": {"config": {"action": "rollback"}}}},
+    description="Point `champion` back at an earlier version (set `version` and `reason`) "
+    "and redeploy the endpoint.",
+)
+
 defs = dg.Definitions(
     assets=ASSETS,
-    jobs=[retrain_job],
+    jobs=[retrain_job, rollback_job],
     resources={
         "data_source": DataSource(),
         "mlflow_tracking": MlflowTracking(),

@@ -1,11 +1,12 @@
 import dagster as dg
+import pytest
 from mlflow import MlflowClient
 
-from mlplatform.defs.evaluation import evaluation_report
+from mlplatform.defs.evaluation import EvaluationReport, GateDecision, evaluation_report
 from mlplatform.defs.features import features
 from mlplatform.defs.ingest import raw_data
-from mlplatform.defs.registry import champion_model
-from mlplatform.defs.training import CHAMPION_ALIAS, candidate_model
+from mlplatform.defs.registry import PromotionConfig, PromotionRequestError, champion_model, decide
+from mlplatform.defs.training import CHAMPION_ALIAS, ModelRef, candidate_model
 
 TRAIN_AND_PROMOTE = [raw_data, features, candidate_model, evaluation_report, champion_model]
 
@@ -58,3 +59,95 @@ def test_promotion_refuses_a_stale_evaluation(training_resources, instance):
     failure = next(event for event in result.all_events if event.is_step_failure)
     assert "re-materialize evaluation_report" in str(failure.step_failure_data.error)
     assert MlflowClient().get_registered_model("mlplatform").aliases.get(CHAMPION_ALIAS) is None
+
+
+def _report(challenger: str, champion: str | None, passed: bool) -> EvaluationReport:
+    gate = GateDecision(passed, "gate says so", "roc_auc", 0.7, 0.7 if champion else None)
+    return EvaluationReport(
+        challenger=ModelRef("m", challenger, "r", "lightgbm"),
+        challenger_metrics={"roc_auc": 0.7},
+        champion=ModelRef("m", champion, "r0", "lightgbm") if champion else None,
+        champion_metrics={"roc_auc": 0.7} if champion else None,
+        champion_note="",
+        test_rows=10,
+        threshold=0.5,
+        gate=gate,
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "report", "current", "expected"),
+    [
+        (PromotionConfig(), _report("2", "1", True), "1", ("promoted", "2", "2")),
+        (PromotionConfig(), _report("2", "1", False), "1", ("denied", "2", "1")),
+        (PromotionConfig(), _report("2", "1", True), "2", ("kept", "2", "2")),
+        (
+            PromotionConfig(action="block", reason="audit"),
+            _report("3", "2", True),
+            "2",
+            ("denied", "3", "2"),
+        ),
+        (
+            PromotionConfig(action="force", version="1", reason="hotfix"),
+            _report("3", "2", False),
+            "2",
+            ("forced", "1", "1"),
+        ),
+        (
+            PromotionConfig(action="rollback", version="1", reason="bad"),
+            _report("3", "2", True),
+            "2",
+            ("rolled_back", "1", "1"),
+        ),
+    ],
+)
+def test_decisions(config, report, current, expected):
+    decision = decide(config, report, current)
+    assert (decision.decision, decision.subject_version, decision.champion_version) == expected
+    assert decision.reason
+
+
+@pytest.mark.parametrize(
+    ("config", "current", "message"),
+    [
+        (PromotionConfig(action="force", version="1"), "2", "needs a reason"),
+        (PromotionConfig(action="rollback", reason="bad"), "2", "needs a version"),
+        (
+            PromotionConfig(action="rollback", version="3", reason="bad"),
+            "2",
+            "must go to a version before",
+        ),
+        (PromotionConfig(action="block", reason="x"), None, "no champion to keep"),
+    ],
+)
+def test_refused_requests(config, current, message):
+    with pytest.raises(PromotionRequestError, match=message):
+        decide(config, _report("3", current, True), current)
+
+
+def test_force_promotion_from_the_launchpad_config(training_resources, instance):
+    assert dg.materialize(
+        TRAIN_AND_PROMOTE, resources=training_resources, instance=instance
+    ).success
+    assert dg.materialize(
+        TRAIN_AND_PROMOTE, resources=training_resources, instance=instance
+    ).success
+    result = dg.materialize(
+        TRAIN_AND_PROMOTE,
+        selection=[champion_model],
+        resources=training_resources,
+        instance=instance,
+        run_config={
+            "ops": {
+                "champion_model": {
+                    "config": {"action": "force", "version": "1", "reason": "pin v1"}
+                }
+            }
+        },
+    )
+    assert result.success
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("mlplatform", CHAMPION_ALIAS).version) == "1"
+    tags = client.get_model_version("mlplatform", "1").tags
+    assert (tags["promotion.decision"], tags["promotion.reason"]) == ("forced", "pin v1")
+    assert tags["promotion.previous_champion"] == "2"

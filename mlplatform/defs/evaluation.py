@@ -18,6 +18,17 @@ LOWER_IS_BETTER = frozenset({"log_loss", "brier"})
 
 
 @dataclasses.dataclass(frozen=True)
+class GateDecision:
+    """The promotion gate's verdict and the numbers behind it."""
+
+    passed: bool
+    reason: str
+    metric: str
+    challenger_score: float
+    champion_score: float | None
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluationReport:
     """Test-split metrics of the challenger and, when comparable, the champion it would replace."""
 
@@ -28,17 +39,7 @@ class EvaluationReport:
     champion_note: str
     test_rows: int
     threshold: float
-
-
-@dataclasses.dataclass(frozen=True)
-class GateDecision:
-    """The promotion gate's verdict and the numbers behind it."""
-
-    passed: bool
-    reason: str
-    metric: str
-    challenger_score: float
-    champion_score: float | None
+    gate: GateDecision | None = None
 
 
 class PromotionGateConfig(dg.Config):
@@ -166,6 +167,7 @@ def evaluation_report(
     )
     mlflow.log_metrics({f"test_{name}": value for name, value in challenger_metrics.items()})
     decision = decide_promotion(report, config)
+    report = dataclasses.replace(report, gate=decision)
     yield dg.Output(
         report,
         metadata={
