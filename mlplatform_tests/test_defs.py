@@ -4,11 +4,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import httpx
 import ray
+from conftest import free_port
 
 from mlplatform.definitions import defs
 
@@ -111,3 +113,40 @@ def test_workspace_file_loads_the_code_location(platform_home, tmp_path):
         dagster_home=tmp_path / "dagster",
     )
     assert "Validation successful for code location mlplatform" in result.stdout + result.stderr
+
+
+def test_web_ui_serves_the_asset_graph(platform_home, tmp_path):
+    """The UI that `make ui` opens: the webserver on workspace.yaml answers with the graph."""
+    dagster_home = tmp_path / "dagster"
+    dagster_home.mkdir()
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("dagster-webserver")),
+            *("-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)),
+        ],
+        env=os.environ | {"MLPLATFORM_HOME": str(platform_home), "DAGSTER_HOME": str(dagster_home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/server_info", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        query = "{ assetNodes { assetKey { path } groupName kinds description } }"
+        nodes = httpx.post(f"{url}/graphql", json={"query": query}, timeout=30).json()["data"][
+            "assetNodes"
+        ]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    by_name = {node["assetKey"]["path"][-1]: node for node in nodes}
+    assert {name: node["groupName"] for name, node in by_name.items()} == EXPECTED_GROUPS
+    assert "lightgbm" in by_name["candidate_model"]["kinds"]
+    assert "ray" in by_name["model_endpoint"]["kinds"]
+    assert all(node["description"] for node in nodes)

@@ -218,9 +218,10 @@ def test_concurrent_single_records_are_answered(endpoint):
     assert [r.status_code for r in responses] == [200] * 40
 
 
-def test_only_model_registry_uris_are_served():
+def test_only_model_registry_uris_are_served(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(ValueError, match="expected models:/"):
-        resolve_model_version("runs:/abc/model", client=MlflowClient())
+        resolve_model_version("runs:/abc/model", client=client)
 
 
 def test_loopback_only(endpoint):
