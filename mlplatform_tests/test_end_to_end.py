@@ -135,3 +135,39 @@ def test_bad_data_stops_at_raw_data_and_serving_is_untouched(
     answer = httpx.post(f"{endpoint.url}/predict", json={"records": [endpoint.example_record]})
     assert answer.status_code == 200
     assert answer.json()["model_version"] == champion_before
+
+
+def _noise_trained_source(directory: Path) -> DataSource:
+    """Real data whose training rows (the oldest 70%) carry shuffled labels: a worse model."""
+    frame = generate_loans(1200, seed=3)
+    train = slice(0, 840)  # the time-ordered split trains on the oldest rows
+    shuffled = frame["defaulted"].iloc[train].sample(frac=1, random_state=0).to_numpy()
+    frame.loc[frame.index[train], "defaulted"] = shuffled
+    path = directory / "noisy.csv"
+    frame.to_csv(path, index=False)
+    return DataSource(uri=str(path), target="defaulted")
+
+
+def test_gate_promotes_a_better_challenger_and_stops_a_worse_one(resources, instance, tmp_path):
+    noisy = resources | {"data_source": _noise_trained_source(tmp_path)}
+    no_floor = {"ops": {"evaluation_report": {"config": {"min_score": 0.0}}}}
+    # v1: trained on noise; without a floor it becomes the first champion.
+    first = dg.materialize(ASSETS, resources=noisy, instance=instance, run_config=no_floor)
+    assert first.success
+    url = first.output_for_node("model_endpoint").url
+    # v2: trained on real labels, clearly better on the same test rows: promoted and served.
+    better = dg.materialize(ASSETS, resources=resources, instance=instance)
+    assert better.success
+    assert _champion_version() == "2"
+    difference = better.output_for_node("evaluation_report").difference["roc_auc"]
+    assert difference["low"] > 0
+    # v3: trained on noise again; even without a floor the paired interval stops it.
+    worse = dg.materialize(
+        ASSETS, resources=noisy, instance=instance, run_config=no_floor, raise_on_error=False
+    )
+    assert not worse.success
+    gate = next(c for c in worse.get_asset_check_evaluations() if c.check_name == "promotion_gate")
+    assert not gate.passed
+    assert "credibly worse than" in gate.description
+    assert _champion_version() == "2"
+    assert httpx.get(f"{url}/healthz").json()["model_version"] == "2"

@@ -143,6 +143,11 @@ def test_health_model_card_and_docs(endpoint):
     assert 0.5 < card["metrics"]["test_roc_auc"] <= 1
     assert card["features"]["purpose"] == "categorical"
     assert set(card["example_record"]) == set(card["features"])
+    model_card = httpx.get(f"{url}/model/card")
+    assert model_card.status_code == 200
+    assert model_card.headers["content-type"].startswith("text/markdown")
+    assert model_card.text.startswith("# Model card: mlplatform v1")
+    assert endpoint["dagster_run_id"] in model_card.text
     openapi = httpx.get(f"{url}/openapi.json").json()
     assert "records" in json.dumps(openapi["paths"]["/predict"])
     assert httpx.get(f"{url}/docs").status_code == 200

@@ -1,16 +1,12 @@
 import dagster as dg
 import mlflow
-import numpy as np
-import pytest
 from mlflow import MlflowClient
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mlplatform.defs.features import features
 from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.training import (
     CHALLENGER_ALIAS,
     candidate_model,
-    score_probabilities,
     select_best,
 )
 
@@ -19,15 +15,6 @@ def test_select_best_maximises_scores_and_minimises_losses():
     scores = {"a": {"roc_auc": 0.7, "log_loss": 0.5}, "b": {"roc_auc": 0.8, "log_loss": 0.6}}
     assert select_best(scores, "roc_auc") == "b"
     assert select_best(scores, "log_loss") == "a"
-
-
-def test_scores_match_scikit_learn():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 500)
-    probability = np.clip(labels * 0.3 + rng.random(500) * 0.7, 0, 1)
-    scores = score_probabilities(labels, probability)
-    assert scores["roc_auc"] == pytest.approx(roc_auc_score(labels, probability))
-    assert scores["pr_auc"] == pytest.approx(average_precision_score(labels, probability))
 
 
 def test_candidate_model_is_logged_registered_and_tagged(training_resources, platform_home):

@@ -1,20 +1,28 @@
-"""Evaluation: challenger vs current champion on the same held-out test split, and the gate."""
+"""Evaluation: challenger vs current champion on the same held-out test split, and the gate.
 
+The report carries metrics with bootstrap intervals, the paired challenger - champion difference,
+plots, per-slice metrics with the fairness gap, and the challenger's model card. It is written as
+Markdown and JSON under the platform home, logged to the MLflow run, and shown in the Dagster UI.
+"""
+
+import base64
 import dataclasses
+import json
+from pathlib import Path
 
 import dagster as dg
 import mlflow
 import numpy as np
 import pandas as pd
 from pydantic import Field
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
+from mlplatform import reporting
 from mlplatform.defs.features import FeatureSet
-from mlplatform.defs.training import CHAMPION_ALIAS, ModelRef, score_probabilities
+from mlplatform.defs.training import CHAMPION_ALIAS, ModelRef, code_lineage
 from mlplatform.resources import MlflowTracking
+from mlplatform.serving.model import MODEL_CARD_ARTIFACT
+from mlplatform.settings import load_settings
 from mlplatform.tabular import DataError, TabularModel
-
-LOWER_IS_BETTER = frozenset({"log_loss", "brier"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +38,11 @@ class GateDecision:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationReport:
-    """Test-split metrics of the challenger and, when comparable, the champion it would replace."""
+    """Test-split evaluation of the challenger and, when comparable, the champion it would replace.
+
+    Intervals are ``{metric: {"point", "low", "high"}}``; ``difference`` is challenger - champion
+    on the same bootstrap resamples.
+    """
 
     challenger: ModelRef
     challenger_metrics: dict[str, float]
@@ -40,68 +52,94 @@ class EvaluationReport:
     test_rows: int
     threshold: float
     gate: GateDecision | None = None
+    challenger_intervals: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    champion_intervals: dict[str, dict[str, float]] | None = None
+    difference: dict[str, dict[str, float]] | None = None
+    fairness_gaps: dict[str, float] = dataclasses.field(default_factory=dict)
+    fairness_metric: str = "tpr"
+    model_card: str = ""
 
 
 class PromotionGateConfig(dg.Config):
-    """Bounds a challenger must meet to become champion."""
+    """Bounds a challenger must meet to become champion, and how the report is computed."""
 
     gate_metric: str = Field(default="roc_auc", description="Test metric the gate compares.")
     min_score: float = Field(
         default=0.6, description="Absolute floor (ceiling for losses) on the gate metric."
     )
     tolerance: float = Field(
-        default=0.005,
-        description="How much worse than the champion the challenger may be and still pass.",
+        default=0.01,
+        description="Non-inferiority margin: the whole paired interval of challenger - champion "
+        "must lie above -tolerance (below +tolerance for losses).",
     )
-
-
-def classification_metrics(
-    labels: np.ndarray, probability: np.ndarray, threshold: float
-) -> dict[str, float]:
-    """Probability metrics plus accuracy, precision, recall and F1 at ``threshold``."""
-    predicted = (probability >= threshold).astype(int)
-    return score_probabilities(labels, probability) | {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "precision": float(precision_score(labels, predicted, zero_division=0)),
-        "recall": float(recall_score(labels, predicted, zero_division=0)),
-        "f1": float(f1_score(labels, predicted, zero_division=0)),
-    }
+    max_fairness_gap: float = Field(
+        default=0.5,
+        description="Largest allowed difference of the fairness metric between a feature's slices.",
+    )
+    fairness_flag: float = Field(
+        default=0.2, description="Gaps above this are flagged in the report and the model card."
+    )
+    fairness_metric: str = Field(default="tpr", description="Slice metric compared: tpr or fpr.")
+    slice_numeric_bins: dict[str, int] = Field(
+        default_factory=dict, description="Numeric features to slice, with their quantile bins."
+    )
+    min_slice_rows: int = Field(default=30, description="Slices with fewer rows are only flagged.")
+    min_slice_positives: int = Field(
+        default=20, description="Slices with fewer positive rows are only flagged."
+    )
+    bootstrap_resamples: int = Field(default=400, description="Bootstrap resamples for intervals.")
+    confidence: float = Field(default=0.95, description="Confidence level of the intervals.")
 
 
 def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> GateDecision:
-    """Apply the gate: the floor, then no worse than the champion beyond the tolerance."""
+    """Apply the gate: the floor, the fairness bound, then non-inferiority against the champion.
+
+    Non-inferiority uses the paired bootstrap interval of challenger - champion, not the point
+    estimates: a challenger passes unless it is credibly worse than the champion by more than
+    the tolerance. Without a paired interval (no comparable champion) only the floor and the
+    fairness bound apply.
+    """
     metric = config.gate_metric
     if metric not in report.challenger_metrics:
-        raise ValueError(
-            f"unknown gate metric '{metric}'; choose one of {sorted(report.challenger_metrics)}"
-        )
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        known = sorted(report.challenger_metrics)
+        raise ValueError(f"unknown gate metric '{metric}'; choose one of {known}")
+    lower_is_better = metric in reporting.LOWER_IS_BETTER
     score = report.challenger_metrics[metric]
     champion_score = report.champion_metrics[metric] if report.champion_metrics else None
-    if sign * score < sign * config.min_score:
-        bound = "ceiling" if sign < 0 else "floor"
-        reason = f"test {metric} {score:.4f} misses the {bound} of {config.min_score}"
-        return GateDecision(False, reason, metric, score, champion_score)
-    if champion_score is None:
-        reason = (
-            f"test {metric} {score:.4f} clears {config.min_score}; "
-            f"no comparable champion ({report.champion_note})"
+
+    def verdict(passed: bool, reason: str) -> GateDecision:
+        return GateDecision(passed, reason, metric, score, champion_score)
+
+    if (score > config.min_score) if lower_is_better else (score < config.min_score):
+        bound = "ceiling" if lower_is_better else "floor"
+        return verdict(False, f"test {metric} {score:.4f} misses the {bound} of {config.min_score}")
+    worst_gap = max(report.fairness_gaps.items(), key=lambda item: item[1], default=None)
+    if worst_gap and worst_gap[1] > config.max_fairness_gap:
+        return verdict(
+            False,
+            f"{report.fairness_metric} gap {worst_gap[1]:.3f} across '{worst_gap[0]}' slices "
+            f"exceeds {config.max_fairness_gap}",
         )
-        return GateDecision(True, reason, metric, score, None)
-    margin = sign * (score - champion_score)
-    verdict = (
-        "worse than"
-        if margin < -config.tolerance
-        else "within tolerance of"
-        if margin < 0
-        else "at least as good as"
+    if champion_score is None or not report.difference:
+        return verdict(
+            True,
+            f"test {metric} {score:.4f} clears {config.min_score}; "
+            f"no comparable champion ({report.champion_note})",
+        )
+    diff = report.difference[metric]
+    champion = f"v{report.champion.version}" if report.champion else "champion"
+    interval = f"[{diff['low']:+.4f}, {diff['high']:+.4f}]"
+    if lower_is_better:
+        passed = diff["high"] <= config.tolerance
+    else:
+        passed = diff["low"] >= -config.tolerance
+    outcome = "non-inferior to" if passed else "credibly worse than"
+    return verdict(
+        passed,
+        f"test {metric} {score:.4f} vs champion {champion} {champion_score:.4f}: difference "
+        f"{diff['point']:+.4f}, {config.confidence:.0%} paired interval {interval}, tolerance "
+        f"{config.tolerance}: {outcome} the champion",
     )
-    reason = (
-        f"test {metric} {score:.4f} vs champion "
-        f"v{report.champion.version if report.champion else '?'} {champion_score:.4f} "
-        f"({margin:+.4f}, tolerance {config.tolerance}): {verdict} the champion"
-    )
-    return GateDecision(margin >= -config.tolerance, reason, metric, score, champion_score)
 
 
 def load_tabular_model(ref: ModelRef) -> TabularModel:
@@ -109,12 +147,119 @@ def load_tabular_model(ref: ModelRef) -> TabularModel:
     return mlflow.pyfunc.load_model(ref.uri).unwrap_python_model()
 
 
+def _intervals(intervals: dict[str, reporting.Interval]) -> dict[str, dict[str, float]]:
+    return {name: interval.as_dict() for name, interval in intervals.items()}
+
+
 def _metrics_table(report: EvaluationReport) -> str:
-    frame = pd.DataFrame({f"challenger v{report.challenger.version}": report.challenger_metrics})
-    if report.champion_metrics and report.champion:
-        frame[f"champion v{report.champion.version}"] = pd.Series(report.champion_metrics)
-        frame["difference"] = frame.iloc[:, 0] - frame.iloc[:, 1]
-    return frame.round(4).rename_axis("metric").to_markdown()
+    def cell(intervals: dict[str, dict[str, float]] | None, metric: str) -> str:
+        if not intervals or metric not in intervals:
+            return "n/a"
+        value = intervals[metric]
+        return f"{value['point']:.4f} [{value['low']:.4f}, {value['high']:.4f}]"
+
+    header = [f"challenger v{report.challenger.version}"]
+    if report.champion_intervals and report.champion:
+        header += [f"champion v{report.champion.version}", "difference"]
+    rows = ["| metric | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for metric in report.challenger_intervals:
+        cells = [cell(report.challenger_intervals, metric)]
+        if len(header) > 1:
+            cells += [cell(report.champion_intervals, metric), cell(report.difference, metric)]
+        rows.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _image(title: str, png: bytes) -> str:
+    return f"**{title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def _time_range(feature_set: FeatureSet) -> str | None:
+    column = feature_set.spec.time_column
+    if not column:
+        return None
+    stamps = pd.to_datetime(feature_set.train[column], errors="coerce", utc=True, format="mixed")
+    return f"{stamps.min():%Y-%m-%d} to {stamps.max():%Y-%m-%d}"
+
+
+def build_model_card(
+    report: EvaluationReport,
+    feature_set: FeatureSet,
+    slices: pd.DataFrame,
+    config: PromotionGateConfig,
+    lineage: dict[str, str],
+) -> str:
+    """The challenger's model card (Markdown): data, features, metrics, slices, lineage."""
+    spec = feature_set.spec
+    train_labels = feature_set.labels("train")
+    limitations = reporting.known_limitations(slices, report.fairness_gaps, config.fairness_flag)
+    if feature_set.time_ordered:
+        limitations.append(
+            "Evaluated on the most recent rows; accuracy on older or future periods may differ."
+        )
+    return reporting.render_model_card(
+        {
+            "model_name": report.challenger.name,
+            "model_version": report.challenger.version,
+            "task": f"binary classification of '{spec.target}' "
+            f"(positive class: {spec.positive_class})",
+            "intended_use": f"Scores the probability that '{spec.target}' is "
+            f"{spec.positive_class} for records shaped like the training data; predictions at "
+            f"the decision threshold {report.threshold:.3f}. Not for populations or periods "
+            "the training data does not cover.",
+            "training_data": {
+                "source": feature_set.source_uri,
+                "data_version": feature_set.data_version,
+                "rows": len(feature_set.train),
+                "time_range": _time_range(feature_set),
+                "class_balance": {
+                    str(spec.classes[1]): float(train_labels.mean()),
+                    str(spec.classes[0]): float(1 - train_labels.mean()),
+                },
+            },
+            "features": dict(spec.features),
+            "dropped": dict(spec.dropped),
+            "threshold": report.threshold,
+            "metrics": report.challenger_intervals,
+            "champion_comparison": report.gate.reason if report.gate else report.champion_note,
+            "slices": slices.to_dict("records"),
+            "fairness_gaps": report.fairness_gaps,
+            "fairness_bound": config.fairness_flag,
+            "fairness_metric": config.fairness_metric,
+            "limitations": limitations,
+            "lineage": lineage,
+        }
+    )
+
+
+def write_report(report: EvaluationReport, slices: pd.DataFrame, plots: dict[str, bytes]) -> Path:
+    """Write the report (JSON, Markdown, PNG plots, model card) under the platform home.
+
+    Returns:
+        The report's directory, one per challenger version.
+
+    """
+    directory = load_settings().home / "reports" / f"v{report.challenger.version}"
+    directory.mkdir(parents=True, exist_ok=True)
+    document = dataclasses.asdict(report) | {"slices": slices.to_dict("records")}
+    (directory / "report.json").write_text(json.dumps(document, indent=2, default=str))
+    (directory / MODEL_CARD_ARTIFACT).write_text(report.model_card)
+    for name, png in plots.items():
+        (directory / f"{name}.png").write_bytes(png)
+    markdown = "\n\n".join(
+        [
+            f"# Evaluation of v{report.challenger.version}",
+            f"Gate: {report.gate.reason if report.gate else 'not evaluated'}",
+            _metrics_table(report),
+            *(f"![{name}]({name}.png)" for name in plots),
+        ]
+    )
+    (directory / "report.md").write_text(markdown)
+    return directory
+
+
+def _score(model: TabularModel, inputs: pd.DataFrame) -> np.ndarray:
+    return model.positive_probability(inputs)
 
 
 @dg.asset(
@@ -130,15 +275,16 @@ def evaluation_report(
     candidate_model: ModelRef,
     mlflow_tracking: MlflowTracking,
 ):
-    """Challenger vs current champion on the held-out test split; the blocking promotion gate."""
+    """Challenger vs champion on the test split: intervals, plots, slices, model card, gate."""
     labels, inputs = features.labels("test"), features.inputs("test")
     challenger = load_tabular_model(candidate_model)
-    challenger_metrics = classification_metrics(
-        labels, challenger.positive_probability(inputs), challenger.threshold
-    )
+    probability = _score(challenger, inputs)
+    threshold = challenger.threshold
+    boot = {"n_resamples": config.bootstrap_resamples, "confidence": config.confidence}
 
     champion_version = mlflow_tracking.version_by_alias(CHAMPION_ALIAS)
-    champion, champion_metrics, note = None, None, "no champion yet"
+    champion, champion_probability, champion_threshold = None, None, 0.5
+    note = "no champion yet"
     if champion_version is not None:
         champion = ModelRef(
             name=candidate_model.name,
@@ -147,49 +293,129 @@ def evaluation_report(
             algorithm=champion_version.tags.get("algorithm", "unknown"),
         )
         try:
-            model = load_tabular_model(champion)
-            champion_metrics = classification_metrics(
-                labels, model.positive_probability(inputs), model.threshold
-            )
+            champion_model = load_tabular_model(champion)
+            champion_probability = _score(champion_model, inputs)
+            champion_threshold = champion_model.threshold
             note = f"champion v{champion.version} scored on the same test split"
         except DataError as error:
             note = f"champion v{champion.version} cannot score this data ({error})"
             context.log.warning(note)
 
+    slices = reporting.slice_metrics(
+        inputs,
+        labels,
+        probability,
+        threshold,
+        categorical=features.spec.columns_of("categorical") + features.spec.columns_of("boolean"),
+        numeric_bins=config.slice_numeric_bins,
+        min_rows=config.min_slice_rows,
+    )
+    # A rate over a handful of positives is noise, not a fairness signal: such slices are only
+    # listed (and flagged in the card), like slices with few rows.
+    positives = slices["count"] * slices["positive_rate"]
+    slices["small"] = slices["small"] | (positives.round() < config.min_slice_positives)
+    gaps = reporting.fairness_gaps(slices, config.fairness_metric)
+    compared = champion_probability is not None
     report = EvaluationReport(
         challenger=candidate_model,
-        challenger_metrics=challenger_metrics,
+        challenger_metrics=reporting.classification_metrics(labels, probability, threshold),
         champion=champion,
-        champion_metrics=champion_metrics,
+        champion_metrics=reporting.classification_metrics(
+            labels, champion_probability, champion_threshold
+        )
+        if compared
+        else None,
         champion_note=note,
         test_rows=len(labels),
-        threshold=challenger.threshold,
+        threshold=threshold,
+        challenger_intervals=_intervals(
+            reporting.bootstrap_metrics(labels, probability, threshold, **boot)
+        ),
+        champion_intervals=_intervals(
+            reporting.bootstrap_metrics(labels, champion_probability, champion_threshold, **boot)
+        )
+        if compared
+        else None,
+        difference=_intervals(
+            reporting.paired_difference(
+                labels, probability, champion_probability, threshold, champion_threshold, **boot
+            )
+        )
+        if compared
+        else None,
+        fairness_gaps=gaps,
+        fairness_metric=config.fairness_metric,
     )
-    mlflow.log_metrics({f"test_{name}": value for name, value in challenger_metrics.items()})
-    decision = decide_promotion(report, config)
-    report = dataclasses.replace(report, gate=decision)
+    report = dataclasses.replace(report, gate=decide_promotion(report, config))
+
+    importance, method = reporting.feature_importance(challenger, inputs, labels)
+    curves = {f"challenger v{candidate_model.version}": probability}
+    if compared and champion:
+        curves[f"champion v{champion.version}"] = champion_probability
+    negative, positive = features.spec.classes
+    plots = {
+        "roc": reporting.plot_roc(labels, curves),
+        "precision_recall": reporting.plot_precision_recall(labels, curves),
+        "calibration": reporting.plot_calibration(labels, curves),
+        "confusion_matrix": reporting.plot_confusion_matrix(
+            labels, (probability >= threshold).astype(int), (str(negative), str(positive))
+        ),
+        "feature_importance": reporting.plot_feature_importance(importance),
+    }
+    lineage = {
+        "dagster_run_id": context.run_id,
+        "mlflow_run_id": candidate_model.mlflow_run_id,
+        **code_lineage(),
+    }
+    card = build_model_card(report, features, slices, config, lineage)
+    report = dataclasses.replace(report, model_card=card)
+    directory = write_report(report, slices, plots)
+
+    # The challenger's own MLflow run carries its report and card, so they travel with the model.
+    client, run_id = mlflow_tracking.client(), candidate_model.mlflow_run_id
+    for name, value in report.challenger_metrics.items():
+        client.log_metric(run_id, f"test_{name}", value)
+    client.log_artifacts(run_id, str(directory), artifact_path="evaluation")
+    client.log_text(run_id, card, MODEL_CARD_ARTIFACT)
+
+    flagged = {name: gap for name, gap in gaps.items() if gap > config.fairness_flag}
     yield dg.Output(
         report,
         metadata={
             "challenger_version": candidate_model.version,
             "champion_version": champion.version if champion else "none",
             "test_rows": len(labels),
-            "threshold": challenger.threshold,
-            **{f"test_{name}": round(value, 4) for name, value in challenger_metrics.items()},
+            "threshold": round(threshold, 4),
+            **{f"test_{k}": round(v, 4) for k, v in report.challenger_metrics.items()},
             "metrics": dg.MetadataValue.md(_metrics_table(report)),
-            "gate": decision.reason,
+            "gate": report.gate.reason,
+            "fairness_gaps": dg.MetadataValue.json(gaps),
+            "fairness_flagged": dg.MetadataValue.json(flagged),
+            "slices": dg.MetadataValue.md(slices.round(4).to_markdown(index=False)),
+            "feature_importance": dg.MetadataValue.md(
+                f"Method: {method}\n\n" + importance.round(4).to_frame("importance").to_markdown()
+            ),
+            "plots": dg.MetadataValue.md(
+                "\n\n".join(_image(name.replace("_", " "), png) for name, png in plots.items())
+            ),
+            "model_card": dg.MetadataValue.md(card),
+            "report_json": dg.MetadataValue.path(str(directory / "report.json")),
+            "report_markdown": dg.MetadataValue.path(str(directory / "report.md")),
             "mlflow_run_id": candidate_model.mlflow_run_id,
         },
     )
+    gate = report.gate
     yield dg.AssetCheckResult(
         check_name="promotion_gate",
-        passed=decision.passed,
-        description=decision.reason,
+        passed=gate.passed,
+        description=gate.reason,
         metadata={
-            "metric": decision.metric,
-            "challenger": decision.challenger_score,
-            "champion": decision.champion_score if decision.champion_score is not None else "none",
+            "metric": gate.metric,
+            "challenger": gate.challenger_score,
+            "champion": gate.champion_score if gate.champion_score is not None else "none",
+            "difference": dg.MetadataValue.json((report.difference or {}).get(gate.metric)),
             "min_score": config.min_score,
             "tolerance": config.tolerance,
+            "max_fairness_gap": config.max_fairness_gap,
         },
     )

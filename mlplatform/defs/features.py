@@ -29,6 +29,7 @@ class FeatureSet:
     test: pd.DataFrame
     data_version: str
     time_ordered: bool
+    source_uri: str = "unknown"
 
     def inputs(self, split: str) -> pd.DataFrame:
         """The model input columns of a split."""
@@ -181,6 +182,7 @@ def features(
         test=test,
         data_version=data_version(raw_data),
         time_ordered=spec.time_column is not None,
+        source_uri=data_source.resolved_uri(),
     )
     balance = {split: round(float(feature_set.labels(split).mean()), 4) for split in SPLITS}
     yield dg.Output(

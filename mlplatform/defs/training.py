@@ -14,9 +14,9 @@ import pandas as pd
 from mlflow.models import infer_signature
 from pydantic import Field
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 from sklearn.pipeline import Pipeline
 
+from mlplatform import reporting
 from mlplatform.defs.features import FeatureSet
 from mlplatform.resources import MlflowTracking
 from mlplatform.tabular import TabularModel, build_preprocessor, make_model_pipeline
@@ -59,17 +59,6 @@ class TrainingConfig(dg.Config):
     selection_metric: str = Field(
         default="roc_auc", description="Validation metric that picks the candidate."
     )
-
-
-def score_probabilities(labels: np.ndarray, probability: np.ndarray) -> dict[str, float]:
-    """Threshold-free quality of positive-class probabilities (AUCs up, losses down is better)."""
-    clipped = np.clip(probability, 1e-7, 1 - 1e-7)
-    return {
-        "roc_auc": float(roc_auc_score(labels, probability)),
-        "pr_auc": float(average_precision_score(labels, probability)),
-        "log_loss": float(log_loss(labels, clipped, labels=[0, 1])),
-        "brier": float(brier_score_loss(labels, probability)),
-    }
 
 
 def train_lightgbm(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
@@ -169,13 +158,19 @@ def candidate_model(
     for algorithm, train in TRAINERS.items():
         pipelines[algorithm] = train(features, config)
         probability = pipelines[algorithm].predict_proba(features.inputs("valid"))[:, 1]
-        scores[algorithm] = score_probabilities(features.labels("valid"), probability)
+        threshold = reporting.choose_threshold(features.labels("valid"), probability)
+        scores[algorithm] = reporting.classification_metrics(
+            features.labels("valid"), probability, threshold
+        ) | {"threshold": threshold}
         context.log.info(f"{algorithm}: validation {scores[algorithm]}")
     best = select_best(scores, config.selection_metric)
 
     spec = features.spec
     model = TabularModel(
-        pipelines[best], spec, example_record=_example_record(features.inputs("train"))
+        pipelines[best],
+        spec,
+        threshold=scores[best]["threshold"],
+        example_record=_example_record(features.inputs("train")),
     )
     # The signature keeps the data's own dtypes: integer columns without gaps stay integers, as
     # clients send them; the pipeline's FrameCoercer converts to training dtypes either way.

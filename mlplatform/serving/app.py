@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
@@ -177,6 +177,18 @@ class ModelEndpoint:
     async def healthz(self) -> dict[str, Any]:
         """Liveness and the served model's identity."""
         return {"status": "ok", "model_name": self.model.name, "model_version": self.model.version}
+
+    @api.get(
+        "/model/card",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/markdown": {}}}, 404: {"description": "No card"}},
+    )
+    async def model_card(self) -> PlainTextResponse:
+        """The served model's card (Markdown): data, features, metrics, slices, lineage."""
+        if self.model.card_markdown is None:
+            message = f"model version {self.model.version} has no model card (it was not evaluated)"
+            return PlainTextResponse(message, status_code=404)
+        return PlainTextResponse(self.model.card_markdown, media_type="text/markdown")
 
     @api.get("/model")
     async def model_info(self) -> dict[str, Any]:

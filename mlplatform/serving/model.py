@@ -13,6 +13,9 @@ from mlflow import MlflowClient
 
 from mlplatform.tabular import FeatureSpec, TabularModel
 
+MODEL_CARD_ARTIFACT = "model_card.md"
+"""The model card's path in the MLflow run that produced the model version."""
+
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
@@ -42,6 +45,7 @@ class ServedModel:
     version: str
     model: TabularModel
     card: ModelCard
+    card_markdown: str | None = None
 
     @property
     def spec(self) -> FeatureSpec:
@@ -113,4 +117,22 @@ def load_served_model(model_uri: str, tracking_uri: str | None = None) -> Served
         example_record=python_model.example_record,
         loaded_at=time.time(),
     )
-    return ServedModel(name=name, version=str(version), model=python_model, card=card)
+    return ServedModel(
+        name=name,
+        version=str(version),
+        model=python_model,
+        card=card,
+        card_markdown=_model_card_markdown(client, model_version.run_id),
+    )
+
+
+def _model_card_markdown(client: MlflowClient, run_id: str | None) -> str | None:
+    """The model card the evaluation logged to the model's run, if it was evaluated."""
+    if not run_id:
+        return None
+    try:
+        path = client.download_artifacts(run_id, MODEL_CARD_ARTIFACT)
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
