@@ -70,6 +70,8 @@ PLATFORM_ENV_VARS = (
     "MLPLATFORM_SERVE_HOST",
     "MLPLATFORM_SERVE_PORT",
     "MLPLATFORM_ENDPOINT_URL",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
 )
 ROOT_USERS = {"", "root", "0", "0:0", "root:root"}
 

@@ -37,3 +37,20 @@ def test_candidate_model_is_logged_registered_and_tagged(training_resources, pla
     assert artifact_uri.startswith((platform_home / "mlflow" / "artifacts").as_uri())
     loaded = mlflow.pyfunc.load_model(ref.uri)
     assert loaded.metadata.signature is not None
+
+
+def test_lightgbm_search_is_logged_as_nested_runs(training_resources):
+    result = dg.materialize(
+        [raw_data, features, candidate_model],
+        resources=training_resources,
+        run_config={"ops": {"candidate_model": {"config": {"tuning_trials": 4}}}},
+    )
+    assert result.success
+    parent = result.output_for_node("candidate_model").mlflow_run_id
+    trials = MlflowClient().search_runs(
+        [MlflowClient().get_run(parent).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+    )
+    assert len(trials) == 4
+    assert all(0.5 < run.data.metrics["valid_roc_auc"] <= 1 for run in trials)
+    assert {run.info.run_name for run in trials} == {f"lightgbm-trial-{n}" for n in range(4)}

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.metadata
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from pydantic import Field
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
-from mlplatform import reporting
+from mlplatform import reporting, tuning
 from mlplatform.defs.features import FeatureSet
 from mlplatform.resources import MlflowTracking
 from mlplatform.tabular import TabularModel, build_preprocessor, make_model_pipeline
@@ -53,6 +54,10 @@ class TrainingConfig(dg.Config):
     early_stopping_rounds: int = Field(
         default=50, description="Stop LightGBM after this many rounds without gain."
     )
+    tuning_trials: int = Field(
+        default=10, description="Hyperparameter search trials for LightGBM (1 = no search)."
+    )
+    tuning_timeout_s: float = Field(default=60.0, description="Time budget of the search.")
     logistic_c: float = Field(
         default=1.0, description="Inverse L2 strength of the logistic baseline."
     )
@@ -61,34 +66,47 @@ class TrainingConfig(dg.Config):
     )
 
 
-def train_lightgbm(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
-    """Gradient boosting with early stopping on the validation split."""
+def train_lightgbm(
+    feature_set: FeatureSet,
+    config: TrainingConfig,
+    on_trial: Callable[[tuning.TrialResult], None] | None = None,
+) -> Pipeline:
+    """Gradient boosting, tuned on the validation split within a bounded budget.
+
+    The first trial is the configured parameters, so tuning never picks worse on validation; the
+    winner is refitted with its early-stopped number of rounds.
+    """
     spec = feature_set.spec
     preprocessor = build_preprocessor(spec, for_trees=True)
     coerce = make_model_pipeline(spec, preprocessor, "passthrough")
     train_matrix = coerce.fit_transform(feature_set.inputs("train"))
     valid_matrix = coerce.transform(feature_set.inputs("valid"))
-    estimator = lightgbm.LGBMClassifier(
-        n_estimators=config.n_estimators,
-        learning_rate=config.learning_rate,
-        num_leaves=config.num_leaves,
-        min_child_samples=config.min_child_samples,
-        subsample=0.8,
-        subsample_freq=1,
-        colsample_bytree=0.8,
-        random_state=config.seed,
-        verbose=-1,
+    base_params = {
+        "n_estimators": config.n_estimators,
+        "learning_rate": config.learning_rate,
+        "num_leaves": config.num_leaves,
+        "min_child_samples": config.min_child_samples,
+        "subsample": 0.8,
+        "subsample_freq": 1,
+        "colsample_bytree": 0.8,
+        "random_state": config.seed,
+    }
+    budget = tuning.TuningBudget(
+        trials=config.tuning_trials, timeout_s=config.tuning_timeout_s, seed=config.seed
     )
-    estimator.fit(
+    best_params, _ = tuning.tune_lightgbm(
         train_matrix,
         feature_set.labels("train"),
-        eval_X=(valid_matrix,),
-        eval_y=(feature_set.labels("valid"),),
-        eval_metric="auc",
-        callbacks=[lightgbm.early_stopping(config.early_stopping_rounds, verbose=False)],
+        valid_matrix,
+        feature_set.labels("valid"),
+        budget,
+        base_params,
+        early_stopping_rounds=config.early_stopping_rounds,
+        on_trial=on_trial,
     )
     # One thread per prediction call: serving predicts small batches, where threads add overhead.
-    estimator.set_params(n_jobs=1)
+    estimator = lightgbm.LGBMClassifier(**best_params, verbose=-1, n_jobs=1)
+    estimator.fit(train_matrix, feature_set.labels("train"))
     return make_model_pipeline(spec, preprocessor, estimator)
 
 
@@ -101,9 +119,6 @@ def train_logistic(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
         LogisticRegression(C=config.logistic_c, max_iter=2000, random_state=config.seed),
     )
     return pipeline.fit(feature_set.inputs("train"), feature_set.labels("train"))
-
-
-TRAINERS = {"lightgbm": train_lightgbm, "sklearn_logistic": train_logistic}
 
 
 def select_best(scores: dict[str, dict[str, float]], metric: str) -> str:
@@ -153,11 +168,22 @@ def candidate_model(
     mlflow_tracking: MlflowTracking,
 ) -> dg.Output[ModelRef]:
     """The better of LightGBM and a scikit-learn baseline on validation, alias `challenger`."""
+
+    def log_trial(trial: tuning.TrialResult) -> None:
+        """Each tuning trial is a nested MLflow run under this Dagster run's MLflow run."""
+        with mlflow.start_run(run_name=f"lightgbm-trial-{trial.number}", nested=True):
+            mlflow.log_params(trial.params)
+            mlflow.log_metrics(
+                {"valid_roc_auc": trial.valid_auc, "best_iteration": trial.best_iteration}
+            )
+
+    pipelines = {
+        "lightgbm": train_lightgbm(features, config, on_trial=log_trial),
+        "sklearn_logistic": train_logistic(features, config),
+    }
     scores: dict[str, dict[str, float]] = {}
-    pipelines: dict[str, Pipeline] = {}
-    for algorithm, train in TRAINERS.items():
-        pipelines[algorithm] = train(features, config)
-        probability = pipelines[algorithm].predict_proba(features.inputs("valid"))[:, 1]
+    for algorithm, pipeline in pipelines.items():
+        probability = pipeline.predict_proba(features.inputs("valid"))[:, 1]
         threshold = reporting.choose_threshold(features.labels("valid"), probability)
         scores[algorithm] = reporting.classification_metrics(
             features.labels("valid"), probability, threshold

@@ -32,12 +32,12 @@ def _ray_executable() -> str:
 
 
 def loopback_environment() -> dict[str, str]:
-    """Environment that keeps a single-node Ray on loopback.
+    """Environment for the embedded single-node Ray head: loopback only, token authentication.
 
-    On Linux Ray replaces a loopback node address with the machine's routable one unless this
-    variable is 0; the embedded default must not listen beyond 127.0.0.1.
+    The same settings as this process (see ``mlplatform.serving``), made explicit for the
+    ``ray start`` child so head and drivers agree.
     """
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 
 
 def is_loopback(address: str) -> bool:
