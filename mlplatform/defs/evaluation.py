@@ -12,7 +12,6 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
-import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -258,10 +257,6 @@ def write_report(report: EvaluationReport, slices: pd.DataFrame, plots: dict[str
     return directory
 
 
-def _score(model: TabularModel, inputs: pd.DataFrame) -> np.ndarray:
-    return model.positive_probability(inputs)
-
-
 @dg.asset(
     group_name="evaluation",
     kinds={"mlflow", "sklearn"},
@@ -278,7 +273,7 @@ def evaluation_report(
     """Challenger vs champion on the test split: intervals, plots, slices, model card, gate."""
     labels, inputs = features.labels("test"), features.inputs("test")
     challenger = load_tabular_model(candidate_model)
-    probability = _score(challenger, inputs)
+    probability = challenger.positive_probability(inputs)
     threshold = challenger.threshold
     boot = {"n_resamples": config.bootstrap_resamples, "confidence": config.confidence}
 
@@ -293,9 +288,9 @@ def evaluation_report(
             algorithm=champion_version.tags.get("algorithm", "unknown"),
         )
         try:
-            champion_model = load_tabular_model(champion)
-            champion_probability = _score(champion_model, inputs)
-            champion_threshold = champion_model.threshold
+            serving_model = load_tabular_model(champion)
+            champion_probability = serving_model.positive_probability(inputs)
+            champion_threshold = serving_model.threshold
             note = f"champion v{champion.version} scored on the same test split"
         except DataError as error:
             note = f"champion v{champion.version} cannot score this data ({error})"
