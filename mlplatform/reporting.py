@@ -672,98 +672,102 @@ def _one_class_note(axes: Any) -> None:
     axes.text(0.5, 0.5, "needs both classes", ha="center", va="center", transform=axes.transAxes)
 
 
-def plot_roc(labels: np.ndarray, curves: Mapping[str, np.ndarray]) -> bytes:
-    """ROC curves, one per model, with each model's AUC in the legend.
+def _curves_figure(
+    labels: np.ndarray,
+    curves: Mapping[str, np.ndarray],
+    draw: Callable[[Any, np.ndarray, str, np.ndarray], None],
+    baseline: Callable[[Any, np.ndarray], None],
+    axes_settings: dict[str, Any],
+    legend_loc: str,
+    needs_both_classes: bool = True,
+) -> bytes:
+    """One figure with a reference line and one curve per model, as PNG bytes.
 
     Args:
         labels: true labels, 0/1 with 1 for the positive class.
         curves: model name -> its positive-class probabilities for the same rows.
-
-    Returns:
-        The figure as PNG bytes.
+        draw: draws one model's curve: ``draw(axes, labels, name, probability)``.
+        baseline: draws the reference line: ``baseline(axes, labels)``.
+        axes_settings: axis labels, title and limits.
+        legend_loc: where the legend goes.
+        needs_both_classes: with one class only, show a note instead of curves.
 
     """
     y = _as_labels(labels)
     figure = _new_figure()
     axes = figure.add_subplot()
-    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-    if _has_both_classes(y):
-        for name, probability in curves.items():
-            p = _as_probability(probability)
-            fpr, tpr, _ = roc_curve(y, p)
-            axes.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
-    else:
+    baseline(axes, y)
+    if needs_both_classes and not _has_both_classes(y):
         _one_class_note(axes)
-    axes.set(xlabel="False positive rate", ylabel="True positive rate", title="ROC curve")
-    axes.set(xlim=(0, 1), ylim=(0, 1.02))
-    axes.legend(loc="lower right", fontsize="small")
+    else:
+        for name, probability in curves.items():
+            draw(axes, y, name, _as_probability(probability))
+    axes.set(**axes_settings)
+    axes.legend(loc=legend_loc, fontsize="small")
     return _png(figure)
+
+
+def _diagonal(label: str) -> Callable[[Any, np.ndarray], None]:
+    def draw(axes: Any, _: np.ndarray) -> None:
+        axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label=label)
+
+    return draw
+
+
+def plot_roc(labels: np.ndarray, curves: Mapping[str, np.ndarray]) -> bytes:
+    """ROC curves, one per model, with each model's AUC in the legend (PNG bytes)."""
+
+    def draw(axes: Any, y: np.ndarray, name: str, p: np.ndarray) -> None:
+        fpr, tpr, _ = roc_curve(y, p)
+        axes.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
+
+    settings = {"xlabel": "False positive rate", "ylabel": "True positive rate"}
+    settings |= {"title": "ROC curve", "xlim": (0, 1), "ylim": (0, 1.02)}
+    return _curves_figure(labels, curves, draw, _diagonal("chance"), settings, "lower right")
 
 
 def plot_precision_recall(labels: np.ndarray, curves: Mapping[str, np.ndarray]) -> bytes:
-    """Precision-recall curves, one per model, average precision in the legend.
+    """Precision-recall curves, one per model, average precision in the legend (PNG bytes)."""
 
-    Args:
-        labels: true labels, 0/1 with 1 for the positive class.
-        curves: model name -> its positive-class probabilities for the same rows.
+    def base_rate(axes: Any, y: np.ndarray) -> None:
+        rate = float(y.mean())
+        axes.axhline(rate, linestyle="--", color="grey", linewidth=1, label=f"base rate {rate:.3f}")
 
-    Returns:
-        The figure as PNG bytes.
+    def draw(axes: Any, y: np.ndarray, name: str, p: np.ndarray) -> None:
+        precision, recall, _ = precision_recall_curve(y, p)
+        average = average_precision_score(y, p)
+        axes.step(recall, precision, where="post", label=f"{name} (AP {average:.3f})")
 
-    """
-    y = _as_labels(labels)
-    figure = _new_figure()
-    axes = figure.add_subplot()
-    if _has_both_classes(y):
-        prevalence = float(y.mean())
-        axes.axhline(
-            prevalence,
-            linestyle="--",
-            color="grey",
-            linewidth=1,
-            label=f"base rate {prevalence:.3f}",
-        )
-        for name, probability in curves.items():
-            p = _as_probability(probability)
-            precision, recall, _ = precision_recall_curve(y, p)
-            average = average_precision_score(y, p)
-            axes.step(recall, precision, where="post", label=f"{name} (AP {average:.3f})")
-    else:
-        _one_class_note(axes)
-    axes.set(xlabel="Recall", ylabel="Precision", title="Precision-recall curve")
-    axes.set(xlim=(0, 1), ylim=(0, 1.02))
-    axes.legend(loc="upper right", fontsize="small")
-    return _png(figure)
+    settings = {"xlabel": "Recall", "ylabel": "Precision", "title": "Precision-recall curve"}
+    settings |= {"xlim": (0, 1), "ylim": (0, 1.02)}
+    return _curves_figure(labels, curves, draw, base_rate, settings, "upper right")
 
 
 def plot_calibration(
     labels: np.ndarray, curves: Mapping[str, np.ndarray], n_bins: int = 10
 ) -> bytes:
-    """Reliability diagram: observed positive rate against mean predicted probability per bin.
+    """Reliability diagram: observed positive rate against mean predicted probability (PNG bytes).
 
-    Args:
-        labels: true labels, 0/1 with 1 for the positive class.
-        curves: model name -> its positive-class probabilities for the same rows.
-        n_bins: number of equal-width probability bins (empty bins are not drawn).
-
-    Returns:
-        The figure as PNG bytes.
-
+    ``n_bins`` equal-width probability bins; empty bins are not drawn.
     """
-    y = _as_labels(labels)
-    figure = _new_figure()
-    axes = figure.add_subplot()
-    axes.plot(
-        [0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated"
-    )
-    for name, probability in curves.items():
-        p = np.clip(_as_probability(probability), 0.0, 1.0)
-        observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+
+    def draw(axes: Any, y: np.ndarray, name: str, p: np.ndarray) -> None:
+        observed, predicted = calibration_curve(
+            y, np.clip(p, 0.0, 1.0), n_bins=n_bins, strategy="uniform"
+        )
         axes.plot(predicted, observed, marker="o", markersize=3, label=name)
-    axes.set(xlabel="Mean predicted probability", ylabel="Observed positive rate")
-    axes.set(title="Calibration", xlim=(0, 1), ylim=(0, 1))
-    axes.legend(loc="upper left", fontsize="small")
-    return _png(figure)
+
+    settings = {"xlabel": "Mean predicted probability", "ylabel": "Observed positive rate"}
+    settings |= {"title": "Calibration", "xlim": (0, 1), "ylim": (0, 1)}
+    return _curves_figure(
+        labels,
+        curves,
+        draw,
+        _diagonal("perfectly calibrated"),
+        settings,
+        "upper left",
+        needs_both_classes=False,
+    )
 
 
 def plot_confusion_matrix(
