@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-LOWER_IS_BETTER = frozenset({"log_loss", "brier"})
+LOWER_IS_BETTER = frozenset({"log_loss", "brier", "rmse", "mae"})
 """Metrics where a smaller value is better; every other metric is better when larger."""
 
 METRIC_NAMES = (
@@ -281,7 +281,8 @@ def resampled_metrics(
     return _ScoredRows(y, p, threshold).metrics(indices)
 
 
-def _percentile_interval(point: float, values: np.ndarray, confidence: float) -> Interval:
+def percentile_interval(point: float, values: np.ndarray, confidence: float) -> Interval:
+    """The central ``confidence`` interval of the finite resampled ``values`` around ``point``."""
     values = values[np.isfinite(values)]
     if values.size == 0:
         return Interval(point, math.nan, math.nan)
@@ -290,7 +291,8 @@ def _percentile_interval(point: float, values: np.ndarray, confidence: float) ->
     return Interval(float(point), float(low), float(high))
 
 
-def _check_bootstrap_arguments(n_rows: int, n_resamples: int, confidence: float) -> None:
+def check_bootstrap_arguments(n_rows: int, n_resamples: int, confidence: float) -> None:
+    """Raise ``ValueError`` on an empty split, no resamples or a confidence outside (0, 1)."""
     if n_rows == 0:
         raise ValueError("cannot bootstrap an empty split")
     if n_resamples < 1:
@@ -342,11 +344,11 @@ def bootstrap_metrics(
 
     """
     y, p = _as_labels(labels), _as_probability(probability)
-    _check_bootstrap_arguments(len(y), n_resamples, confidence)
+    check_bootstrap_arguments(len(y), n_resamples, confidence)
     point = classification_metrics(y, p, threshold)
     samples = _bootstrap(len(y), n_resamples, seed, _ScoredRows(y, p, threshold).metrics)
     return {
-        name: _percentile_interval(point[name], samples[name], confidence) for name in METRIC_NAMES
+        name: percentile_interval(point[name], samples[name], confidence) for name in METRIC_NAMES
     }
 
 
@@ -392,7 +394,7 @@ def paired_difference(
             f"labels ({len(y)}), challenger ({len(challenger_p)}) and champion "
             f"({len(champion_p)}) probabilities must have the same length"
         )
-    _check_bootstrap_arguments(len(y), n_resamples, confidence)
+    check_bootstrap_arguments(len(y), n_resamples, confidence)
     challenger = classification_metrics(y, challenger_p, challenger_threshold)
     champion = classification_metrics(y, champion_p, champion_threshold)
 
@@ -405,7 +407,7 @@ def paired_difference(
 
     samples = _bootstrap(len(y), n_resamples, seed, difference)
     return {
-        name: _percentile_interval(challenger[name] - champion[name], samples[name], confidence)
+        name: percentile_interval(challenger[name] - champion[name], samples[name], confidence)
         for name in METRIC_NAMES
     }
 
@@ -415,6 +417,8 @@ def paired_difference(
 # --------------------------------------------------------------------------------------------
 
 SLICE_COLUMNS = ("feature", "slice", "count", "positive_rate", "auc", "tpr", "fpr", "small")
+_SLICE_HEADERS = {"count": "rows", "positive_rate": "positive rate", "auc": "AUC"}
+_SLICE_HEADERS |= {"tpr": "TPR", "fpr": "FPR"}
 
 
 def _slice_row(
@@ -494,17 +498,47 @@ def slice_metrics(
             f"frame ({len(frame)}), labels ({len(y)}) and probability ({len(p)}) "
             "must have the same length"
         )
+    predicted = p >= threshold
+
+    def measure(feature: str, value: str, mask: np.ndarray) -> dict[str, Any]:
+        return _slice_row(feature, value, y[mask], predicted[mask], p[mask])
+
+    return slice_table(frame, categorical, numeric_bins, measure, SLICE_COLUMNS[:-1], min_rows)
+
+
+def slice_table(
+    frame: pd.DataFrame,
+    categorical: list[str],
+    numeric_bins: dict[str, int] | None,
+    measure: Callable[[str, str, np.ndarray], dict[str, Any]],
+    columns: tuple[str, ...],
+    min_rows: int,
+) -> pd.DataFrame:
+    """One row per (feature, slice) with whatever ``measure`` computes for the slice's rows.
+
+    Args:
+        frame: the rows' feature values.
+        categorical: columns sliced by value (missing values form the slice ``"<missing>"``).
+        numeric_bins: numeric column -> number of quantile bins.
+        measure: ``measure(feature, slice label, row mask)`` -> the row's values, including
+            ``feature``, ``slice`` and ``count``.
+        columns: the table's columns, in order.
+        min_rows: slices with fewer rows are flagged ``small`` (an extra last column).
+
+    Raises:
+        ValueError: if a column is not in ``frame``.
+
+    """
     plan = [(name, None) for name in categorical] + list((numeric_bins or {}).items())
     unknown = [name for name, _ in plan if name not in frame.columns]
     if unknown:
         raise ValueError(f"columns not in the frame: {', '.join(map(str, unknown))}")
-    predicted = p >= threshold
     rows = [
-        _slice_row(str(name), label, y[mask], predicted[mask], p[mask])
+        measure(str(name), label, mask)
         for name, bins in plan
         for label, mask in _slice_labels(frame[name], bins)
     ]
-    result = pd.DataFrame(rows, columns=list(SLICE_COLUMNS[:-1]))
+    result = pd.DataFrame(rows, columns=list(columns))
     result["count"] = result["count"].astype(int)
     result["small"] = result["count"] < min_rows
     return result
@@ -594,6 +628,9 @@ def _tree_output_widths(preprocess: Any, spec: Any) -> list[tuple[str, int]]:
     return widths
 
 
+_PERMUTATION_SCORING = {"binary": "roc_auc", "multiclass": "neg_log_loss", "regression": "r2"}
+
+
 def feature_importance(
     model: Any, frame: pd.DataFrame, labels: np.ndarray, seed: int = 0
 ) -> tuple[pd.Series, str]:
@@ -602,12 +639,13 @@ def feature_importance(
     For a LightGBM pipeline (the final estimator has ``booster_``), the total split gain of each
     preprocessed column, summed back to the input column it came from (a datetime column feeds
     month, day of week and hour). Otherwise permutation importance of the whole pipeline on the
-    raw ``frame``: the mean drop in ROC AUC over 5 shuffles of each input column.
+    raw ``frame``: the mean drop in the task's score (ROC AUC for binary, negative log loss for
+    multiclass, R2 for regression) over 5 shuffles of each input column.
 
     Args:
         model: a :class:`mlplatform.tabular.TabularModel` (``.pipeline`` and ``.spec``).
         frame: raw input records (for permutation importance; typically the test split).
-        labels: their true labels, 0/1 with 1 for the positive class.
+        labels: their true labels as the model learns them (see ``encode_target``).
         seed: random seed of the permutations.
 
     Returns:
@@ -636,11 +674,12 @@ def feature_importance(
         importance, method = pd.Series(values, dtype=float), "gain"
     else:
         inputs = frame[list(model.spec.features)]
+        task = getattr(model.spec, "task", "binary")
         result = permutation_importance(
             pipeline,
             inputs,
-            _as_labels(labels),
-            scoring="roc_auc",
+            np.asarray(labels, dtype=float) if task == "regression" else _as_labels(labels),
+            scoring=_PERMUTATION_SCORING[task],
             n_repeats=5,
             random_state=seed,
         )
@@ -655,13 +694,15 @@ def feature_importance(
 # --------------------------------------------------------------------------------------------
 
 
-def _new_figure(size: tuple[float, float] = _FIGURE_SIZE) -> Figure:
+def new_figure(size: tuple[float, float] = _FIGURE_SIZE) -> Figure:
+    """A matplotlib figure on the Agg canvas (no pyplot state, safe in worker threads)."""
     figure = Figure(figsize=size, dpi=_DPI)
     FigureCanvasAgg(figure)
     return figure
 
 
-def _png(figure: Figure) -> bytes:
+def png(figure: Figure) -> bytes:
+    """The figure, laid out tightly, as PNG bytes."""
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_DPI)
@@ -694,7 +735,7 @@ def _curves_figure(
 
     """
     y = _as_labels(labels)
-    figure = _new_figure()
+    figure = new_figure()
     axes = figure.add_subplot()
     baseline(axes, y)
     if needs_both_classes and not _has_both_classes(y):
@@ -704,7 +745,7 @@ def _curves_figure(
             draw(axes, y, name, _as_probability(probability))
     axes.set(**axes_settings)
     axes.legend(loc=legend_loc, fontsize="small")
-    return _png(figure)
+    return png(figure)
 
 
 def _diagonal(label: str) -> Callable[[Any, np.ndarray], None]:
@@ -771,21 +812,23 @@ def plot_calibration(
 
 
 def plot_confusion_matrix(
-    labels: np.ndarray, predicted: np.ndarray, class_names: tuple[str, str]
+    labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]
 ) -> bytes:
     """Confusion matrix with the count in every cell.
 
     Args:
-        labels: true labels, 0/1 with 1 for the positive class.
-        predicted: predicted labels, 0/1.
-        class_names: display names of class 0 and class 1.
+        labels: true labels as class indices (0/1 for binary, 1 = the positive class).
+        predicted: predicted class indices.
+        class_names: display names of class 0, 1, ...
 
     Returns:
         The figure as PNG bytes.
 
     """
-    matrix = confusion_matrix(_as_labels(labels), _as_labels(predicted), labels=[0, 1])
-    figure = _new_figure()
+    ticks = list(range(len(class_names)))
+    matrix = confusion_matrix(_as_labels(labels), _as_labels(predicted), labels=ticks)
+    side = max(_FIGURE_SIZE[1], 1.5 + 0.45 * len(ticks))
+    figure = new_figure((side + 1.0, side))
     axes = figure.add_subplot()
     image = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
@@ -800,10 +843,10 @@ def plot_confusion_matrix(
             color="white" if count > middle else "black",
         )
     names = [str(name) for name in class_names]
-    axes.set_xticks([0, 1], labels=names)
-    axes.set_yticks([0, 1], labels=names)
+    axes.set_xticks(ticks, labels=names, rotation=45 if len(ticks) > 4 else 0)
+    axes.set_yticks(ticks, labels=names)
     axes.set(xlabel="Predicted", ylabel="Actual", title="Confusion matrix")
-    return _png(figure)
+    return png(figure)
 
 
 def plot_feature_importance(importance: pd.Series, top: int = 20) -> bytes:
@@ -818,7 +861,7 @@ def plot_feature_importance(importance: pd.Series, top: int = 20) -> bytes:
 
     """
     shown = importance.sort_values(ascending=False, kind="stable").head(top)
-    figure = _new_figure((_FIGURE_SIZE[0], max(_FIGURE_SIZE[1], 1.0 + 0.22 * len(shown))))
+    figure = new_figure((_FIGURE_SIZE[0], max(_FIGURE_SIZE[1], 1.0 + 0.22 * len(shown))))
     axes = figure.add_subplot()
     positions = np.arange(len(shown))
     axes.barh(positions, shown.to_numpy(dtype=float), color="tab:blue")
@@ -826,7 +869,7 @@ def plot_feature_importance(importance: pd.Series, top: int = 20) -> bytes:
     axes.invert_yaxis()
     title = f"Feature importance ({importance.name})" if importance.name else "Feature importance"
     axes.set(xlabel="Importance", title=title)
-    return _png(figure)
+    return png(figure)
 
 
 # --------------------------------------------------------------------------------------------
@@ -892,7 +935,8 @@ def render_model_card(card: dict) -> str:
     Args:
         card: keys ``model_name``, ``model_version``, ``task``, ``intended_use``,
             ``training_data`` (``source``, ``data_version``, ``rows``, ``time_range``,
-            ``class_balance`` {label: share}), ``features`` {name: kind}, ``dropped``
+            ``class_balance`` {label: share} or, for regression, ``target`` {statistic:
+            value}), ``features`` {name: kind}, ``dropped``
             {name: reason}, ``threshold``, ``metrics`` {name: {point, low, high}},
             ``champion_comparison``, ``slices`` (records of :func:`slice_metrics`),
             ``fairness_gaps`` {feature: gap}, ``fairness_bound``, ``fairness_metric`` (the
@@ -922,8 +966,13 @@ def render_model_card(card: dict) -> str:
         f"- **Time range:** {_text(data.get('time_range'))}",
     ]
     balance = _mapping(data.get("class_balance"))
-    shares = ", ".join(f"{_text(label)}: {_percent(share)}" for label, share in balance.items())
-    lines += [f"- **Class balance:** {shares or NOT_AVAILABLE}", ""]
+    target = _mapping(data.get("target"))
+    if target:
+        summary = ", ".join(f"{name} {_text(value)}" for name, value in target.items())
+        lines += [f"- **Target:** {summary}", ""]
+    else:
+        shares = ", ".join(f"{_text(label)}: {_percent(share)}" for label, share in balance.items())
+        lines += [f"- **Class balance:** {shares or NOT_AVAILABLE}", ""]
 
     features = _mapping(card.get("features"))
     lines += ["## Features", ""]
@@ -960,10 +1009,9 @@ def render_model_card(card: dict) -> str:
     bound = card.get("fairness_bound")
     lines += ["## Slices and fairness", ""]
     if slice_records:
-        lines += _table(
-            ["feature", "slice", "rows", "positive rate", "AUC", "TPR", "FPR", "small"],
-            [[record.get(column) for column in SLICE_COLUMNS] for record in slice_records],
-        )
+        columns = list(slice_records[0])
+        header = [_SLICE_HEADERS.get(column, column.replace("_", " ")) for column in columns]
+        lines += _table(header, [[record.get(c) for c in columns] for record in slice_records])
     else:
         lines.append("No slice metrics.")
     metric = _text(card.get("fairness_metric") or "tpr")

@@ -97,6 +97,16 @@ class DataSource(dg.ConfigurableResource):
             )
         return DEMO_TARGET
 
+    task: str | None = Field(
+        default=None,
+        description="binary, multiclass or regression; default MLPLATFORM_TASK, else inferred "
+        "from the target.",
+    )
+
+    def resolved_task(self) -> str | None:
+        """The requested learning task, if any (otherwise it is inferred from the target)."""
+        return self.task or load_settings().task
+
     def resolved_time_column(self) -> str | None:
         """The configured time column, if any (otherwise it is inferred from the data)."""
         return self.time_column or load_settings().time_column

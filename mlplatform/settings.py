@@ -30,6 +30,7 @@ class PlatformSettings:
         source: the raw data location (file, glob, folder or fsspec URL); ``None`` = demo data.
         target: the label column; ``None`` means the demo target (only valid for the demo).
         time_column: the column ordering rows in time; ``None`` = infer.
+        task: ``binary``, ``multiclass`` or ``regression``; ``None`` = infer from the target.
         model_name: the registered model's name in the MLflow registry.
         tracking_uri: the MLflow tracking (and registry) URI.
         ray_address: an existing Ray cluster; ``None`` = a local head started on demand.
@@ -51,6 +52,7 @@ class PlatformSettings:
     serve_port: int
     ray_port: int = DEFAULT_RAY_PORT
     public_url: str | None = None
+    task: str | None = None
 
     @property
     def dagster_home(self) -> Path:
@@ -78,6 +80,16 @@ class PlatformSettings:
         return self.home / "profiles"
 
     @property
+    def traffic_dir(self) -> Path:
+        """Rolling whylogs profiles of the endpoint's live traffic, per model version."""
+        return self.profiles_dir / "traffic"
+
+    @property
+    def feedback_db(self) -> Path:
+        """The prediction log that ground-truth labels (``POST /feedback``) are joined to."""
+        return self.home / "monitoring" / "feedback.sqlite"
+
+    @property
     def endpoint_url(self) -> str:
         """The endpoint's base URL as clients reach it."""
         return self.public_url or f"http://{self.serve_host}:{self.serve_port}"
@@ -87,8 +99,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PlatformSettings:
     """Read the platform settings from ``environ`` (default: the process environment).
 
     Variables: ``MLPLATFORM_HOME`` (default ``./.mlplatform``), ``MLPLATFORM_SOURCE``,
-    ``MLPLATFORM_TARGET``, ``MLPLATFORM_TIME_COLUMN``, ``MLPLATFORM_MODEL_NAME`` (default
-    ``mlplatform``), ``MLFLOW_TRACKING_URI`` (default SQLite under the home), ``RAY_ADDRESS``,
+    ``MLPLATFORM_TARGET``, ``MLPLATFORM_TIME_COLUMN``, ``MLPLATFORM_TASK`` (default: inferred),
+    ``MLPLATFORM_MODEL_NAME`` (default ``mlplatform``), ``MLFLOW_TRACKING_URI`` (default SQLite
+    under the home), ``RAY_ADDRESS``,
     ``MLPLATFORM_SERVE_HOST`` (default 127.0.0.1), ``MLPLATFORM_SERVE_PORT`` (default 8000),
     ``MLPLATFORM_RAY_PORT`` (default 6379) and ``MLPLATFORM_ENDPOINT_URL`` (default
     ``http://<host>:<port>``; set it when clients reach the endpoint through another name).
@@ -112,6 +125,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PlatformSettings:
         serve_port=_port(env, "MLPLATFORM_SERVE_PORT", DEFAULT_SERVE_PORT),
         ray_port=_port(env, "MLPLATFORM_RAY_PORT", DEFAULT_RAY_PORT),
         public_url=(env.get("MLPLATFORM_ENDPOINT_URL") or "").rstrip("/") or None,
+        task=env.get("MLPLATFORM_TASK") or None,
     )
 
 

@@ -22,6 +22,14 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 FeatureKind = Literal["numeric", "categorical", "boolean", "datetime"]
+Task = Literal["binary", "multiclass", "regression"]
+TASKS: tuple[Task, ...] = ("binary", "multiclass", "regression")
+
+# Targets with more distinct labels than this are not treated as classes.
+MAX_CLASSES = 50
+# A numeric target with whole-number values and at most this many of them is inferred as classes
+# (ratings, grades); more distinct values (amounts, counts) make it a regression target.
+_MAX_NUMERIC_CLASSES = 10
 
 # A string column is identifier-like when almost every row has its own value and there are many.
 _IDENTIFIER_UNIQUE_SHARE = 0.5
@@ -42,7 +50,8 @@ class FeatureSpec:
     Attributes:
         features: input column name -> kind, in model input order.
         target: the label column.
-        classes: the target's class labels; the last one is the positive class.
+        classes: the target's class labels (binary: the positive class last; multiclass: sorted;
+            regression: empty).
         time_column: the column that orders rows in time (used for splitting), if any.
         dropped: column name -> reason it is not used as a feature.
         categories: categorical column -> the values seen in training (for schemas and docs).
@@ -55,11 +64,17 @@ class FeatureSpec:
     time_column: str | None = None
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)
     categories: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    task: Task = "binary"
 
     @property
     def positive_class(self) -> Any:
-        """The class whose probability the model reports."""
+        """The class whose probability a binary model reports."""
         return self.classes[-1]
+
+    @property
+    def is_classification(self) -> bool:
+        """Whether the target is a class label (binary or multiclass) rather than a value."""
+        return self.task != "regression"
 
     def columns_of(self, kind: FeatureKind) -> list[str]:
         """Input columns of one kind, in input order."""
@@ -118,25 +133,82 @@ def infer_feature_kind(name: str, column: pd.Series) -> tuple[FeatureKind | None
     return "categorical", f"{n_unique} categories"
 
 
-def infer_classes(target: pd.Series) -> tuple[Any, ...]:
-    """Return the target's two classes with the positive class last.
+def _sorted_labels(labels: Sequence[Any]) -> list[Any]:
+    """Labels in a stable order: numerically when all are numbers, otherwise as text."""
+    if all(isinstance(label, int | float | np.integer | np.floating) for label in labels):
+        return sorted(labels)
+    return sorted(labels, key=str)
 
-    The positive class is ``1``/``True``/``"yes"``-like when present, otherwise the minority class.
+
+def _whole_numbers(values: pd.Series) -> bool:
+    numbers = values.to_numpy(dtype=float)
+    return bool(np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers)))
+
+
+def infer_task(target: pd.Series, requested: str | None = None) -> Task:
+    """Decide the learning task from the target's values, or check a requested one.
+
+    Inferred: two distinct labels -> ``binary``; text or boolean labels, or whole numbers with
+    at most 10 distinct values (grades, ratings) -> ``multiclass``; other numbers (amounts,
+    measurements) -> ``regression``. ``requested`` (for example from ``MLPLATFORM_TASK``)
+    overrides the inference when the target can support it.
 
     Raises:
-        DataError: if the target is missing values or does not have exactly two classes.
+        DataError: on missing labels, an unknown task, or a target that cannot support it.
 
     """
+    name = target.name
     if target.isna().any():
-        raise DataError(f"target '{target.name}' has {int(target.isna().sum())} missing values")
-    counts = target.value_counts()
-    if len(counts) != 2:
+        raise DataError(f"target '{name}' has {int(target.isna().sum())} missing values")
+    n_unique = target.nunique()
+    numeric = pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target)
+    examples = ", ".join(map(str, target.value_counts().index[:5]))
+    if n_unique < 2:
+        raise DataError(f"target '{name}' is constant (only value: {examples})")
+    if requested is not None and requested not in TASKS:
+        raise DataError(f"unknown task '{requested}'; choose one of {', '.join(TASKS)}")
+    if requested is None:
+        if n_unique == 2:
+            return "binary"
+        if numeric and not (_whole_numbers(target) and n_unique <= _MAX_NUMERIC_CLASSES):
+            requested = "regression"
+        else:
+            requested = "multiclass"
+    if requested == "regression":
+        if not numeric:
+            raise DataError(f"target '{name}' is not numeric ({examples}...); cannot regress it")
+        return "regression"
+    if requested == "binary" and n_unique != 2:
         raise DataError(
-            f"target '{target.name}' has {len(counts)} distinct values "
-            f"({', '.join(map(str, counts.index[:5]))}{'...' if len(counts) > 5 else ''}); "
-            "only binary classification is supported"
+            f"target '{name}' has {n_unique} distinct values ({examples}"
+            f"{'...' if n_unique > 5 else ''}); binary classification needs exactly two"
         )
+    if requested == "multiclass" and not 3 <= n_unique <= MAX_CLASSES:
+        raise DataError(
+            f"target '{name}' has {n_unique} distinct values ({examples}"
+            f"{'...' if n_unique > 5 else ''}); multiclass classification needs 3 to "
+            f"{MAX_CLASSES} classes" + (" (set the task to regression)" if numeric else "")
+        )
+    return requested
+
+
+def infer_classes(target: pd.Series, task: Task = "binary") -> tuple[Any, ...]:
+    """Return the target's class labels for a task (see :attr:`FeatureSpec.classes`).
+
+    Binary: the positive class is ``1``/``True``/``"yes"``-like when present, otherwise the
+    minority class, and it comes last. Multiclass: every label, sorted. Regression: none.
+
+    Raises:
+        DataError: if the target does not suit the task (see :func:`infer_task`).
+
+    """
+    task = infer_task(target, task)
+    if task == "regression":
+        return ()
+    counts = target.value_counts()
     labels = list(counts.index)
+    if task == "multiclass":
+        return tuple(_plain(label) for label in _sorted_labels(labels))
     positive = next(
         (label for label in labels if str(label).strip().lower() in _POSITIVE_TOKENS),
         counts.idxmin(),
@@ -151,7 +223,7 @@ def _plain(value: Any) -> Any:
 
 
 def infer_feature_spec(
-    frame: pd.DataFrame, target: str, time_column: str | None = None
+    frame: pd.DataFrame, target: str, time_column: str | None = None, task: str | None = None
 ) -> FeatureSpec:
     """Infer the feature spec of a raw dataset.
 
@@ -159,19 +231,23 @@ def infer_feature_spec(
         frame: the raw data, target included.
         target: the label column.
         time_column: the column that orders rows in time; by default the first datetime feature.
+        task: ``binary``, ``multiclass`` or ``regression``; by default inferred from the target
+            (see :func:`infer_task`).
 
     Returns:
         The spec, with every dropped column and its reason in ``dropped``.
 
     Raises:
-        DataError: if the target is missing or not binary, or no usable feature remains.
+        DataError: if the target is missing or does not suit the task, or no usable feature
+            remains.
 
     """
     if target not in frame.columns:
         raise DataError(
             f"target column '{target}' not found; columns are: {', '.join(map(str, frame.columns))}"
         )
-    classes = infer_classes(frame[target])
+    resolved_task = infer_task(frame[target], task)
+    classes = infer_classes(frame[target], resolved_task)
     features: dict[str, FeatureKind] = {}
     dropped: dict[str, str] = {}
     categories: dict[str, list[str]] = {}
@@ -200,6 +276,7 @@ def infer_feature_spec(
         time_column=time_column,
         dropped=dropped,
         categories=categories,
+        task=resolved_task,
     )
 
 
@@ -341,38 +418,68 @@ def make_model_pipeline(
     )
 
 
+PROBABILITY_PREFIX = "probability_"
+"""Multiclass models output one column per class: ``probability_<class>``."""
+
+
 class TabularModel(mlflow.pyfunc.PythonModel):
     """The registered MLflow model: a fitted pipeline plus its spec and decision threshold.
 
-    ``predict`` returns one row per input record with ``prediction`` (a class label) and
-    ``probability`` (of the positive class), so every consumer (the endpoint, evaluation, a user
-    calling ``mlflow.pyfunc.load_model``) gets the same answer.
+    ``predict`` returns one row per input record with ``prediction`` (a class label, or the
+    predicted value for regression) and the probabilities behind it: ``probability`` of the
+    positive class for binary models, ``probability_<class>`` per class for multiclass ones. So
+    every consumer (the endpoint, evaluation, a user calling ``mlflow.pyfunc.load_model``) gets
+    the same answer.
     """
 
     def __init__(
         self,
         pipeline: Pipeline,
         spec: FeatureSpec,
-        threshold: float = 0.5,
+        threshold: float | None = 0.5,
         example_record: Mapping[str, Any] | None = None,
     ):
         self.pipeline = pipeline
         self.spec = spec
-        self.threshold = threshold
+        self.threshold = threshold if spec.task == "binary" else None
         self.example_record = dict(example_record or {})
 
+    def class_probabilities(self, frame: pd.DataFrame) -> np.ndarray:
+        """Probability of each class (columns in the order of ``spec.classes``) per row."""
+        encoded = list(self.pipeline[-1].classes_)
+        probability = self.pipeline.predict_proba(frame)
+        return probability[:, [encoded.index(i) for i in range(len(self.spec.classes))]]
+
     def positive_probability(self, frame: pd.DataFrame) -> np.ndarray:
-        """Probability of the positive class for each row of ``frame``."""
-        estimator = self.pipeline[-1]
-        positive_index = list(estimator.classes_).index(1)
-        return self.pipeline.predict_proba(frame)[:, positive_index]
+        """Probability of the positive class for each row of a binary model's input."""
+        return self.class_probabilities(frame)[:, 1]
+
+    def scores(self, frame: pd.DataFrame) -> np.ndarray:
+        """What evaluation scores, per task.
+
+        The positive-class probability (binary), the class probability matrix (multiclass) or
+        the predicted values (regression).
+        """
+        if self.spec.task == "binary":
+            return self.positive_probability(frame)
+        if self.spec.task == "multiclass":
+            return self.class_probabilities(frame)
+        return np.asarray(self.pipeline.predict(frame), dtype=float)
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Predict labels and positive-class probabilities for raw records."""
-        probability = self.positive_probability(frame)
+        """Predictions (and probabilities for classification) for raw records."""
+        scores = self.scores(frame)
+        if self.spec.task == "regression":
+            return pd.DataFrame({"prediction": scores}, index=frame.index)
+        if self.spec.task == "multiclass":
+            classes = np.asarray(self.spec.classes, dtype=object)
+            columns = {"prediction": classes[np.argmax(scores, axis=1)]}
+            for index, label in enumerate(self.spec.classes):
+                columns[f"{PROBABILITY_PREFIX}{label}"] = scores[:, index]
+            return pd.DataFrame(columns, index=frame.index)
         negative, positive = self.spec.classes
-        labels = np.where(probability >= self.threshold, positive, negative)
-        return pd.DataFrame({"prediction": labels, "probability": probability}, index=frame.index)
+        labels = np.where(scores >= self.threshold, positive, negative)
+        return pd.DataFrame({"prediction": labels, "probability": scores}, index=frame.index)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -382,5 +489,22 @@ class TabularModel(mlflow.pyfunc.PythonModel):
 
 
 def encode_target(target: pd.Series, spec: FeatureSpec) -> np.ndarray:
-    """Target labels -> 0/1 with 1 for the spec's positive class."""
-    return (target == spec.positive_class).astype(int).to_numpy()
+    """Target labels -> what the model learns.
+
+    0/1 with 1 for the positive class (binary), the index in ``spec.classes`` (multiclass), or
+    floats (regression).
+
+    Raises:
+        DataError: if a multiclass label is not one of the spec's classes.
+
+    """
+    if spec.task == "regression":
+        return pd.to_numeric(target, errors="coerce").astype(float).to_numpy()
+    if spec.task == "binary":
+        return (target == spec.positive_class).astype(int).to_numpy()
+    index = {str(label): i for i, label in enumerate(spec.classes)}
+    encoded = target.map(lambda label: index.get(str(_plain(label)), -1)).astype(int).to_numpy()
+    if (encoded < 0).any():
+        unknown = sorted({str(v) for v in target[encoded < 0]})[:5]
+        raise DataError(f"labels not seen in training: {', '.join(unknown)}")
+    return encoded

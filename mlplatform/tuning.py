@@ -1,4 +1,7 @@
-"""Bounded hyperparameter search for LightGBM with Optuna, scored by validation ROC AUC.
+"""Bounded hyperparameter search for LightGBM with Optuna, scored on the validation split.
+
+The score is the task's selection metric: ROC AUC for binary classification, log loss for
+multiclass and RMSE for regression (see :data:`OBJECTIVES`).
 
 The search is bounded twice (a number of trials and a wall-clock timeout) so it fits in a
 training run, and its first trial always evaluates the caller's base parameters, so the winner is
@@ -16,7 +19,9 @@ from typing import Any
 import lightgbm
 import numpy as np
 import optuna
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, mean_squared_error, roc_auc_score
+
+from mlplatform.tabular import Task
 
 # Trials marked with this user attribute evaluate the base parameters unchanged.
 _BASELINE_ATTR = "baseline"
@@ -38,6 +43,54 @@ SEARCHED_PARAMS = (*_FLOAT_SPACE, *_INT_SPACE)
 
 # LightGBM's own default number of boosting rounds, the upper bound when none is given.
 _LIGHTGBM_DEFAULT_ROUNDS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a task's search optimises.
+
+    Attributes:
+        metric: the platform's metric name (as in evaluation reports).
+        lightgbm_metric: LightGBM's name of the same metric, which decides early stopping.
+        maximize: whether larger is better.
+        score: ``score(labels, estimator, matrix, best_iteration) -> float``.
+
+    """
+
+    metric: str
+    lightgbm_metric: str
+    maximize: bool
+    score: Callable[[np.ndarray, Any, Any, int], float]
+
+
+def _roc_auc(labels: np.ndarray, estimator: Any, matrix: Any, iteration: int) -> float:
+    probability = estimator.predict_proba(matrix, num_iteration=iteration)[:, 1]
+    return float(roc_auc_score(labels, probability))
+
+
+def _log_loss(labels: np.ndarray, estimator: Any, matrix: Any, iteration: int) -> float:
+    probability = estimator.predict_proba(matrix, num_iteration=iteration)
+    return float(log_loss(labels, probability, labels=list(estimator.classes_)))
+
+
+def _rmse(labels: np.ndarray, estimator: Any, matrix: Any, iteration: int) -> float:
+    predicted = estimator.predict(matrix, num_iteration=iteration)
+    return float(np.sqrt(mean_squared_error(labels, predicted)))
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "binary": Objective("roc_auc", "auc", True, _roc_auc),
+    "multiclass": Objective("log_loss", "multi_logloss", False, _log_loss),
+    "regression": Objective("rmse", "rmse", False, _rmse),
+}
+"""The search objective of each task."""
+
+
+def lightgbm_estimator(task: Task, params: dict[str, Any]) -> Any:
+    """An unfitted LightGBM estimator for the task (classifier or regressor)."""
+    if task == "regression":
+        return lightgbm.LGBMRegressor(**params)
+    return lightgbm.LGBMClassifier(**params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +123,7 @@ class TrialResult:
     Attributes:
         number: the trial's position in the search, from 0 (the base parameters).
         params: every LightGBM parameter the trial was fitted with (base plus suggested).
-        valid_auc: validation ROC AUC at the best iteration.
+        valid_score: the objective's validation metric at the best iteration.
         best_iteration: the boosting round early stopping kept.
         seconds: wall-clock time of the fit and its scoring.
 
@@ -78,7 +131,7 @@ class TrialResult:
 
     number: int
     params: dict[str, Any]
-    valid_auc: float
+    valid_score: float
     best_iteration: int
     seconds: float
 
@@ -114,9 +167,12 @@ def _suggest(trial: optuna.Trial, names: tuple[str, ...]) -> dict[str, Any]:
     return suggested
 
 
-def _check_labels(labels: np.ndarray, split: str) -> None:
-    if len(np.unique(labels)) != 2:
+def _check_labels(labels: np.ndarray, split: str, task: Task) -> None:
+    distinct = len(np.unique(labels))
+    if task == "binary" and distinct != 2:
         raise ValueError(f"{split} labels must hold both classes for ROC AUC")
+    if distinct < 2:
+        raise ValueError(f"{split} labels must hold at least two distinct values")
 
 
 def tune_lightgbm(
@@ -128,11 +184,13 @@ def tune_lightgbm(
     base_params: dict[str, Any],
     early_stopping_rounds: int = 50,
     on_trial: Callable[[TrialResult], None] | None = None,
+    task: Task = "binary",
 ) -> tuple[dict[str, Any], list[TrialResult]]:
-    """Search LightGBM hyperparameters for the best validation ROC AUC within a budget.
+    """Search LightGBM hyperparameters for the best validation score within a budget.
 
-    Every trial fits ``lightgbm.LGBMClassifier`` on the training matrix with early stopping on
-    the validation matrix. The first trial fits ``base_params`` exactly as given; later trials
+    Every trial fits the task's LightGBM estimator on the training matrix with early stopping on
+    the validation matrix, and is scored by the task's :data:`OBJECTIVES` metric. The first
+    trial fits ``base_params`` exactly as given; later trials
     replace learning_rate, num_leaves, min_child_samples, subsample (with ``subsample_freq=1``),
     colsample_bytree and reg_lambda with values from a TPE sampler seeded by ``budget.seed``.
     ``n_estimators`` in ``base_params`` is the upper bound on boosting rounds.
@@ -140,16 +198,17 @@ def tune_lightgbm(
     Args:
         train_matrix: preprocessed training features (as the model pipeline's preprocessor
             outputs them).
-        train_labels: training labels, 0/1 with 1 for the positive class.
+        train_labels: training labels as the model learns them (see ``encode_target``).
         valid_matrix: preprocessed validation features, same columns as ``train_matrix``.
-        valid_labels: validation labels, 0/1 with 1 for the positive class.
+        valid_labels: validation labels, encoded like ``train_labels``.
         budget: the most trials, the timeout and the sampler seed.
-        base_params: ``LGBMClassifier`` keyword arguments; also what the winner is applied to.
+        base_params: LightGBM estimator keyword arguments; what the winner is applied to.
             Set ``random_state`` for reproducible trials.
         early_stopping_rounds: stop a trial's boosting after this many rounds without a gain
-            in validation AUC.
+            in the validation metric.
         on_trial: called with each trial's result as soon as the trial completes (for example
             to log it as a nested MLflow run).
+        task: ``binary``, ``multiclass`` or ``regression``.
 
     Returns:
         ``(best_params, results)``: ``base_params`` updated with the winning trial's searched
@@ -159,14 +218,16 @@ def tune_lightgbm(
         to the earlier trial, so the base parameters win unless beaten.
 
     Raises:
-        ValueError: if either label array lacks a class or ``early_stopping_rounds`` < 1.
+        ValueError: if either label array lacks a class (a distinct value for regression) or
+            ``early_stopping_rounds`` < 1.
 
     """
     if early_stopping_rounds < 1:
         raise ValueError(f"early_stopping_rounds must be at least 1, got {early_stopping_rounds}")
     train_labels, valid_labels = np.asarray(train_labels), np.asarray(valid_labels)
-    _check_labels(train_labels, "training")
-    _check_labels(valid_labels, "validation")
+    _check_labels(train_labels, "training", task)
+    _check_labels(valid_labels, "validation", task)
+    objective_spec = OBJECTIVES[task]
     baseline = _baseline_values(base_params)
     results: dict[int, TrialResult] = {}
 
@@ -181,16 +242,16 @@ def tune_lightgbm(
         # One thread per fit: trials are small, and on few cores LightGBM's threads fight each
         # other (and the caller), making a trial many times slower. verbose=-1 only mutes
         # LightGBM's per-fit warnings; neither changes the parameters reported for the trial.
-        estimator = lightgbm.LGBMClassifier(**(params | {"n_jobs": 1, "verbose": -1}))
+        estimator = lightgbm_estimator(task, params | {"n_jobs": 1, "verbose": -1})
         started = time.perf_counter()
         estimator.fit(
             train_matrix,
             train_labels,
             eval_X=(valid_matrix,),
             eval_y=(valid_labels,),
-            eval_metric="auc",
-            # AUC is listed first, and only it decides stopping, so the kept iteration is the
-            # one with the best validation AUC rather than the best log loss.
+            eval_metric=objective_spec.lightgbm_metric,
+            # The objective's metric is listed first, and only it decides stopping, so the kept
+            # iteration is the one with the best validation score on that metric.
             callbacks=[
                 lightgbm.early_stopping(
                     early_stopping_rounds, first_metric_only=True, verbose=False
@@ -200,18 +261,17 @@ def tune_lightgbm(
         best_iteration = int(
             estimator.best_iteration_ or params.get("n_estimators", _LIGHTGBM_DEFAULT_ROUNDS)
         )
-        # Scored as the candidate comparison scores models (scikit-learn's AUC on predicted
-        # probabilities, at the best iteration), so the numbers agree across the platform.
-        probability = estimator.predict_proba(valid_matrix, num_iteration=best_iteration)[:, 1]
-        valid_auc = float(roc_auc_score(valid_labels, probability))
+        # Scored as the candidate comparison scores models (scikit-learn's metric at the best
+        # iteration), so the numbers agree across the platform.
+        valid_score = objective_spec.score(valid_labels, estimator, valid_matrix, best_iteration)
         results[trial.number] = TrialResult(
             number=trial.number,
             params=dict(params),
-            valid_auc=valid_auc,
+            valid_score=valid_score,
             best_iteration=best_iteration,
             seconds=time.perf_counter() - started,
         )
-        return valid_auc
+        return valid_score
 
     def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if on_trial is not None and trial.number in results:
@@ -227,7 +287,8 @@ def tune_lightgbm(
     # other users of Optuna in the process keep their setting.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction="maximize", sampler=sampler)
+        direction = "maximize" if objective_spec.maximize else "minimize"
+        study = optuna.create_study(direction=direction, sampler=sampler)
         study.enqueue_trial(baseline, user_attrs={_BASELINE_ATTR: True})
         study.optimize(
             objective, n_trials=budget.trials, timeout=budget.timeout_s, callbacks=[report]
@@ -236,6 +297,7 @@ def tune_lightgbm(
         optuna.logging.set_verbosity(previous_verbosity)
 
     ordered = [results[number] for number in sorted(results)]
-    # max() keeps the first of equal scores, so a tie never displaces the base parameters.
-    best = max(ordered, key=lambda result: result.valid_auc)
+    # max()/min() keep the first of equal scores, so a tie never displaces the base parameters.
+    pick = max if objective_spec.maximize else min
+    best = pick(ordered, key=lambda result: result.valid_score)
     return best.params | {"n_estimators": best.best_iteration}, ordered

@@ -37,7 +37,7 @@ def test_definitions_load_with_groups_kinds_and_descriptions():
         assert specs[name].owners
     assert graph.get(dg.AssetKey("model_endpoint")).parent_keys == {dg.AssetKey("champion_model")}
     blocking = {key.name for key in graph.asset_check_keys if graph.get(key).blocking}
-    assert {"schema", "target_is_binary", "promotion_gate"} <= blocking
+    assert {"schema", "target_is_usable", "promotion_gate"} <= blocking
 
 
 def test_retrain_job_covers_the_whole_graph():

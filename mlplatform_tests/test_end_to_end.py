@@ -113,7 +113,7 @@ def _bad_data(kind: str, directory: Path) -> str:
     [
         ("missing_target", "schema"),
         ("all_null_column", "no_empty_columns"),
-        ("one_class_target", "target_is_binary"),
+        ("one_class_target", "target_is_usable"),
         ("wrong_file", "schema"),
     ],
 )

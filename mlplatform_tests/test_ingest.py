@@ -1,4 +1,5 @@
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -6,7 +7,7 @@ from mlplatform.defs.ingest import (
     check_enough_rows,
     check_no_empty_columns,
     check_schema,
-    check_target_is_binary,
+    check_target_is_usable,
     data_version,
     raw_data,
 )
@@ -32,7 +33,7 @@ def test_checks_pass_on_good_data(frame):
     results = [
         check_schema(frame, "defaulted"),
         check_no_empty_columns(frame, 0.9),
-        check_target_is_binary(frame, "defaulted"),
+        check_target_is_usable(frame, "defaulted"),
         check_enough_rows(frame, 200),
     ]
     assert all(result.passed for result in results)
@@ -52,18 +53,31 @@ def test_empty_column_check_names_the_column(frame):
 
 
 @pytest.mark.parametrize(
-    ("labels", "message"),
+    ("labels", "task", "message"),
     [
-        ([1] * 300, "1 distinct labels"),
-        ([0, 1, 2] * 100, "3 distinct labels"),
-        ([0, None] * 150, "150 rows have no label"),
+        ([1] * 300, None, "constant"),
+        ([0, 1, 2] * 100, "binary", "3 distinct values"),
+        ([0, None] * 150, None, "150 missing values"),
+        (["a", "b"] * 148 + ["c"] * 4, None, "classes with fewer than 10 rows: c (4)"),
+        (["a", "b", "c"] * 100, "regression", "not numeric"),
     ],
 )
-def test_target_check_fails_on_bad_labels(frame, labels, message):
+def test_target_check_fails_on_bad_labels(frame, labels, task, message):
     frame["defaulted"] = labels
-    result = check_target_is_binary(frame, "defaulted")
+    result = check_target_is_usable(frame, "defaulted", task)
     assert not result.passed
     assert message in result.description
+
+
+@pytest.mark.parametrize(
+    ("labels", "task"),
+    [([0, 1, 2] * 100, "multiclass"), (np.linspace(0, 1, 300), "regression")],
+)
+def test_target_check_accepts_multiclass_and_regression_targets(frame, labels, task):
+    frame["defaulted"] = labels
+    result = check_target_is_usable(frame, "defaulted")
+    assert result.passed
+    assert result.metadata["task"].value == task
 
 
 def test_row_count_check(frame):
@@ -129,7 +143,7 @@ def test_materialize_raw_data_records_version_and_checks(small_loans_csv):
     assert {c.check_name for c in checks} == {
         "schema",
         "no_empty_columns",
-        "target_is_binary",
+        "target_is_usable",
         "enough_rows",
     }
     assert all(c.passed for c in checks)
@@ -146,4 +160,4 @@ def test_materialize_raw_data_fails_its_check_on_one_class_target(tmp_path):
     )
     assert not result.success
     failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
-    assert [c.check_name for c in failed] == ["target_is_binary"]
+    assert [c.check_name for c in failed] == ["target_is_usable"]

@@ -85,7 +85,7 @@ def test_classification_metrics_equal_sklearn():
     assert list(metrics) == list(METRIC_NAMES)
     assert metrics == pytest.approx(expected, abs=1e-12)
     assert all(isinstance(value, float) for value in metrics.values())
-    assert {"log_loss", "brier"} == LOWER_IS_BETTER
+    assert {"log_loss", "brier", "rmse", "mae"} == LOWER_IS_BETTER
 
 
 def test_classification_metrics_with_a_single_class():

@@ -58,11 +58,11 @@ def test_infer_classes_prefers_positive_tokens_then_minority():
     ("labels", "message"),
     [
         ([1, 2, 3, 1], "3 distinct values"),
-        ([1, 1, 1], "1 distinct values"),
+        ([1, 1, 1], "constant"),
         ([1, None, 0], "missing"),
     ],
 )
-def test_infer_classes_rejects_non_binary_targets(labels, message):
+def test_infer_classes_rejects_targets_unfit_for_binary(labels, message):
     with pytest.raises(DataError, match=message):
         infer_classes(pd.Series(labels, name="y"))
 

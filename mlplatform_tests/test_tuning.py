@@ -102,10 +102,10 @@ def test_first_trial_fits_the_base_params_as_given(tuned):
 
 def test_the_winner_has_the_best_auc_and_never_loses_to_the_base_params(tuned):
     best_params, results, _ = tuned
-    best = max(results, key=lambda result: result.valid_auc)
-    assert best.valid_auc == max(result.valid_auc for result in results)
-    assert best.valid_auc >= results[0].valid_auc
-    assert all(0.5 < result.valid_auc <= 1.0 for result in results)
+    best = max(results, key=lambda result: result.valid_score)
+    assert best.valid_score == max(result.valid_score for result in results)
+    assert best.valid_score >= results[0].valid_score
+    assert all(0.5 < result.valid_score <= 1.0 for result in results)
     for name in SEARCHED_PARAMS:
         assert best_params.get(name) == best.params.get(name)
     # Parameters outside the search are the caller's.
@@ -114,7 +114,7 @@ def test_the_winner_has_the_best_auc_and_never_loses_to_the_base_params(tuned):
 
 def test_best_params_carry_the_winning_best_iteration(tuned, matrices):
     best_params, results, _ = tuned
-    best = max(results, key=lambda result: result.valid_auc)
+    best = max(results, key=lambda result: result.valid_score)
     assert best_params["n_estimators"] == best.best_iteration
     assert 1 <= best.best_iteration <= BASE_PARAMS["n_estimators"]
     # Refitting with exactly that many rounds and no early stopping reproduces the winner.
@@ -122,7 +122,7 @@ def test_best_params_carry_the_winning_best_iteration(tuned, matrices):
     model = lightgbm.LGBMClassifier(**(best_params | {"n_jobs": 1}))
     model.fit(train_matrix, train_labels)
     auc = roc_auc_score(valid_labels, model.predict_proba(valid_matrix)[:, 1])
-    assert math.isclose(auc, best.valid_auc, abs_tol=1e-9)
+    assert math.isclose(auc, best.valid_score, abs_tol=1e-9)
 
 
 def test_on_trial_is_called_once_per_trial_in_order(tuned):
@@ -135,8 +135,8 @@ def test_the_same_seed_gives_the_same_search(tuned, matrices):
     best_params, results, _ = tuned
     again_params, again = tune(matrices, TuningBudget(TRIALS, GENEROUS, seed=3))
     assert again_params == best_params
-    assert [(r.params, r.valid_auc, r.best_iteration) for r in again] == [
-        (r.params, r.valid_auc, r.best_iteration) for r in results
+    assert [(r.params, r.valid_score, r.best_iteration) for r in again] == [
+        (r.params, r.valid_score, r.best_iteration) for r in results
     ]
 
 
@@ -144,7 +144,7 @@ def test_base_params_missing_searched_values_are_fitted_with_lightgbm_defaults(m
     base = {"n_estimators": 200, "random_state": 0, "verbose": -1}
     best_params, results = tune(matrices, TuningBudget(trials=2), base_params=base)
     assert results[0].params == base
-    assert best_params["n_estimators"] == max(results, key=lambda r: r.valid_auc).best_iteration
+    assert best_params["n_estimators"] == max(results, key=lambda r: r.valid_score).best_iteration
 
 
 def test_optuna_verbosity_is_left_as_it_was(matrices):

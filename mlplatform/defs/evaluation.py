@@ -12,10 +12,11 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from mlplatform import reporting
+from mlplatform import reporting, tasks
 from mlplatform.defs.features import FeatureSet
 from mlplatform.defs.training import CHAMPION_ALIAS, ModelRef, code_lineage
 from mlplatform.resources import MlflowTracking
@@ -49,7 +50,7 @@ class EvaluationReport:
     champion_metrics: dict[str, float] | None
     champion_note: str
     test_rows: int
-    threshold: float
+    threshold: float | None
     gate: GateDecision | None = None
     challenger_intervals: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     champion_intervals: dict[str, dict[str, float]] | None = None
@@ -57,14 +58,21 @@ class EvaluationReport:
     fairness_gaps: dict[str, float] = dataclasses.field(default_factory=dict)
     fairness_metric: str = "tpr"
     model_card: str = ""
+    task: str = "binary"
 
 
 class PromotionGateConfig(dg.Config):
     """Bounds a challenger must meet to become champion, and how the report is computed."""
 
-    gate_metric: str = Field(default="roc_auc", description="Test metric the gate compares.")
-    min_score: float = Field(
-        default=0.6, description="Absolute floor (ceiling for losses) on the gate metric."
+    gate_metric: str = Field(
+        default="",
+        description="Test metric the gate compares; empty = the task's default (roc_auc for "
+        "binary, macro one-vs-rest roc_auc for multiclass, r2 for regression).",
+    )
+    min_score: float | None = Field(
+        default=None,
+        description="Absolute floor (ceiling for losses) on the gate metric; empty = the task's "
+        "default (0.6 for roc_auc, 0.0 for r2).",
     )
     tolerance: float = Field(
         default=0.01,
@@ -78,13 +86,17 @@ class PromotionGateConfig(dg.Config):
     fairness_flag: float = Field(
         default=0.2, description="Gaps above this are flagged in the report and the model card."
     )
-    fairness_metric: str = Field(default="tpr", description="Slice metric compared: tpr or fpr.")
+    fairness_metric: str = Field(
+        default="",
+        description="Slice metric compared; empty = the task's default (tpr for binary, "
+        "accuracy for multiclass, mae for regression).",
+    )
     slice_numeric_bins: dict[str, int] = Field(
         default_factory=dict, description="Numeric features to slice, with their quantile bins."
     )
     min_slice_rows: int = Field(default=30, description="Slices with fewer rows are only flagged.")
     min_slice_positives: int = Field(
-        default=20, description="Slices with fewer positive rows are only flagged."
+        default=20, description="Binary: slices with fewer positive rows are only flagged."
     )
     bootstrap_resamples: int = Field(default=400, description="Bootstrap resamples for intervals.")
     confidence: float = Field(default=0.95, description="Confidence level of the intervals.")
@@ -98,20 +110,24 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
     the tolerance. Without a paired interval (no comparable champion) only the floor and the
     fairness bound apply.
     """
-    metric = config.gate_metric
+    profile = tasks.PROFILES[report.task]
+    metric = config.gate_metric or profile.gate_metric
     if metric not in report.challenger_metrics:
         known = sorted(report.challenger_metrics)
         raise ValueError(f"unknown gate metric '{metric}'; choose one of {known}")
     lower_is_better = metric in reporting.LOWER_IS_BETTER
+    floor = profile.gate_floor if config.min_score is None else config.min_score
+    if config.gate_metric and config.min_score is None and metric != profile.gate_metric:
+        raise ValueError(f"set min_score for the gate metric '{metric}'")
     score = report.challenger_metrics[metric]
     champion_score = report.champion_metrics[metric] if report.champion_metrics else None
 
     def verdict(passed: bool, reason: str) -> GateDecision:
         return GateDecision(passed, reason, metric, score, champion_score)
 
-    if (score > config.min_score) if lower_is_better else (score < config.min_score):
+    if not (score <= floor if lower_is_better else score >= floor):
         bound = "ceiling" if lower_is_better else "floor"
-        return verdict(False, f"test {metric} {score:.4f} misses the {bound} of {config.min_score}")
+        return verdict(False, f"test {metric} {score:.4f} misses the {bound} of {floor}")
     worst_gap = max(report.fairness_gaps.items(), key=lambda item: item[1], default=None)
     if worst_gap and worst_gap[1] > config.max_fairness_gap:
         return verdict(
@@ -122,7 +138,7 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
     if champion_score is None or not report.difference:
         return verdict(
             True,
-            f"test {metric} {score:.4f} clears {config.min_score}; "
+            f"test {metric} {score:.4f} clears {floor}; "
             f"no comparable champion ({report.champion_note})",
         )
     diff = report.difference[metric]
@@ -181,6 +197,45 @@ def _time_range(feature_set: FeatureSet) -> str | None:
     return f"{stamps.min():%Y-%m-%d} to {stamps.max():%Y-%m-%d}"
 
 
+def _task_description(feature_set: FeatureSet, threshold: float | None) -> tuple[str, str]:
+    """``(task, intended use)`` sentences for the model card."""
+    spec = feature_set.spec
+    scope = "Not for populations or periods the training data does not cover."
+    if spec.task == "binary":
+        return (
+            f"binary classification of '{spec.target}' (positive class: {spec.positive_class})",
+            f"Scores the probability that '{spec.target}' is {spec.positive_class} for records "
+            f"shaped like the training data; predictions at the decision threshold "
+            f"{threshold:.3f}. {scope}",
+        )
+    if spec.task == "multiclass":
+        classes = ", ".join(map(str, spec.classes))
+        return (
+            f"multiclass classification of '{spec.target}' ({len(spec.classes)} classes: "
+            f"{classes})",
+            f"Gives the probability of each class of '{spec.target}' for records shaped like the "
+            f"training data; the prediction is the most probable class. {scope}",
+        )
+    return (
+        f"regression of '{spec.target}'",
+        f"Predicts the value of '{spec.target}' for records shaped like the training data. {scope}",
+    )
+
+
+def _target_summary(feature_set: FeatureSet) -> dict[str, float]:
+    """Class shares of the training labels, or the target's distribution for regression."""
+    spec, labels = feature_set.spec, feature_set.labels("train")
+    if spec.task == "regression":
+        return {
+            "mean": float(np.mean(labels)),
+            "std": float(np.std(labels)),
+            "min": float(np.min(labels)),
+            "max": float(np.max(labels)),
+        }
+    shares = np.bincount(labels, minlength=len(spec.classes)) / max(len(labels), 1)
+    return {str(label): float(share) for label, share in zip(spec.classes, shares, strict=True)}
+
+
 def build_model_card(
     report: EvaluationReport,
     feature_set: FeatureSet,
@@ -190,31 +245,26 @@ def build_model_card(
 ) -> str:
     """The challenger's model card (Markdown): data, features, metrics, slices, lineage."""
     spec = feature_set.spec
-    train_labels = feature_set.labels("train")
     limitations = reporting.known_limitations(slices, report.fairness_gaps, config.fairness_flag)
     if feature_set.time_ordered:
         limitations.append(
             "Evaluated on the most recent rows; accuracy on older or future periods may differ."
         )
+    task, intended_use = _task_description(feature_set, report.threshold)
     return reporting.render_model_card(
         {
             "model_name": report.challenger.name,
             "model_version": report.challenger.version,
-            "task": f"binary classification of '{spec.target}' "
-            f"(positive class: {spec.positive_class})",
-            "intended_use": f"Scores the probability that '{spec.target}' is "
-            f"{spec.positive_class} for records shaped like the training data; predictions at "
-            f"the decision threshold {report.threshold:.3f}. Not for populations or periods "
-            "the training data does not cover.",
+            "task": task,
+            "intended_use": intended_use,
             "training_data": {
                 "source": feature_set.source_uri,
                 "data_version": feature_set.data_version,
                 "rows": len(feature_set.train),
                 "time_range": _time_range(feature_set),
-                "class_balance": {
-                    str(spec.classes[1]): float(train_labels.mean()),
-                    str(spec.classes[0]): float(1 - train_labels.mean()),
-                },
+                "class_balance" if spec.is_classification else "target": _target_summary(
+                    feature_set
+                ),
             },
             "features": dict(spec.features),
             "dropped": dict(spec.dropped),
@@ -224,7 +274,7 @@ def build_model_card(
             "slices": slices.to_dict("records"),
             "fairness_gaps": report.fairness_gaps,
             "fairness_bound": config.fairness_flag,
-            "fairness_metric": config.fairness_metric,
+            "fairness_metric": report.fairness_metric,
             "limitations": limitations,
             "lineage": lineage,
         }
@@ -271,14 +321,16 @@ def evaluation_report(
     mlflow_tracking: MlflowTracking,
 ):
     """Challenger vs champion on the test split: intervals, plots, slices, model card, gate."""
+    spec = features.spec
+    task, profile = spec.task, tasks.PROFILES[spec.task]
     labels, inputs = features.labels("test"), features.inputs("test")
     challenger = load_tabular_model(candidate_model)
-    probability = challenger.positive_probability(inputs)
+    scores = challenger.scores(inputs)
     threshold = challenger.threshold
     boot = {"n_resamples": config.bootstrap_resamples, "confidence": config.confidence}
 
     champion_version = mlflow_tracking.version_by_alias(CHAMPION_ALIAS)
-    champion, champion_probability, champion_threshold = None, None, 0.5
+    champion, champion_scores, champion_threshold = None, None, None
     note = "no champion yet"
     if champion_version is not None:
         champion = ModelRef(
@@ -287,76 +339,83 @@ def evaluation_report(
             mlflow_run_id=champion_version.run_id,
             algorithm=champion_version.tags.get("algorithm", "unknown"),
         )
-        try:
-            serving_model = load_tabular_model(champion)
-            champion_probability = serving_model.positive_probability(inputs)
-            champion_threshold = serving_model.threshold
-            note = f"champion v{champion.version} scored on the same test split"
-        except DataError as error:
-            note = f"champion v{champion.version} cannot score this data ({error})"
+        serving_model = load_tabular_model(champion)
+        if serving_model.spec.task != task or serving_model.spec.classes != spec.classes:
+            note = (
+                f"champion v{champion.version} answers a different task "
+                f"({serving_model.spec.task}, classes {list(serving_model.spec.classes)})"
+            )
             context.log.warning(note)
+        else:
+            try:
+                champion_scores = serving_model.scores(inputs)
+                champion_threshold = serving_model.threshold
+                note = f"champion v{champion.version} scored on the same test split"
+            except DataError as error:
+                note = f"champion v{champion.version} cannot score this data ({error})"
+                context.log.warning(note)
 
-    slices = reporting.slice_metrics(
+    slices = tasks.task_slices(
+        task,
         inputs,
         labels,
-        probability,
+        scores,
         threshold,
-        categorical=features.spec.columns_of("categorical") + features.spec.columns_of("boolean"),
+        categorical=spec.columns_of("categorical") + spec.columns_of("boolean"),
         numeric_bins=config.slice_numeric_bins,
         min_rows=config.min_slice_rows,
     )
-    # A rate over a handful of positives is noise, not a fairness signal: such slices are only
-    # listed (and flagged in the card), like slices with few rows.
-    positives = slices["count"] * slices["positive_rate"]
-    slices["small"] = slices["small"] | (positives.round() < config.min_slice_positives)
-    gaps = reporting.fairness_gaps(slices, config.fairness_metric)
-    compared = champion_probability is not None
+    if task == "binary":
+        # A rate over a handful of positives is noise, not a fairness signal: such slices are
+        # only listed (and flagged in the card), like slices with few rows.
+        positives = slices["count"] * slices["positive_rate"]
+        slices["small"] = slices["small"] | (positives.round() < config.min_slice_positives)
+    fairness_metric = config.fairness_metric or profile.fairness_metric
+    gaps = reporting.fairness_gaps(slices, fairness_metric)
+    compared = champion_scores is not None
     report = EvaluationReport(
         challenger=candidate_model,
-        challenger_metrics=reporting.classification_metrics(labels, probability, threshold),
+        challenger_metrics=tasks.task_metrics(task, labels, scores, threshold),
         champion=champion,
-        champion_metrics=reporting.classification_metrics(
-            labels, champion_probability, champion_threshold
-        )
+        champion_metrics=tasks.task_metrics(task, labels, champion_scores, champion_threshold)
         if compared
         else None,
         champion_note=note,
         test_rows=len(labels),
         threshold=threshold,
         challenger_intervals=_intervals(
-            reporting.bootstrap_metrics(labels, probability, threshold, **boot)
+            tasks.task_bootstrap(task, labels, scores, threshold, **boot)
         ),
         champion_intervals=_intervals(
-            reporting.bootstrap_metrics(labels, champion_probability, champion_threshold, **boot)
+            tasks.task_bootstrap(task, labels, champion_scores, champion_threshold, **boot)
         )
         if compared
         else None,
         difference=_intervals(
-            reporting.paired_difference(
-                labels, probability, champion_probability, threshold, champion_threshold, **boot
+            tasks.task_paired_difference(
+                task, labels, scores, champion_scores, threshold, champion_threshold, **boot
             )
         )
         if compared
         else None,
         fairness_gaps=gaps,
-        fairness_metric=config.fairness_metric,
+        fairness_metric=fairness_metric,
+        task=task,
     )
     report = dataclasses.replace(report, gate=decide_promotion(report, config))
 
     importance, method = reporting.feature_importance(challenger, inputs, labels)
-    curves = {f"challenger v{candidate_model.version}": probability}
+    curves = {f"challenger v{candidate_model.version}": scores}
     if compared and champion:
-        curves[f"champion v{champion.version}"] = champion_probability
-    negative, positive = features.spec.classes
-    plots = {
-        "roc": reporting.plot_roc(labels, curves),
-        "precision_recall": reporting.plot_precision_recall(labels, curves),
-        "calibration": reporting.plot_calibration(labels, curves),
-        "confusion_matrix": reporting.plot_confusion_matrix(
-            labels, (probability >= threshold).astype(int), (str(negative), str(positive))
-        ),
-        "feature_importance": reporting.plot_feature_importance(importance),
-    }
+        curves[f"champion v{champion.version}"] = champion_scores
+    plots = tasks.task_plots(
+        task,
+        labels,
+        curves,
+        tasks.predicted_classes(task, scores, threshold) if spec.is_classification else None,
+        [str(label) for label in spec.classes],
+        importance,
+    )
     lineage = {
         "dagster_run_id": context.run_id,
         "mlflow_run_id": candidate_model.mlflow_run_id,
@@ -380,7 +439,8 @@ def evaluation_report(
             "challenger_version": candidate_model.version,
             "champion_version": champion.version if champion else "none",
             "test_rows": len(labels),
-            "threshold": round(threshold, 4),
+            "task": task,
+            "threshold": round(threshold, 4) if threshold is not None else "n/a",
             **{f"test_{k}": round(v, 4) for k, v in report.challenger_metrics.items()},
             "metrics": dg.MetadataValue.md(_metrics_table(report)),
             "gate": report.gate.reason,

@@ -70,48 +70,82 @@ def split_frame(
         train_end = round(n * (1 - n_holdout))
         valid_end = round(n * (1 - config.test_fraction))
         return ordered.iloc[:train_end], ordered.iloc[train_end:valid_end], ordered.iloc[valid_end:]
-    labels = frame[spec.target]
+    stratify = spec.is_classification
     train, holdout = train_test_split(
-        frame, test_size=n_holdout, random_state=config.seed, stratify=labels
+        frame,
+        test_size=n_holdout,
+        random_state=config.seed,
+        stratify=frame[spec.target] if stratify else None,
     )
     valid, test = train_test_split(
         holdout,
         test_size=config.test_fraction / n_holdout,
         random_state=config.seed,
-        stratify=holdout[spec.target],
+        stratify=holdout[spec.target] if stratify else None,
     )
     return train, valid, test
 
 
+def _binary_views(labels: np.ndarray, task: str) -> list[np.ndarray]:
+    """The target as 0/1 arrays a single feature can be ranked against.
+
+    Binary: the labels; multiclass: each class against the rest; regression: above the median.
+    """
+    if task == "binary":
+        return [labels]
+    if task == "multiclass":
+        return [(labels == k).astype(int) for k in np.unique(labels)]
+    return [(labels > np.median(labels)).astype(int)]
+
+
 def single_feature_auc(feature_set: FeatureSet) -> dict[str, float]:
-    """How well each feature alone ranks the training target (max of AUC and 1 - AUC)."""
+    """How well each feature alone ranks the training target (max of AUC and 1 - AUC).
+
+    For multiclass targets the best one-vs-rest AUC counts; for regression targets, the AUC
+    of separating values above the median from the rest.
+    """
     coerced = coerce_features(feature_set.inputs("train"), feature_set.spec)
-    labels = feature_set.labels("train")
+    views = _binary_views(feature_set.labels("train"), feature_set.spec.task)
     scores = {}
     for name in coerced.columns:
-        column = coerced[name]
-        if feature_set.spec.features[name] == "categorical":
-            column = column.map(pd.Series(labels, index=coerced.index).groupby(column).mean())
-        elif feature_set.spec.features[name] == "datetime":
-            column = column.map(lambda stamp: stamp.timestamp() if pd.notna(stamp) else np.nan)
-        values = pd.to_numeric(column, errors="coerce").astype(float)
-        known = values.notna().to_numpy()
-        if known.sum() < 10 or len(np.unique(labels[known])) < 2:
-            continue
-        auc = roc_auc_score(labels[known], values.to_numpy()[known])
-        scores[name] = round(float(max(auc, 1 - auc)), 4)
+        best = None
+        for labels in views:
+            column = coerced[name]
+            if feature_set.spec.features[name] == "categorical":
+                column = column.map(pd.Series(labels, index=coerced.index).groupby(column).mean())
+            elif feature_set.spec.features[name] == "datetime":
+                column = column.map(lambda stamp: stamp.timestamp() if pd.notna(stamp) else np.nan)
+            values = pd.to_numeric(column, errors="coerce").astype(float)
+            known = values.notna().to_numpy()
+            if known.sum() < 10 or len(np.unique(labels[known])) < 2:
+                continue
+            auc = roc_auc_score(labels[known], values.to_numpy()[known])
+            best = max(best or 0.0, float(max(auc, 1 - auc)))
+        if best is not None:
+            scores[name] = round(best, 4)
     return scores
 
 
 def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
-    """Every split is non-empty with both classes; chronological splits do not overlap in time."""
+    """Every split is non-empty and varied, training holds every class, and time is in order.
+
+    Chronological splits must not overlap in time.
+    """
     problems = []
+    spec = feature_set.spec
     for split in SPLITS:
         labels = feature_set.labels(split)
         if len(labels) == 0:
             problems.append(f"{split} is empty")
         elif len(np.unique(labels)) < 2:
-            problems.append(f"{split} has a single class")
+            kind = "value" if spec.task == "regression" else "class"
+            problems.append(f"{split} has a single {kind}")
+    if spec.task == "multiclass" and not problems:
+        missing = set(range(len(spec.classes))) - set(np.unique(feature_set.labels("train")))
+        if missing:
+            problems.append(
+                "train lacks classes " + ", ".join(str(spec.classes[k]) for k in sorted(missing))
+            )
     if feature_set.time_ordered and not problems:
         column = feature_set.spec.time_column
         stamps = {
@@ -126,7 +160,7 @@ def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name="split_sanity",
         passed=not problems,
-        description="; ".join(problems) or "all splits non-empty with both classes",
+        description="; ".join(problems) or "all splits non-empty and varied",
         metadata={f"{split}_rows": len(getattr(feature_set, split)) for split in SPLITS},
     )
 
@@ -145,6 +179,22 @@ def check_leakage(feature_set: FeatureSet, max_auc: float) -> dg.AssetCheckResul
         ),
         metadata={"single_feature_auc": dg.MetadataValue.json(scores)},
     )
+
+
+def _target_balance(feature_set: FeatureSet) -> dict[str, dict[str, float]]:
+    """Per split: class shares (classification) or the target's mean and spread (regression)."""
+    spec, balance = feature_set.spec, {}
+    for split in SPLITS:
+        labels = feature_set.labels(split)
+        if spec.task == "regression":
+            balance[split] = {"mean": float(labels.mean()), "std": float(labels.std())}
+        else:
+            shares = np.bincount(labels, minlength=len(spec.classes)) / max(len(labels), 1)
+            balance[split] = {
+                str(label): round(float(share), 4)
+                for label, share in zip(spec.classes, shares, strict=True)
+            }
+    return balance
 
 
 def _spec_table(spec: FeatureSpec) -> str:
@@ -170,7 +220,10 @@ def features(
 ):
     """Feature spec (inferred types, dropped columns) and the train/valid/test split."""
     spec = infer_feature_spec(
-        raw_data, data_source.resolved_target(), data_source.resolved_time_column()
+        raw_data,
+        data_source.resolved_target(),
+        data_source.resolved_time_column(),
+        data_source.resolved_task(),
     )
     for name, reason in spec.dropped.items():
         context.log.info(f"dropping column '{name}': {reason}")
@@ -184,16 +237,16 @@ def features(
         time_ordered=spec.time_column is not None,
         source_uri=data_source.resolved_uri(),
     )
-    balance = {split: round(float(feature_set.labels(split).mean()), 4) for split in SPLITS}
     yield dg.Output(
         feature_set,
         metadata={
             **{f"{split}_rows": len(getattr(feature_set, split)) for split in SPLITS},
-            "positive_class": str(spec.positive_class),
-            "positive_rate": dg.MetadataValue.json(balance),
+            "task": spec.task,
+            "target_balance": dg.MetadataValue.json(_target_balance(feature_set)),
             "split": "chronological by " + spec.time_column
             if spec.time_column
-            else f"stratified, seed {config.seed}",
+            else f"random, seed {config.seed}"
+            + (", stratified by the target" if spec.is_classification else ""),
             "features": dg.MetadataValue.md(_spec_table(spec)),
             "data_version": feature_set.data_version,
         },

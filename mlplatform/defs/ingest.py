@@ -7,8 +7,9 @@ import pandas as pd
 from pydantic import Field
 
 from mlplatform.resources import DataSource
+from mlplatform.tabular import DataError, infer_task
 
-RAW_DATA_CHECKS = ("schema", "no_empty_columns", "target_is_binary", "enough_rows")
+RAW_DATA_CHECKS = ("schema", "no_empty_columns", "target_is_usable", "enough_rows")
 
 
 class RawDataConfig(dg.Config):
@@ -18,6 +19,9 @@ class RawDataConfig(dg.Config):
     max_null_share: float = Field(
         default=0.9,
         description="A column with a larger share of missing values fails the data check.",
+    )
+    min_class_rows: int = Field(
+        default=10, description="Classification: fewest rows of each class worth training on."
     )
 
 
@@ -75,31 +79,49 @@ def check_no_empty_columns(frame: pd.DataFrame, max_null_share: float) -> dg.Ass
     )
 
 
-def check_target_is_binary(frame: pd.DataFrame, target: str) -> dg.AssetCheckResult:
-    """The target has no missing values and exactly two classes."""
+def check_target_is_usable(
+    frame: pd.DataFrame, target: str, task: str | None = None, min_class_rows: int = 10
+) -> dg.AssetCheckResult:
+    """The target has no missing values and suits the task (inferred unless requested).
+
+    Binary needs exactly two classes, multiclass 3 to 50, regression numeric values; for
+    classification every class needs ``min_class_rows`` rows, or it cannot reach every split.
+    """
     if target not in frame.columns:
         return dg.AssetCheckResult(
-            check_name="target_is_binary",
+            check_name="target_is_usable",
             passed=False,
             description=f"target column '{target}' is missing",
         )
     labels = frame[target]
+    problems, resolved = [], None
+    try:
+        resolved = infer_task(labels, task)
+    except DataError as error:
+        problems.append(str(error))
     counts = labels.value_counts()
-    problems = []
-    if labels.isna().any():
-        problems.append(f"{int(labels.isna().sum())} rows have no label")
-    if len(counts) != 2:
-        problems.append(
-            f"{len(counts)} distinct labels ({', '.join(map(str, counts.index[:5]))}); "
-            "binary classification needs exactly two"
+    if resolved in ("binary", "multiclass"):
+        rare = counts[counts < min_class_rows]
+        if not rare.empty:
+            problems.append(
+                "classes with fewer than "
+                f"{min_class_rows} rows: "
+                + ", ".join(f"{label} ({count})" for label, count in rare.items())
+            )
+    metadata: dict = {"task": resolved or "none"}
+    if resolved == "regression":
+        metadata["target_summary"] = dg.MetadataValue.json(
+            {k: float(v) for k, v in labels.describe().items()}
+        )
+    else:
+        metadata["class_counts"] = dg.MetadataValue.json(
+            {str(k): int(v) for k, v in counts.head(50).items()}
         )
     return dg.AssetCheckResult(
-        check_name="target_is_binary",
+        check_name="target_is_usable",
         passed=not problems,
-        description="; ".join(problems) or "two classes, no missing labels",
-        metadata={
-            "class_counts": dg.MetadataValue.json({str(k): int(v) for k, v in counts.items()})
-        },
+        description="; ".join(problems) or f"{resolved} target, no missing labels",
+        metadata=metadata,
     )
 
 
@@ -151,5 +173,5 @@ def raw_data(context: dg.AssetExecutionContext, config: RawDataConfig, data_sour
     )
     yield check_schema(frame, target)
     yield check_no_empty_columns(frame, config.max_null_share)
-    yield check_target_is_binary(frame, target)
+    yield check_target_is_usable(frame, target, data_source.resolved_task(), config.min_class_rows)
     yield check_enough_rows(frame, config.min_rows)

@@ -8,16 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import lightgbm
 import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import infer_signature
 from pydantic import Field
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 
-from mlplatform import reporting, tuning
+from mlplatform import reporting, tasks, tuning
 from mlplatform.defs.features import FeatureSet
 from mlplatform.resources import MlflowTracking
 from mlplatform.tabular import TabularModel, build_preprocessor, make_model_pipeline
@@ -58,11 +57,14 @@ class TrainingConfig(dg.Config):
         default=10, description="Hyperparameter search trials for LightGBM (1 = no search)."
     )
     tuning_timeout_s: float = Field(default=60.0, description="Time budget of the search.")
-    logistic_c: float = Field(
-        default=1.0, description="Inverse L2 strength of the logistic baseline."
+    linear_regularization: float = Field(
+        default=1.0,
+        description="L2 strength of the linear baseline (logistic regression: 1/C; ridge: alpha).",
     )
     selection_metric: str = Field(
-        default="roc_auc", description="Validation metric that picks the candidate."
+        default="",
+        description="Validation metric that picks the candidate; empty = the task's default "
+        "(roc_auc for binary, log_loss for multiclass, rmse for regression).",
     )
 
 
@@ -94,6 +96,7 @@ def train_lightgbm(
     budget = tuning.TuningBudget(
         trials=config.tuning_trials, timeout_s=config.tuning_timeout_s, seed=config.seed
     )
+    task = spec.task
     best_params, _ = tuning.tune_lightgbm(
         train_matrix,
         feature_set.labels("train"),
@@ -103,27 +106,39 @@ def train_lightgbm(
         base_params,
         early_stopping_rounds=config.early_stopping_rounds,
         on_trial=on_trial,
+        task=task,
     )
     # One thread per prediction call: serving predicts small batches, where threads add overhead.
-    estimator = lightgbm.LGBMClassifier(**best_params, verbose=-1, n_jobs=1)
+    estimator = tuning.lightgbm_estimator(task, best_params | {"verbose": -1, "n_jobs": 1})
     estimator.fit(train_matrix, feature_set.labels("train"))
     return make_model_pipeline(spec, preprocessor, estimator)
 
 
-def train_logistic(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
-    """The scikit-learn baseline: scaled, one-hot encoded logistic regression."""
+def train_linear(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
+    """The scikit-learn baseline on scaled, one-hot encoded inputs.
+
+    Logistic regression for classification (multinomial for several classes), ridge regression
+    for values.
+    """
     spec = feature_set.spec
-    pipeline = make_model_pipeline(
-        spec,
-        build_preprocessor(spec, for_trees=False),
-        LogisticRegression(C=config.logistic_c, max_iter=2000, random_state=config.seed),
-    )
+    if spec.is_classification:
+        estimator: Any = LogisticRegression(
+            C=1.0 / config.linear_regularization, max_iter=2000, random_state=config.seed
+        )
+    else:
+        estimator = Ridge(alpha=config.linear_regularization)
+    pipeline = make_model_pipeline(spec, build_preprocessor(spec, for_trees=False), estimator)
     return pipeline.fit(feature_set.inputs("train"), feature_set.labels("train"))
+
+
+def linear_algorithm_name(feature_set: FeatureSet) -> str:
+    """The baseline's name in the registry tags: sklearn_logistic or sklearn_ridge."""
+    return "sklearn_logistic" if feature_set.spec.is_classification else "sklearn_ridge"
 
 
 def select_best(scores: dict[str, dict[str, float]], metric: str) -> str:
     """The algorithm with the best validation ``metric`` (losses minimised, others maximised)."""
-    lower_is_better = metric in {"log_loss", "brier"}
+    lower_is_better = metric in reporting.LOWER_IS_BETTER
     ranked = sorted(scores, key=lambda name: scores[name][metric], reverse=not lower_is_better)
     return ranked[0]
 
@@ -168,36 +183,40 @@ def candidate_model(
     mlflow_tracking: MlflowTracking,
 ) -> dg.Output[ModelRef]:
     """The better of LightGBM and a scikit-learn baseline on validation, alias `challenger`."""
+    spec = features.spec
+    trial_metric = f"valid_{tuning.OBJECTIVES[spec.task].metric}"
 
     def log_trial(trial: tuning.TrialResult) -> None:
         """Each tuning trial is a nested MLflow run under this Dagster run's MLflow run."""
         with mlflow.start_run(run_name=f"lightgbm-trial-{trial.number}", nested=True):
             mlflow.log_params(trial.params)
             mlflow.log_metrics(
-                {"valid_roc_auc": trial.valid_auc, "best_iteration": trial.best_iteration}
+                {trial_metric: trial.valid_score, "best_iteration": trial.best_iteration}
             )
 
     pipelines = {
         "lightgbm": train_lightgbm(features, config, on_trial=log_trial),
-        "sklearn_logistic": train_logistic(features, config),
+        linear_algorithm_name(features): train_linear(features, config),
     }
+    labels = features.labels("valid")
     scores: dict[str, dict[str, float]] = {}
+    models: dict[str, TabularModel] = {}
     for algorithm, pipeline in pipelines.items():
-        probability = pipeline.predict_proba(features.inputs("valid"))[:, 1]
-        threshold = reporting.choose_threshold(features.labels("valid"), probability)
-        scores[algorithm] = reporting.classification_metrics(
-            features.labels("valid"), probability, threshold
-        ) | {"threshold": threshold}
+        model = TabularModel(
+            pipeline, spec, example_record=_example_record(features.inputs("train"))
+        )
+        valid_scores = model.scores(features.inputs("valid"))
+        if spec.task == "binary":
+            model.threshold = reporting.choose_threshold(labels, valid_scores)
+        scores[algorithm] = tasks.task_metrics(spec.task, labels, valid_scores, model.threshold)
+        if model.threshold is not None:
+            scores[algorithm]["threshold"] = model.threshold
+        models[algorithm] = model
         context.log.info(f"{algorithm}: validation {scores[algorithm]}")
-    best = select_best(scores, config.selection_metric)
-
-    spec = features.spec
-    model = TabularModel(
-        pipelines[best],
-        spec,
-        threshold=scores[best]["threshold"],
-        example_record=_example_record(features.inputs("train")),
+    best = select_best(
+        scores, config.selection_metric or tasks.PROFILES[spec.task].selection_metric
     )
+    model = models[best]
     # The signature keeps the data's own dtypes: integer columns without gaps stay integers, as
     # clients send them; the pipeline's FrameCoercer converts to training dtypes either way.
     sample = features.inputs("train").head(20)
@@ -209,6 +228,7 @@ def candidate_model(
     mlflow.log_params(
         {
             "algorithm": best,
+            "task": spec.task,
             "features": len(spec.features),
             "train_rows": len(features.train),
             **config.model_dump(),

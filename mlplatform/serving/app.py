@@ -54,8 +54,13 @@ class PredictResponse(BaseModel):
     request_id: str
     model_name: str
     model_version: str
-    predictions: list[Any] = Field(description="Predicted class label per record.")
-    probabilities: list[float] = Field(description="Positive-class probability per record.")
+    predictions: list[Any] = Field(
+        description="Per record: the predicted class label, or the predicted value (regression)."
+    )
+    probabilities: list[float] | list[dict[str, float]] | None = Field(
+        description="Per record: the positive-class probability (binary), a class -> "
+        "probability object (multiclass), or null for regression models."
+    )
 
 
 api = FastAPI(
@@ -155,7 +160,7 @@ class ModelEndpoint:
         },
     )
     async def predict(self, request: Request) -> dict[str, Any]:
-        """Predict class labels and positive-class probabilities for the posted records."""
+        """Predict the posted records: class labels with probabilities, or values."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
             raise _too_large(int(declared), self.settings.max_body_bytes)
@@ -169,8 +174,7 @@ class ModelEndpoint:
             "request_id": uuid.uuid4().hex,
             "model_name": self.model.name,
             "model_version": self.model.version,
-            "predictions": result["prediction"].tolist(),
-            "probabilities": result["probability"].tolist(),
+            **self.model.response_fields(result),
         }
 
     @api.get("/healthz")

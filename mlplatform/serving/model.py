@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from mlplatform.tabular import FeatureSpec, TabularModel
+from mlplatform.tabular import PROBABILITY_PREFIX, FeatureSpec, TabularModel
 
 MODEL_CARD_ARTIFACT = "model_card.md"
 """The model card's path in the MLflow run that produced the model version."""
@@ -31,8 +31,9 @@ class ModelCard:
     data_version: str | None
     metrics: dict[str, float]
     features: dict[str, str]
+    task: str
     classes: list[Any]
-    threshold: float
+    threshold: float | None
     example_record: dict[str, Any]
     loaded_at: float
 
@@ -52,8 +53,26 @@ class ServedModel:
         """The model's input contract."""
         return self.model.spec
 
+    def response_fields(self, result: pd.DataFrame) -> dict[str, Any]:
+        """``predictions`` and ``probabilities`` of a predict result, as the endpoint returns them.
+
+        Binary: the positive-class probability per record; multiclass: ``{class: probability}``
+        per record; regression: no probabilities (``None``).
+        """
+        predictions = result["prediction"].tolist()
+        if self.spec.task == "binary":
+            return {"predictions": predictions, "probabilities": result["probability"].tolist()}
+        if self.spec.task == "multiclass":
+            columns = [f"{PROBABILITY_PREFIX}{label}" for label in self.spec.classes]
+            names = [str(label) for label in self.spec.classes]
+            probabilities = [
+                dict(zip(names, row, strict=True)) for row in result[columns].to_numpy().tolist()
+            ]
+            return {"predictions": predictions, "probabilities": probabilities}
+        return {"predictions": predictions, "probabilities": None}
+
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Labels and positive-class probabilities for validated records."""
+        """Predictions (and probabilities for classifiers) for validated records."""
         return self.model.predict_frame(frame)
 
 
@@ -112,6 +131,7 @@ def load_served_model(model_uri: str, tracking_uri: str | None = None) -> Served
         data_version=model_version.tags.get("data_version"),
         metrics=dict(sorted(metrics.items())),
         features=dict(spec.features),
+        task=spec.task,
         classes=list(spec.classes),
         threshold=python_model.threshold,
         example_record=python_model.example_record,
