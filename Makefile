@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export MLPLATFORM_HOME ?= $(CURDIR)/.mlplatform
 export DAGSTER_HOME ?= $(MLPLATFORM_HOME)/dagster
 
-.PHONY: install run test ui stop lint format clean
+.PHONY: install run test ui stop demo-drift lint format clean
 
 install: $(BIN)/.installed
 
@@ -38,6 +38,10 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 ## stop: stop the local Ray head and the endpoint
 stop:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m mlplatform stop; fi
+
+## demo-drift: the self-healing loop with the real daemon, timed (records benchmarks/RESULTS.md)
+demo-drift: install
+	$(BIN)/python benchmarks/drift_loop.py
 
 lint: install
 	$(BIN)/ruff check .

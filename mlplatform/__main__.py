@@ -164,6 +164,33 @@ def show_lineage(model_name: str, version: str, as_json: bool = False) -> int:
     return 1 if lineage.problems else 0
 
 
+def simulate_traffic(args: argparse.Namespace) -> int:
+    """Send demo traffic; with drift, move the demo training data to the drifted population."""
+    from mlplatform.simulate import move_demo_source, simulate
+
+    settings = load_settings()
+    if not 0.0 <= args.drift <= 1.0:
+        print(f"--drift must be within [0, 1], got {args.drift}", file=sys.stderr)
+        return 2
+    if args.drift > 0 and settings.source is None:
+        path = move_demo_source(settings.data_dir / "demo" / "loans.csv", args.drift)
+        print(f"Demo training data moved to the drifted population (drift {args.drift}): {path}")
+    url = args.url or settings.endpoint_url
+    print(f"Sending {args.rate:g} requests/s for {args.duration:g} s to {url} ...")
+    report = simulate(
+        url,
+        rate=args.rate,
+        duration_s=args.duration,
+        drift=args.drift,
+        seed=args.seed,
+        batch_size=args.batch,
+        label_share=args.labels,
+        label_delay_s=args.label_delay,
+    )
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def _version(value: str) -> str:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"a model version is a number, got {value!r}")
@@ -194,7 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--version", required=True, type=_version, help="model version to trace")
     trace.add_argument("--model", default=None, help="registered model (default: the platform's)")
     trace.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    sim = commands.add_parser(
+        "simulate", help="send demo traffic (optionally drifted, with labels) to the endpoint"
+    )
+    sim.add_argument("--rate", type=float, default=20.0, help="requests per second (20)")
+    sim.add_argument("--duration", type=float, default=60.0, help="seconds to send (60)")
+    sim.add_argument(
+        "--drift", type=float, default=0.0, help="0-1: how far the population moved (0)"
+    )
+    sim.add_argument("--batch", type=int, default=1, help="records per request (1)")
+    sim.add_argument(
+        "--labels", type=float, default=0.0, help="share of requests to send true labels for (0)"
+    )
+    sim.add_argument("--label-delay", type=float, default=2.0, help="seconds before labels (2)")
+    sim.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    sim.add_argument("--url", default=None, help="endpoint URL (default: the platform's)")
     args = parser.parse_args(argv)
+    if args.command == "simulate":
+        return simulate_traffic(args)
     if args.command == "run":
         return run_pipeline()
     if args.command == "rollback":

@@ -1,42 +1,77 @@
-"""The platform's single entry point: every asset, check, job and resource."""
+"""The platform's single entry point: every asset, check, job, sensor and resource."""
 
 import dagster as dg
 
 from mlplatform.defs.evaluation import evaluation_report
 from mlplatform.defs.features import features, reference_profile
 from mlplatform.defs.ingest import raw_data
+from mlplatform.defs.monitoring import (
+    FRESHNESS_WINDOWS,
+    RETRAIN_JOB_NAME,
+    SENSORS,
+    drift_report,
+    freshness_policy,
+)
 from mlplatform.defs.registry import champion_model
 from mlplatform.defs.serving import model_endpoint
 from mlplatform.defs.training import candidate_model
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
 
-ASSETS = [
-    raw_data,
-    features,
-    reference_profile,
-    candidate_model,
-    evaluation_report,
-    champion_model,
-    model_endpoint,
-]
+
+def _with_freshness(spec: dg.AssetSpec) -> dg.AssetSpec:
+    name = spec.key.to_user_string()
+    if name not in FRESHNESS_WINDOWS:
+        return spec
+    return spec.replace_attributes(freshness_policy=freshness_policy(name))
+
+
+ASSETS = list(
+    dg.map_asset_specs(
+        _with_freshness,
+        [
+            raw_data,
+            features,
+            reference_profile,
+            candidate_model,
+            evaluation_report,
+            champion_model,
+            model_endpoint,
+            drift_report,
+        ],
+    )
+)
+
+# Run tags the queue limits in dagster.yaml act on: one retrain at a time, and one deployment of
+# the endpoint at a time (a rollback must not race a retrain's rolling update).
+RETRAIN_TAGS = {"mlplatform/workload": "retrain", "mlplatform/endpoint": "default"}
 
 retrain_job = dg.define_asset_job(
-    "retrain_job",
-    selection=dg.AssetSelection.assets(raw_data).downstream(),
+    RETRAIN_JOB_NAME,
+    selection=dg.AssetSelection.assets("raw_data").downstream()
+    - dg.AssetSelection.assets("drift_report"),
+    tags=RETRAIN_TAGS,
     description="Ingest, train, evaluate, promote through the gate and redeploy the endpoint.",
 )
 
 rollback_job = dg.define_asset_job(
     "rollback_job",
-    selection=dg.AssetSelection.assets(champion_model, model_endpoint),
+    selection=dg.AssetSelection.assets("champion_model", "model_endpoint"),
     config={"ops": {"champion_model": {"config": {"action": "rollback"}}}},
+    tags={"mlplatform/endpoint": "default"},
     description="Point `champion` back at an earlier version (set `version` and `reason`) "
     "and redeploy the endpoint.",
 )
 
+drift_report_job = dg.define_asset_job(
+    "drift_report_job",
+    selection=dg.AssetSelection.assets("drift_report"),
+    description="Compare the champion's live traffic with its training data now.",
+)
+
 defs = dg.Definitions(
     assets=ASSETS,
-    jobs=[retrain_job, rollback_job],
+    jobs=[retrain_job, rollback_job, drift_report_job],
+    sensors=SENSORS,
     resources={
         "data_source": DataSource(),
         "mlflow_tracking": MlflowTracking(),

@@ -22,7 +22,9 @@ EXPECTED_GROUPS = {
     "evaluation_report": "evaluation",
     "champion_model": "registry",
     "model_endpoint": "serving",
+    "drift_report": "monitoring",
 }
+RETRAIN_ASSETS = set(EXPECTED_GROUPS) - {"drift_report"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,11 +40,28 @@ def test_definitions_load_with_groups_kinds_and_descriptions():
     assert graph.get(dg.AssetKey("model_endpoint")).parent_keys == {dg.AssetKey("champion_model")}
     blocking = {key.name for key in graph.asset_check_keys if graph.get(key).blocking}
     assert {"schema", "target_is_usable", "promotion_gate"} <= blocking
+    assert "no_drift" not in blocking  # drift warns; the sensors act on it
+    for name in ("raw_data", "candidate_model"):
+        assert specs[name].freshness_policy is not None
+    sensors = {sensor.name for sensor in defs.sensors}
+    assert sensors == {"drift_sensor", "freshness_sensor", "run_failure_alert"}
 
 
-def test_retrain_job_covers_the_whole_graph():
+def test_instance_queue_admits_one_retrain_at_a_time(tmp_path):
+    home = tmp_path / "dagster"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        limits = instance.run_coordinator.get_run_queue_config().tag_concurrency_limits
+    retrain = next(limit for limit in limits if limit["key"] == "mlplatform/workload")
+    assert retrain == {"key": "mlplatform/workload", "value": "retrain", "limit": 1}
+    tags = defs.resolve_job_def("retrain_job").tags
+    assert tags["mlplatform/workload"] == "retrain"
+
+
+def test_retrain_job_covers_the_whole_graph_but_monitoring():
     job = defs.resolve_job_def("retrain_job")
-    assert {node.name for node in job.nodes} == set(EXPECTED_GROUPS)
+    assert {node.name for node in job.nodes} == RETRAIN_ASSETS
 
 
 def test_workspace_and_instance_files_load(tmp_path):

@@ -134,6 +134,7 @@ def test_health_model_card_and_docs(endpoint):
         "status": "ok",
         "model_name": "mlplatform",
         "model_version": "1",
+        "traffic": None,  # this test app is deployed without traffic profiling
     }
     card = httpx.get(f"{url}/model").json()
     assert card["model_uri"] == "models:/mlplatform/1"  # the alias was pinned to its version

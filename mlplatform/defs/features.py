@@ -1,6 +1,7 @@
 """Features: the feature spec, a deterministic train/valid/test split, and the drift baseline."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -12,7 +13,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from mlplatform.defs.ingest import data_version
+from mlplatform.drift import profile_frame_fast
 from mlplatform.resources import DataSource
+from mlplatform.serving.traffic import coerce_for_profile
 from mlplatform.settings import load_settings
 from mlplatform.tabular import FeatureSpec, coerce_features, encode_target, infer_feature_spec
 
@@ -257,12 +260,15 @@ def features(
 
 def profile_frame(frame: pd.DataFrame, spec: FeatureSpec) -> why.DatasetProfileView:
     """Whylogs profile of a frame's features (training dtypes) and target: a drift baseline."""
-    coerced = coerce_features(frame, spec)
-    for name in spec.columns_of("datetime"):
-        coerced[name] = coerced[name].dt.strftime("%Y-%m-%dT%H:%M:%S")
+    coerced = coerce_for_profile(frame, spec)  # as live traffic is profiled, so they compare
     if spec.target in frame.columns:
         coerced[spec.target] = encode_target(frame[spec.target], spec)
-    return why.log(pandas=coerced).profile().view()
+    return profile_frame_fast(coerced)
+
+
+def reference_sidecar(profile_path: Path) -> Path:
+    """The reference profile's description (task, classes, feature kinds), beside it as JSON."""
+    return profile_path.with_suffix(".json")
 
 
 @dg.asset(group_name="features", kinds={"whylogs"}, owners=["team:ml-platform"])
@@ -273,6 +279,17 @@ def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -
     directory.mkdir(parents=True, exist_ok=True)
     path = Path(directory, f"{features.data_version}.bin")
     view.write(str(path))
+    # What drift comparisons need to know about the columns, next to the profile.
+    reference_sidecar(path).write_text(
+        json.dumps(
+            {
+                "task": features.spec.task,
+                "classes": [str(label) for label in features.spec.classes],
+                "target": features.spec.target,
+                "features": dict(features.spec.features),
+            }
+        )
+    )
     summary = view.to_pandas()
     context.add_output_metadata(
         {

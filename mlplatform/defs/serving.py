@@ -15,6 +15,7 @@ from mlplatform.defs.training import ModelRef
 from mlplatform.resources import MlflowTracking, RayServe
 from mlplatform.serving.app import ServingSettings
 from mlplatform.serving.cluster import wait_until_serving
+from mlplatform.settings import load_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,12 @@ class EndpointConfig(dg.Config):
     max_p50_latency_ms: float = Field(
         default=250.0, description="Latency bound of the endpoint check."
     )
+    traffic_profiling: bool = Field(
+        default=True,
+        description="Profile live traffic with whylogs (for drift) and log predictions (for "
+        "POST /feedback) under the platform home.",
+    )
+    traffic_window_s: int = Field(default=60, description="Seconds per traffic profile.")
 
 
 def smoke_test(url: str, record: dict[str, Any], expected_version: str) -> dict[str, Any]:
@@ -98,6 +105,7 @@ def model_endpoint(
     mlflow_tracking: MlflowTracking,
 ):
     """The champion live on Ray Serve over HTTP, updated in place (rolling, no downtime)."""
+    settings = load_settings()
     serving = ServingSettings(
         model_uri=champion_model.uri,
         tracking_uri=mlflow_tracking.tracking_uri,
@@ -106,6 +114,9 @@ def model_endpoint(
         max_batch_size=config.max_batch_size,
         batch_wait_timeout_s=config.batch_wait_timeout_s,
         replica_cpus=config.replica_cpus,
+        traffic_dir=str(settings.traffic_dir) if config.traffic_profiling else None,
+        feedback_db=str(settings.feedback_db) if config.traffic_profiling else None,
+        traffic_window_s=config.traffic_window_s,
     )
     started = time.perf_counter()
     ray_serve.deploy(serving)

@@ -3,24 +3,29 @@
 It takes a model URI and settings, nothing else, and imports nothing from Dagster: it can be
 deployed by the platform's ``model_endpoint`` asset, by ``serve run`` or from a test.
 
-Routes: ``POST /predict``, ``GET /healthz``, ``GET /model``, OpenAPI at ``/docs``.
+Routes: ``POST /predict``, ``POST /feedback``, ``GET /healthz``, ``GET /model``,
+``GET /model/card``, OpenAPI at ``/docs``. With ``traffic_dir`` set, every prediction is profiled
+with whylogs off the request path (see :mod:`mlplatform.serving.traffic`).
 """
 
+import asyncio
 import dataclasses
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
 from mlplatform.serving.loopback import bind_replica_grpc_to_loopback
 from mlplatform.serving.model import ServedModel, load_served_model
+from mlplatform.serving.traffic import FeedbackStore, TrafficRecorder
 from mlplatform.serving.validation import InvalidRequest, validate_records
 
 
@@ -38,6 +43,16 @@ class ServingSettings(BaseModel):
     num_replicas: int = Field(default=1, gt=0, description="Serving replicas.")
     max_ongoing_requests: int = Field(default=128, gt=0, description="Concurrency per replica.")
     replica_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica.")
+    traffic_dir: str | None = Field(
+        default=None, description="Where live-traffic profiles go; None = no traffic profiling."
+    )
+    feedback_db: str | None = Field(
+        default=None, description="Prediction log for POST /feedback; None = no feedback."
+    )
+    traffic_window_s: int = Field(default=60, gt=0, description="Seconds per traffic profile.")
+    traffic_max_queue: int = Field(
+        default=10_000, gt=0, description="Requests waiting to be profiled before new ones drop."
+    )
 
 
 class PredictRequest(BaseModel):
@@ -45,6 +60,30 @@ class PredictRequest(BaseModel):
 
     records: list[dict[str, Any]] = Field(
         min_length=1, description="Feature records: one object per row, every feature present."
+    )
+
+
+class FeedbackItem(BaseModel):
+    """One ground-truth label for a record of an earlier prediction."""
+
+    request_id: str = Field(description="The request_id of the /predict response.")
+    index: int = Field(default=0, ge=0, description="The record's position in that request.")
+    label: Any = Field(description="The true class label or value.")
+
+
+class FeedbackRequest(BaseModel):
+    """Body of ``POST /feedback``."""
+
+    labels: list[FeedbackItem] = Field(min_length=1)
+
+
+class FeedbackResponse(BaseModel):
+    """How many labels matched a logged prediction, and which did not (yet)."""
+
+    matched: int
+    unknown: list[dict[str, Any]] = Field(
+        description="Labels whose prediction is not in the log (wrong id, or not logged yet: "
+        "predictions are logged within about a second)."
     )
 
 
@@ -124,6 +163,24 @@ def _parse_body(raw: bytes, max_body_bytes: int) -> Any:
     return payload["records"]
 
 
+def _parse_feedback(raw: bytes, max_body_bytes: int) -> list[dict[str, Any]]:
+    """The labels of a feedback body, or an :class:`InvalidRequest` naming what is wrong."""
+    if len(raw) > max_body_bytes:
+        raise _too_large(len(raw), max_body_bytes)
+    try:
+        body = FeedbackRequest.model_validate_json(raw)
+    except ValidationError as error:
+        json_error = any(e["type"] == "json_invalid" for e in error.errors())
+        raise InvalidRequest(
+            400 if json_error else 422,
+            [
+                {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                for e in error.errors(include_url=False, include_context=False, include_input=False)
+            ],
+        ) from error
+    return [item.model_dump() for item in body.labels]
+
+
 @serve.deployment
 @serve.ingress(api)
 class ModelEndpoint:
@@ -137,6 +194,26 @@ class ModelEndpoint:
         )
         self._predict_batched.set_max_batch_size(self.settings.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.feedback = (
+            FeedbackStore(Path(self.settings.feedback_db)) if self.settings.feedback_db else None
+        )
+        self.traffic: TrafficRecorder | None = None
+        if self.settings.traffic_dir:
+            self.traffic = TrafficRecorder(
+                Path(self.settings.traffic_dir),
+                self.model.name,
+                self.model.version,
+                self.model.spec,
+                serve.get_replica_context().replica_id.unique_id,
+                window_s=self.settings.traffic_window_s,
+                max_queue=self.settings.traffic_max_queue,
+                feedback=self.feedback,
+            )
+
+    def __del__(self) -> None:
+        # Ray Serve calls this on graceful shutdown (redeploys included): write the last window.
+        if getattr(self, "traffic", None) is not None:
+            self.traffic.close(timeout=10)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _predict_batched(self, frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
@@ -170,17 +247,56 @@ class ModelEndpoint:
             result = await self._predict_batched(frame)
         else:
             result = self.model.predict(frame)
+        request_id = uuid.uuid4().hex
+        if self.traffic is not None:
+            self.traffic.record(request_id, frame, result)
         return {
-            "request_id": uuid.uuid4().hex,
+            "request_id": request_id,
             "model_name": self.model.name,
             "model_version": self.model.version,
             **self.model.response_fields(result),
         }
 
+    @api.post(
+        "/feedback",
+        response_model=FeedbackResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
+            }
+        },
+        responses={400: {"description": "Not JSON"}, 422: {"description": "Invalid labels"}},
+    )
+    async def feedback_labels(self, request: Request) -> dict[str, Any]:
+        """Ground-truth labels for earlier predictions, joined by request id and record index."""
+        if self.feedback is None:
+            raise InvalidRequest(
+                404,
+                [{"loc": ["body"], "msg": "feedback is not enabled", "type": "not_enabled"}],
+            )
+        items = _parse_feedback(await request.body(), self.settings.max_body_bytes)
+        try:
+            result = await asyncio.to_thread(self.feedback.add_labels, items)
+        except ValueError as error:
+            raise InvalidRequest(
+                422, [{"loc": ["body", "labels"], "msg": str(error), "type": "value_error"}]
+            ) from error
+        return {
+            "matched": result.matched,
+            "unknown": [{"request_id": rid, "index": index} for rid, index in result.unknown],
+        }
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """Liveness and the served model's identity."""
-        return {"status": "ok", "model_name": self.model.name, "model_version": self.model.version}
+        """Liveness, the served model's identity and the traffic profiler's counters."""
+        traffic = dataclasses.asdict(self.traffic.stats()) if self.traffic is not None else None
+        return {
+            "status": "ok",
+            "model_name": self.model.name,
+            "model_version": self.model.version,
+            "traffic": traffic,
+        }
 
     @api.get(
         "/model/card",
