@@ -5,10 +5,12 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import dagster as dg
 import pandas as pd
 import pytest
 from conftest import free_port
 
+from mlplatform.defs.monitoring import run_failure_alert
 from mlplatform.drift import DriftThresholds, compare_profiles, profile_frame_fast
 from mlplatform.monitoring import (
     DriftCursor,
@@ -144,3 +146,37 @@ def test_alerts_post_to_a_real_webhook_and_never_raise():
         server.server_close()
     error = post_alert(f"http://127.0.0.1:{server.server_port}/hook", payload, timeout_s=2)
     assert error is not None and "ConnectError" in error
+
+
+def test_run_failure_sensor_posts_the_failed_run(instance, monkeypatch):
+    @dg.op
+    def explode() -> None:
+        raise RuntimeError("the data source is unreachable")
+
+    @dg.job
+    def broken_job() -> None:
+        explode()
+
+    result = broken_job.execute_in_process(instance=instance, raise_on_error=False)
+    failure = next(
+        event
+        for event in instance.all_logs(result.run_id)
+        if event.dagster_event and event.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
+    )
+    server = HTTPServer(("127.0.0.1", free_port()), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLPLATFORM_ALERT_WEBHOOK", f"http://127.0.0.1:{server.server_port}/hook")
+    try:
+        context = dg.build_run_status_sensor_context(
+            sensor_name="run_failure_alert",
+            dagster_event=failure.dagster_event,
+            dagster_instance=instance,
+            dagster_run=result.dagster_run,
+        ).for_run_failure()
+        run_failure_alert(context)
+    finally:
+        server.shutdown()
+        server.server_close()
+    alert = _Hook.received[-1]
+    assert alert["run_id"] == result.run_id and alert["job_name"] == "broken_job"
+    assert "broken_job failed" in alert["text"]

@@ -245,10 +245,9 @@ def drift_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         return dg.SensorResult(
             skip_reason=decision.reason, cursor=decision.cursor.dump(), asset_events=events
         )
-    assert evidence is not None
     request = dg.RunRequest(
         run_key=decision.run_key,
-        tags={"mlplatform/trigger": "drift", "mlplatform/evidence": evidence.key},
+        tags={"mlplatform/trigger": "drift", "mlplatform/evidence": decision.cursor.evidence_key},
     )
     context.log.info(f"requesting a retrain: {decision.reason}")
     return dg.SensorResult(
