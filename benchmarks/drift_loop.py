@@ -14,8 +14,6 @@ import datetime as dt
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,37 +23,9 @@ from importlib import metadata
 from pathlib import Path
 
 import httpx
+from processes import LOOPBACK, REPO, free_port, start, start_ray_head, stop
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start a process in its own process group, output to ``log``."""
-    handle = log.open("w")
-    return subprocess.Popen(
-        command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def served_version(url: str) -> str | None:
@@ -119,11 +89,7 @@ def main() -> int:
     timeline: dict[str, float] = {}
     try:
         # The head the platform would start itself, but in the foreground so it stops by pid.
-        head = [
-            str(bin_dir / "ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
-            f"--port={ray_port}", "--include-dashboard=false", "--disable-usage-stats",
-        ]  # fmt: skip
-        processes.append(start(head, env, home / "ray.log"))
+        processes.append(start_ray_head(ray_port, env, home / "ray.log"))
         print(f"platform home {home}; endpoint {url}")
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "mlplatform", "run"], env=env, cwd=REPO, check=True)

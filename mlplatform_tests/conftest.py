@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated platform home per test, one real Ray Serve instance per session."""
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,8 +10,15 @@ import mlflow
 import pytest
 
 import mlplatform.serving  # noqa: F401  (sets Ray's loopback mode before Ray is imported)
+from mlplatform.defs.evaluation import evaluation_report
+from mlplatform.defs.features import features
+from mlplatform.defs.ingest import raw_data
+from mlplatform.defs.registry import champion_model
+from mlplatform.defs.training import candidate_model
 from mlplatform.demo.data import generate_loans
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
+from mlplatform.serving.ingress import fast_ingress_environment
+from mlplatform.settings import PlatformSettings, load_settings
 
 PLATFORM_VARIABLES = (
     "MLPLATFORM_SOURCE",
@@ -45,6 +53,29 @@ def isolate_platform(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
     mlflow.set_tracking_uri(None)
 
 
+def train_champion(home: Path, seed: int) -> tuple[PlatformSettings, str]:
+    """Train and promote a champion on 1,000 demo loans with the real assets, in ``home``.
+
+    Returns:
+        The settings of that platform home (tracking URI, traffic and feedback paths) and the
+        Dagster run id.
+
+    """
+    data = home / "loans.csv"
+    generate_loans(1000, seed=seed).to_csv(data, index=False)
+    with pytest.MonkeyPatch.context() as patch:
+        isolate_platform(patch, home)
+        result = dg.materialize(
+            [raw_data, features, candidate_model, evaluation_report, champion_model],
+            resources={
+                "data_source": DataSource(uri=str(data), target="defaulted"),
+                "mlflow_tracking": MlflowTracking(),
+            },
+        )
+        assert result.success
+        return load_settings(), result.run_id
+
+
 @pytest.fixture(autouse=True)
 def platform_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own platform home and none of the caller's platform settings."""
@@ -72,10 +103,17 @@ def small_loans_csv(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def serve_port() -> Iterator[int]:
-    """One real local Ray instance with Serve listening on 127.0.0.1 for the whole session."""
+    """One real local Ray instance with Serve listening on 127.0.0.1 for the whole session.
+
+    Started with the environment the platform gives its own head (the fast serving path:
+    HAProxy in front of replicas answering HTTP themselves), so the tests serve the way
+    ``make run`` does.
+    """
     import ray
     from ray import serve
 
+    for name, value in fast_ingress_environment(single_node=True).items():
+        os.environ.setdefault(name, value)
     port = free_port()
     ray.init(
         address="local",

@@ -44,6 +44,8 @@ from dagster import (
 from dagster_docker import DockerRunLauncher
 from packaging.requirements import Requirement
 
+from mlplatform.serving.ingress import SERVE_ENVIRONMENT
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 DAGSTER_YAML = DEPLOY / "dagster.yaml"
@@ -435,6 +437,16 @@ def test_compose_service_addresses_are_consistent(compose: dict[str, Any]) -> No
         depends = services[name]["depends_on"]
         assert depends["postgres"]["condition"] == "service_healthy"
         assert depends["user_code"]["condition"] == "service_healthy"
+
+
+def test_compose_ray_head_serves_on_the_fast_path(compose: dict[str, Any]) -> None:
+    environment = compose["services"]["ray-head"]["environment"]
+    assert {name: str(environment.get(name)) for name in SERVE_ENVIRONMENT} == SERVE_ENVIRONMENT
+    # The platform's variables are there too (the merge kept them).
+    assert (
+        environment["MLFLOW_TRACKING_URI"]
+        == compose["services"]["daemon"]["environment"]["MLFLOW_TRACKING_URI"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,26 +3,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
 import httpx
 import mlflow
 import pandas as pd
 import pytest
-from conftest import isolate_platform
+from conftest import train_champion
 from mlflow import MlflowClient
 
-from mlplatform.defs.evaluation import evaluation_report
-from mlplatform.defs.features import features
-from mlplatform.defs.ingest import raw_data
-from mlplatform.defs.registry import champion_model
-from mlplatform.defs.training import candidate_model
 from mlplatform.demo.data import generate_loans
-from mlplatform.resources import DataSource, MlflowTracking
 from mlplatform.serving import cluster
 from mlplatform.serving.app import ServingSettings
 from mlplatform.serving.model import resolve_model_version
 from mlplatform.serving.validation import InvalidRequest, validate_records
-from mlplatform.settings import load_settings
 from mlplatform.tabular import infer_feature_spec
 
 SPEC = infer_feature_spec(generate_loans(300), "defaulted")
@@ -95,20 +87,8 @@ def test_serving_package_imports_no_dagster():
 @pytest.fixture(scope="module")
 def endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A champion trained by the real assets, deployed on the session's Serve with tight limits."""
-    home = tmp_path_factory.mktemp("serving-home")
-    data = home / "loans.csv"
-    generate_loans(1000, seed=4).to_csv(data, index=False)
-    with pytest.MonkeyPatch.context() as patch:
-        isolate_platform(patch, home)
-        result = dg.materialize(
-            [raw_data, features, candidate_model, evaluation_report, champion_model],
-            resources={
-                "data_source": DataSource(uri=str(data), target="defaulted"),
-                "mlflow_tracking": MlflowTracking(),
-            },
-        )
-        assert result.success
-        tracking_uri = load_settings().tracking_uri
+    platform, run_id = train_champion(tmp_path_factory.mktemp("serving-home"), seed=4)
+    tracking_uri = platform.tracking_uri
     settings = ServingSettings(
         model_uri="models:/mlplatform@champion",
         tracking_uri=tracking_uri,
@@ -125,7 +105,7 @@ def endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     url = f"http://127.0.0.1:{serve_port}"
     cluster.wait_until_serving(url, "1")
-    return {"url": url, "tracking_uri": tracking_uri, "dagster_run_id": result.run_id}
+    return {"url": url, "tracking_uri": tracking_uri, "dagster_run_id": run_id}
 
 
 def test_health_model_card_and_docs(endpoint):

@@ -39,15 +39,24 @@ class EndpointInfo:
 class EndpointConfig(dg.Config):
     """Deployment knobs."""
 
-    num_replicas: int = Field(default=1, description="Serving replicas.")
+    num_replicas: int = Field(
+        default=1,
+        description="Serving replicas (processes answering HTTP behind HAProxy). One batches "
+        "all waiting single records into one model call; more use more cores, smaller batches.",
+    )
     max_ongoing_requests: int = Field(default=128, description="Concurrent requests per replica.")
     max_batch_size: int = Field(
         default=64, description="Micro-batch size for single-record requests."
     )
     batch_wait_timeout_s: float = Field(
-        default=0.002, description="Longest wait to fill a micro-batch."
+        default=0.0,
+        description="Longest wait for more single records to join a micro-batch (0: take those "
+        "already waiting; waiting adds its time to every answer at low load).",
     )
     replica_cpus: float = Field(default=0.5, description="CPUs reserved per replica.")
+    access_log: bool = Field(
+        default=False, description="Ray Serve's per-request access log in the replica logs."
+    )
     ready_timeout_s: float = Field(
         default=180.0, description="How long to wait for the new version."
     )
@@ -60,6 +69,26 @@ class EndpointConfig(dg.Config):
         "POST /feedback) under the platform home.",
     )
     traffic_window_s: int = Field(default=60, description="Seconds per traffic profile.")
+
+    def serving_settings(self, model_uri: str, tracking_uri: str) -> ServingSettings:
+        """The serving app's settings for ``model_uri`` under these knobs.
+
+        Traffic profiles and the prediction log go under the platform home (``MLPLATFORM_HOME``).
+        """
+        platform = load_settings()
+        return ServingSettings(
+            model_uri=model_uri,
+            tracking_uri=tracking_uri,
+            num_replicas=self.num_replicas,
+            max_ongoing_requests=self.max_ongoing_requests,
+            max_batch_size=self.max_batch_size,
+            batch_wait_timeout_s=self.batch_wait_timeout_s,
+            replica_cpus=self.replica_cpus,
+            access_log=self.access_log,
+            traffic_dir=str(platform.traffic_dir) if self.traffic_profiling else None,
+            feedback_db=str(platform.feedback_db) if self.traffic_profiling else None,
+            traffic_window_s=self.traffic_window_s,
+        )
 
 
 def smoke_test(url: str, record: dict[str, Any], expected_version: str) -> dict[str, Any]:
@@ -105,19 +134,7 @@ def model_endpoint(
     mlflow_tracking: MlflowTracking,
 ):
     """The champion live on Ray Serve over HTTP, updated in place (rolling, no downtime)."""
-    settings = load_settings()
-    serving = ServingSettings(
-        model_uri=champion_model.uri,
-        tracking_uri=mlflow_tracking.tracking_uri,
-        num_replicas=config.num_replicas,
-        max_ongoing_requests=config.max_ongoing_requests,
-        max_batch_size=config.max_batch_size,
-        batch_wait_timeout_s=config.batch_wait_timeout_s,
-        replica_cpus=config.replica_cpus,
-        traffic_dir=str(settings.traffic_dir) if config.traffic_profiling else None,
-        feedback_db=str(settings.feedback_db) if config.traffic_profiling else None,
-        traffic_window_s=config.traffic_window_s,
-    )
+    serving = config.serving_settings(champion_model.uri, mlflow_tracking.tracking_uri)
     started = time.perf_counter()
     ray_serve.deploy(serving)
     url = ray_serve.url

@@ -21,6 +21,7 @@ import ray
 from ray import serve
 
 from mlplatform.serving.app import ServingSettings, build_app
+from mlplatform.serving.ingress import fast_ingress_environment
 
 LOOPBACK = "127.0.0.1"
 
@@ -35,9 +36,17 @@ def loopback_environment() -> dict[str, str]:
     """Environment for the embedded single-node Ray head: loopback only, token authentication.
 
     The same settings as this process (see ``mlplatform.serving``), made explicit for the
-    ``ray start`` child so head and drivers agree.
+    ``ray start`` child so head and drivers agree, and the fast serving path (direct ingress
+    behind HAProxy, see :mod:`mlplatform.serving.ingress`) unless this environment sets those
+    variables otherwise (``RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` is
+    Serve's default Python proxy).
     """
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    return {
+        **fast_ingress_environment(single_node=True),
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+    }
 
 
 def is_loopback(address: str) -> bool:
@@ -112,6 +121,7 @@ def deploy(
     port: int,
     app_name: str,
     local_ray_port: int,
+    route_prefix: str = "/",
 ) -> None:
     """Deploy (or roll forward) the serving app and wait until Ray Serve reports it running.
 
@@ -126,6 +136,7 @@ def deploy(
         port: port for Serve's HTTP proxy.
         app_name: the Serve application name (one endpoint per name).
         local_ray_port: the local head's GCS port when ``ray_address`` is ``None``.
+        route_prefix: the path the app answers under (``/``: ``/predict``).
 
     """
     connected_here = not ray.is_initialized()
@@ -141,7 +152,12 @@ def deploy(
         ray.init(**init_args)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(settings.model_dump()), name=app_name, route_prefix="/", blocking=False)
+        serve.run(
+            build_app(settings.model_dump()),
+            name=app_name,
+            route_prefix=route_prefix,
+            blocking=False,
+        )
     finally:
         if connected_here:
             ray.shutdown()

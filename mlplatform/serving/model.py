@@ -5,13 +5,19 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from mlplatform.tabular import PROBABILITY_PREFIX, FeatureSpec, TabularModel
+from mlplatform.tabular import (
+    PROBABILITY_PREFIX,
+    FeatureSpec,
+    TabularModel,
+    TreeRecordsPredictor,
+)
 
 MODEL_CARD_ARTIFACT = "model_card.md"
 """The model card's path in the MLflow run that produced the model version."""
@@ -47,6 +53,7 @@ class ServedModel:
     model: TabularModel
     card: ModelCard
     card_markdown: str | None = None
+    fast_path: TreeRecordsPredictor | None = None
 
     @property
     def spec(self) -> FeatureSpec:
@@ -71,9 +78,17 @@ class ServedModel:
             return {"predictions": predictions, "probabilities": probabilities}
         return {"predictions": predictions, "probabilities": None}
 
-    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Predictions (and probabilities for classifiers) for validated records."""
-        return self.model.predict_frame(frame)
+    def predict(self, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+        """Predictions (and probabilities for classifiers) for validated records, row for row.
+
+        Tree models take the fast path (:class:`~mlplatform.tabular.TreeRecordsPredictor`, the
+        same scores without pandas); others go through the model's pipeline.
+        """
+        if self.fast_path is not None:
+            return self.model.output_frame(self.fast_path.scores(records))
+        return self.model.predict_frame(
+            pd.DataFrame.from_records(records, columns=list(self.spec.features))
+        )
 
 
 def resolve_model_version(model_uri: str, client: MlflowClient) -> tuple[str, str]:
@@ -143,6 +158,7 @@ def load_served_model(model_uri: str, tracking_uri: str | None = None) -> Served
         model=python_model,
         card=card,
         card_markdown=_model_card_markdown(client, model_version.run_id),
+        fast_path=TreeRecordsPredictor.from_pipeline(python_model.pipeline, spec),
     )
 
 

@@ -72,7 +72,11 @@ def coerce_for_profile(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     """
     coerced = coerce_features(frame, spec)
     for name in spec.columns_of("datetime"):
-        coerced[name] = coerced[name].dt.strftime("%Y-%m-%dT%H:%M:%S")
+        # numpy's formatting in C: the same strings as `.dt.strftime(...)`, 20-50x faster
+        stamps = coerced[name].dt.tz_localize(None).to_numpy(dtype="datetime64[s]")
+        text = np.datetime_as_string(stamps, unit="s").astype(object)
+        text[np.isnat(stamps)] = np.nan
+        coerced[name] = text
     return coerced
 
 
@@ -571,15 +575,22 @@ class _Marker:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-def _stack(frames: Sequence[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    """Concatenate many small frames fast.
+def _stack(
+    parts: Sequence[pd.DataFrame | Sequence[Mapping[str, Any]]], columns: list[str]
+) -> pd.DataFrame:
+    """One frame of many requests' rows: frames, or records as posted (mappings), or both.
 
     ``pd.concat`` reconciles dtypes and indexes frame by frame (about 150 us per single-row
-    frame); one object array per frame and a final ``infer_objects`` is 5-10x faster.
+    frame); one object array per part and a final ``infer_objects`` is 5-10x faster, and records
+    never become small frames of their own.
     """
+    if len(parts) == 1 and isinstance(parts[0], pd.DataFrame):  # nothing to reconcile
+        return parts[0] if list(parts[0].columns) == columns else parts[0][columns]
     arrays = [
-        (frame if list(frame.columns) == columns else frame[columns]).to_numpy(dtype=object)
-        for frame in frames
+        (part if list(part.columns) == columns else part[columns]).to_numpy(dtype=object)
+        if isinstance(part, pd.DataFrame)
+        else np.array([[record.get(name) for name in columns] for record in part], dtype=object)
+        for part in parts
     ]
     return pd.DataFrame(np.concatenate(arrays), columns=columns).infer_objects()
 
@@ -629,6 +640,7 @@ class TrafficRecorder:
         feedback: FeedbackStore | None = None,
         linger_s: float = 1.0,
         max_batch_rows: int = 5_000,
+        drain_interval_s: float = 0.0,
     ):
         """Start recording (the background thread starts now).
 
@@ -644,6 +656,9 @@ class TrafficRecorder:
             feedback: where to log predictions; ``None`` = profiles only.
             linger_s: longest a record waits to be profiled with others (not for the log).
             max_batch_rows: records profiled in one whylogs call at most.
+            drain_interval_s: shortest time between two takes from the queue: the thread then
+                logs several requests' predictions in one SQLite transaction (each costs a
+                connection and a commit) instead of one transaction per request under load.
 
         Raises:
             ValueError: for a non-positive window, queue or batch size, or an unusable name.
@@ -662,6 +677,8 @@ class TrafficRecorder:
         self._feedback = feedback
         self._linger_s = linger_s
         self._max_batch_rows = max_batch_rows
+        self._drain_interval_s = drain_interval_s
+        self._last_drain = 0.0
         self._feature_columns = list(spec.features)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._windows: dict[int, _Window] = {}
@@ -682,26 +699,36 @@ class TrafficRecorder:
 
     # -- caller side (request handlers) --
 
-    def record(self, request_id: str, frame: pd.DataFrame, result: pd.DataFrame) -> bool:
-        """Queue one request's records and predictions; never blocks.
+    def record(
+        self,
+        request_id: str | Sequence[str],
+        frame: pd.DataFrame | Sequence[Mapping[str, Any]],
+        result: pd.DataFrame,
+    ) -> bool:
+        """Queue one request's records and predictions (or many one-record requests'); never blocks.
 
-        The frames are kept by reference until processed: do not modify them afterwards.
+        The records are kept by reference until processed: do not modify them afterwards.
 
         Args:
-            request_id: the id returned to the client (labels are joined on it).
-            frame: the validated raw records.
+            request_id: the id returned to the client (labels are joined on it and the record's
+                position); or one id per row, for rows that are one-record requests each (a
+                micro-batch), every row being record 0 of its request.
+            frame: the validated raw records: a frame, or the records as posted (they become
+                a frame in the background, together with the other requests' records).
             result: the model's output for them, row for row (``prediction``, and ``probability``
                 or per-class probability columns for classifiers).
 
         Returns:
-            Whether the request was queued (``False``: dropped and counted).
+            Whether the request(s) were queued (``False``: dropped and counted).
 
         Raises:
-            ValueError: if ``frame`` and ``result`` have different lengths.
+            ValueError: if ``frame``, ``result`` (and the list of ids) have different lengths.
 
         """
         if len(frame) != len(result):
             raise ValueError(f"{len(frame)} records but {len(result)} predictions")
+        if not isinstance(request_id, str) and len(request_id) != len(frame):
+            raise ValueError(f"{len(frame)} records but {len(request_id)} request ids")
         if not self._closing:
             try:
                 self._queue.put_nowait((self._clock(), request_id, frame, result))
@@ -709,7 +736,7 @@ class TrafficRecorder:
             except queue.Full:
                 pass
         with self._drop_lock:
-            self._dropped_requests += 1
+            self._dropped_requests += 1 if isinstance(request_id, str) else len(request_id)
             self._dropped_rows += len(frame)
         return False
 
@@ -782,11 +809,18 @@ class TrafficRecorder:
         pending_since = 0.0
         idle_poll_s = min(1.0, self.window_s / 4)
         while True:
-            marker, batch = self._drain(
-                idle_poll_s
-                if not pending
-                else max(0.0, pending_since + self._linger_s - time.monotonic())
-            )
+            if pending:  # wake up when the records have lingered enough, or their window ends
+                window_end = self._window_start(pending[0].timestamps[0]) + self.window_s
+                timeout = max(
+                    0.0,
+                    min(
+                        pending_since + self._linger_s - time.monotonic(),
+                        window_end - self._clock(),
+                    ),
+                )
+            else:
+                timeout = idle_poll_s
+            marker, batch = self._drain(timeout)
             if batch is not None:
                 self._guarded(self._log_predictions, batch)
                 if not pending:
@@ -812,10 +846,13 @@ class TrafficRecorder:
 
     def _drain(self, timeout: float) -> tuple[_Marker | None, _Batch | None]:
         """Wait up to ``timeout`` for a request, then take what is queued, up to a marker."""
-        items: list[tuple[float, str, pd.DataFrame, pd.DataFrame]] = []
+        items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame]] = []
         marker, rows = None, 0
         try:
             item = self._queue.get(timeout=timeout)
+            if not isinstance(item, _Marker):  # let a busy replica's requests gather
+                time.sleep(max(0.0, self._last_drain + self._drain_interval_s - time.monotonic()))
+            self._last_drain = time.monotonic()
             while True:
                 if isinstance(item, _Marker):
                     marker = item
@@ -829,7 +866,9 @@ class TrafficRecorder:
             pass
         if not items:
             return marker, None
-        self._received_requests += len(items)
+        self._received_requests += sum(
+            1 if isinstance(item[1], str) else len(item[1]) for item in items
+        )
         self._received_rows += rows
         try:
             return marker, self._to_batch(items)
@@ -838,15 +877,23 @@ class TrafficRecorder:
             logger.exception("traffic recorder: %d requests could not be read", len(items))
             return marker, None
 
-    def _to_batch(self, items: list[tuple[float, str, pd.DataFrame, pd.DataFrame]]) -> _Batch:
+    def _to_batch(self, items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame]]) -> _Batch:
         lengths = np.fromiter((len(item[2]) for item in items), dtype=np.int64, count=len(items))
-        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        request_ids: list[str] = []
+        indices: list[int] = []
+        for _, ids, frame, _ in items:
+            if isinstance(ids, str):  # one request, its records 0..n-1
+                request_ids.extend(itertools.repeat(ids, len(frame)))
+                indices.extend(range(len(frame)))
+            else:  # one-record requests, micro-batched
+                request_ids.extend(ids)
+                indices.extend(itertools.repeat(0, len(ids)))
         return _Batch(
             features=_stack([item[2] for item in items], self._feature_columns),
             results=_stack([item[3] for item in items], list(items[0][3].columns)),
             timestamps=np.repeat([item[0] for item in items], lengths),
-            request_ids=np.repeat([item[1] for item in items], lengths).tolist(),
-            indices=(np.arange(int(lengths.sum())) - offsets).tolist(),
+            request_ids=request_ids,
+            indices=indices,
         )
 
     def _guarded(self, step: Callable[..., Any], *args: Any) -> None:

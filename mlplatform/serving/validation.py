@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from mlplatform.tabular import FeatureKind, FeatureSpec
+from mlplatform.tabular import FeatureKind, FeatureSpec, parse_iso_datetime
 
 # Report at most this many problems: enough to fix a request, bounded for huge bad payloads.
 _MAX_ERRORS = 20
@@ -30,6 +30,13 @@ class InvalidRequest(Exception):
 
 def _error(loc: list[Any], message: str, kind: str) -> dict[str, Any]:
     return {"loc": ["body", *loc], "msg": message, "type": kind}
+
+
+def _parses_as_datetime(value: str) -> bool:
+    """Whether the model's datetime coercion (pandas, ``format="mixed"``) understands ``value``."""
+    if parse_iso_datetime(value) is not None:
+        return True
+    return not pd.isna(pd.to_datetime(value, errors="coerce", utc=True, format="mixed"))
 
 
 def _type_problem(kind: FeatureKind, value: Any) -> str | None:
@@ -50,46 +57,41 @@ def _type_problem(kind: FeatureKind, value: Any) -> str | None:
         )
     if not isinstance(value, str):
         return f"must be a string or null, got {type(value).__name__}"
-    if kind == "datetime" and pd.isna(
-        pd.to_datetime(value, errors="coerce", utc=True, format="mixed")
-    ):
+    if kind == "datetime" and not _parses_as_datetime(value):
         return f"must be an ISO 8601 date or datetime, got {value!r}"
     return None
 
 
-def validate_records(records: Any, spec: FeatureSpec, max_records: int) -> pd.DataFrame:
-    """Check a request's records against ``spec`` and return them as a DataFrame.
-
-    Args:
-        records: the ``records`` member of the request body.
-        spec: the served model's feature spec.
-        max_records: the largest accepted batch.
-
-    Returns:
-        One row per record, columns in the model's input order.
-
-    Raises:
-        InvalidRequest: 422 for a malformed request (naming each bad field), 413 for too many
-            records.
-
-    """
-    if not isinstance(records, list):
-        raise InvalidRequest(422, [_error(["records"], "must be a list of records", "list_type")])
-    if not records:
-        raise InvalidRequest(
-            422, [_error(["records"], "must contain at least one record", "too_short")]
+def _column_is_valid(kind: FeatureKind, values: list[Any]) -> bool:
+    """Whether every value of one feature is acceptable (the common case, checked in bulk)."""
+    if kind == "numeric":
+        return all(
+            value is None or type(value) is int or (type(value) is float and not math.isinf(value))
+            for value in values
         )
-    if len(records) > max_records:
-        raise InvalidRequest(
-            413,
-            [
-                _error(
-                    ["records"],
-                    f"{len(records)} records exceed the limit of {max_records} per request",
-                    "too_long",
-                )
-            ],
+    if kind == "boolean":
+        return all(value is None or type(value) is bool for value in values)
+    if kind == "datetime":
+        return all(
+            value is None or (type(value) is str and parse_iso_datetime(value) is not None)
+            for value in values
         )
+    return all(value is None or type(value) is str for value in values)
+
+
+def _well_formed(records: list[Any], spec: FeatureSpec) -> bool:
+    """Fast check of the common case: objects with exactly the spec's fields, all values valid."""
+    names = spec.features.keys()
+    if not all(type(record) is dict and record.keys() == names for record in records):
+        return False
+    return all(
+        _column_is_valid(kind, [record[name] for record in records])
+        for name, kind in spec.features.items()
+    )
+
+
+def _record_errors(records: list[Any], spec: FeatureSpec) -> list[dict[str, Any]]:
+    """Every problem of the records, in order (record by record, field by field), bounded."""
     expected = spec.features
     errors: list[dict[str, Any]] = []
     for index, record in enumerate(records):
@@ -116,6 +118,68 @@ def validate_records(records: Any, spec: FeatureSpec, max_records: int) -> pd.Da
         )
         if len(errors) >= _MAX_ERRORS:
             break
-    if errors:
-        raise InvalidRequest(422, errors[:_MAX_ERRORS])
-    return pd.DataFrame.from_records(records, columns=list(expected))
+    return errors[:_MAX_ERRORS]
+
+
+def check_records(records: Any, spec: FeatureSpec, max_records: int) -> list[dict[str, Any]]:
+    """Check a request's records against ``spec`` without building a frame.
+
+    Args:
+        records: the ``records`` member of the request body.
+        spec: the served model's feature spec.
+        max_records: the largest accepted batch.
+
+    Returns:
+        The records, unchanged (the single-record path batches them before making a frame).
+
+    Raises:
+        InvalidRequest: 422 for a malformed request (naming each bad field), 413 for too many
+            records.
+
+    """
+    if not isinstance(records, list):
+        raise InvalidRequest(422, [_error(["records"], "must be a list of records", "list_type")])
+    if not records:
+        raise InvalidRequest(
+            422, [_error(["records"], "must contain at least one record", "too_short")]
+        )
+    if len(records) > max_records:
+        raise InvalidRequest(
+            413,
+            [
+                _error(
+                    ["records"],
+                    f"{len(records)} records exceed the limit of {max_records} per request",
+                    "too_long",
+                )
+            ],
+        )
+    if not _well_formed(records, spec):
+        errors = _record_errors(records, spec)
+        if errors:
+            raise InvalidRequest(422, errors)
+    return records
+
+
+def records_frame(records: list[dict[str, Any]], spec: FeatureSpec) -> pd.DataFrame:
+    """Checked records (see :func:`check_records`) as the model's input frame, spec order."""
+    return pd.DataFrame.from_records(records, columns=list(spec.features))
+
+
+def validate_records(records: Any, spec: FeatureSpec, max_records: int) -> pd.DataFrame:
+    """Check a request's records against ``spec`` and return them as a DataFrame.
+
+    Args:
+        records: the ``records`` member of the request body.
+        spec: the served model's feature spec.
+        max_records: the largest accepted batch.
+
+    Returns:
+        One row per record, columns in the model's input order.
+
+    Raises:
+        InvalidRequest: 422 for a malformed request (naming each bad field), 413 for too many
+            records.
+
+    """
+    return records_frame(check_records(records, spec, max_records), spec)

@@ -1,0 +1,486 @@
+"""Serving performance: the endpoint `make run` deploys against a plain FastAPI server, same model.
+
+Trains and registers the demo model with ``python -m mlplatform run`` in a temporary platform home,
+on a Ray head started here in the foreground with the environment the platform gives its own head
+(``cluster.loopback_environment()``), so the endpoint measured is exactly the default deployment
+(EndpointConfig defaults, traffic profiling on). Starts ``benchmarks/baseline_server.py`` (FastAPI
++ uvicorn, one worker) on the same registered model. Then, alternating the two servers round by
+round with a closed-loop async client (aiohttp, a separate process, one connection per worker):
+
+- single-record requests at concurrency 1, 8 and 32: requests/s, p50 and p99 latency;
+- 1,000-record requests at concurrency 1: rows/s, against the in-process ``predict`` of the same
+  rows (the model alone, in this process);
+- the endpoint with and without traffic profiling (a second app with ``traffic_dir=None`` at
+  ``/noprofile``, alternating), at concurrency 32;
+- startup to the first 200: the baseline from process start; ours as a new deployment on the
+  running head (replica processes, model load, HAProxy reload) and the head's own start;
+- every non-200 answer or client error is counted: the endpoint must have none.
+
+Appends a dated section to benchmarks/RESULTS.md (machine, load average, versions, medians with
+min-max over rounds, ratios against the targets). Every process it starts is stopped by pid.
+
+    python benchmarks/serving.py [--duration-s 6] [--rounds 3] [--keep] [--no-record]
+"""
+
+import argparse
+import asyncio
+import collections
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+from processes import LOOPBACK, REPO, free_port, start, stop, wait_for_port
+
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+CONCURRENCIES = (1, 8, 32)
+BATCH_ROWS = 1_000
+TARGETS = {
+    "ratio_32": 1.0,  # single records at concurrency 32: >= 1.0x the baseline's requests/s
+    "p99_32_ms": 30.0,
+    "p50_1_ms": 2.0,
+    "rows_share": 0.5,  # 1,000-record requests: >= 50% of in-process predict rows/s
+    "profiling_cost": 0.05,  # traffic profiling costs <= 5% of the endpoint's requests/s
+}
+
+
+# --- the load generator (runs in its own process: `serving.py client ...`) ----------------------
+
+
+async def closed_loop(
+    url: str, bodies: list[bytes], concurrency: int, duration_s: float, warmup_s: float
+) -> dict[str, Any]:
+    """``concurrency`` workers, each posting the next body as soon as its answer is read.
+
+    Returns:
+        Completions within the measured window (after the warm-up): requests/s, latency
+        quantiles; and every non-200 answer or client error of the whole run.
+
+    """
+    import aiohttp
+
+    headers = {"content-type": "application/json"}
+    loop = asyncio.get_running_loop()
+    measure_from = loop.time() + warmup_s
+    stop_at = measure_from + duration_s
+    latencies: list[float] = []
+    failures: collections.Counter[str] = collections.Counter()
+    sent = 0
+
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
+
+        async def worker(offset: int) -> None:
+            nonlocal sent
+            index = offset
+            while loop.time() < stop_at:
+                body = bodies[index % len(bodies)]
+                index += concurrency
+                started = loop.time()
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        await response.read()
+                        if response.status != 200:
+                            failures[f"HTTP {response.status}"] += 1
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    failures[type(error).__name__] += 1
+                finished = loop.time()
+                sent += 1
+                if measure_from <= finished <= stop_at:
+                    latencies.append(finished - started)
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    latencies.sort()
+    count = len(latencies)
+    return {
+        "requests_per_s": count / duration_s,
+        "p50_ms": 1000 * latencies[count // 2] if count else float("nan"),
+        "p99_ms": 1000 * latencies[min(count - 1, int(count * 0.99))] if count else float("nan"),
+        "measured": count,
+        "sent": sent,
+        "failures": dict(failures),
+    }
+
+
+def client_main(argv: list[str]) -> None:
+    """``client URL CONCURRENCY DURATION_S WARMUP_S BODIES_JSON``: print the result as JSON."""
+    url, concurrency, duration_s, warmup_s, bodies_path = argv
+    bodies = [body.encode() for body in json.loads(Path(bodies_path).read_text())]
+    result = asyncio.run(
+        closed_loop(url, bodies, int(concurrency), float(duration_s), float(warmup_s))
+    )
+    print(json.dumps(result))
+
+
+def load(url: str, bodies_path: Path, concurrency: int, duration_s: float) -> dict[str, Any]:
+    """Run the client in a fresh process (its own interpreter and GIL) against ``url``."""
+    warmup_s = 1.0
+    output = subprocess.run(
+        [
+            *(sys.executable, __file__, "client", url),
+            *(str(concurrency), str(duration_s), str(warmup_s), str(bodies_path)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration_s + warmup_s + 180,
+    )
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def first_200(url: str, body: bytes, started: float, timeout_s: float = 300.0) -> float:
+    """Seconds from ``started`` (a ``time.monotonic()``) to the first 200 from ``POST url``."""
+    deadline = started + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.post(
+                url, content=body, headers={"content-type": "application/json"}, timeout=10
+            )
+            if response.status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+
+def demo_records(count: int, seed: int) -> list[dict[str, Any]]:
+    """Demo loan applications as JSON records (every model input, no label, no identifier)."""
+    from mlplatform.demo.data import generate_loans
+
+    frame = generate_loans(count, seed=seed).drop(columns=["defaulted", "application_id"])
+    frame = frame.astype(object)
+    return json.loads(frame.where(frame.notna(), None).to_json(orient="records"))
+
+
+def in_process_rows_per_s(model_uri: str, tracking_uri: str, records: list[dict]) -> list[float]:
+    """Rows/s of the served model's own ``predict`` on ``records`` (parsed), several times.
+
+    The call the endpoint makes, in this process: no HTTP, no JSON, no validation.
+    """
+    from mlplatform.serving.model import load_served_model
+
+    model = load_served_model(model_uri, tracking_uri)
+    model.predict(records)  # warm
+    rates = []
+    for _ in range(7):
+        started = time.perf_counter()
+        model.predict(records)
+        rates.append(len(records) / (time.perf_counter() - started))
+    return rates
+
+
+def deploy_unprofiled(ray_port: int, serve_port: int, tracking_uri: str) -> None:
+    """The default deployment's settings without traffic profiling, as app ``noprofile``."""
+    from mlplatform.defs.serving import EndpointConfig
+    from mlplatform.serving import cluster
+
+    settings = EndpointConfig(traffic_profiling=False).serving_settings(
+        "models:/mlplatform@champion", tracking_uri
+    )
+    cluster.deploy(
+        settings,
+        ray_address=None,
+        host=LOOPBACK,
+        port=serve_port,
+        app_name="noprofile",
+        local_ray_port=ray_port,
+        route_prefix="/noprofile",
+    )
+
+
+def endpoint_deploy_seconds(dagster_home: Path) -> float:
+    """How long the run's ``model_endpoint`` took from deploy to serving (its metadata).
+
+    The first deployment on a fresh head: Serve's controller and HAProxy start, the replica and
+    its recorder process start and load the model, until ``/healthz`` names the new version.
+    """
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("model_endpoint"))
+    return float(event.asset_materialization.metadata["deploy_seconds"].value)
+
+
+def summary(runs: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
+    """Median, min and max of ``key`` over rounds."""
+    values = [run[key] for run in runs]
+    return statistics.median(values), min(values), max(values)
+
+
+def failures(runs: list[dict[str, Any]]) -> int:
+    """Non-200 answers and client errors over the runs."""
+    return sum(sum(run["failures"].values()) for run in runs)
+
+
+def main() -> int:
+    """Run the benchmark; exit status 0 when the endpoint answered without a single error."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=6.0, help="measured seconds per run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary platform home")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="mlplatform-serving-bench-"))
+    ray_port, serve_port, baseline_port = free_port(), free_port(), free_port()
+    platform_env = {
+        "MLPLATFORM_HOME": str(home),
+        "DAGSTER_HOME": str(home / "dagster"),
+        "MLPLATFORM_RAY_PORT": str(ray_port),
+        "MLPLATFORM_SERVE_PORT": str(serve_port),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    os.environ.update(platform_env)
+    os.environ.pop("RAY_ADDRESS", None)
+    (home / "dagster").mkdir(parents=True)
+    shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
+    from mlplatform.serving.cluster import loopback_environment
+
+    env = loopback_environment()  # what `ensure_local_head` gives the platform's own head
+    tracking_uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    ours = f"http://{LOOPBACK}:{serve_port}"
+    baseline = f"http://{LOOPBACK}:{baseline_port}"
+    bin_dir = Path(sys.executable).parent
+    load_before = os.getloadavg()
+    processes: list[subprocess.Popen] = []
+    results: dict[str, Any] = {"startup_s": {}}
+
+    singles = demo_records(512, seed=5)
+    bodies = home / "single.json"
+    bodies.write_text(json.dumps([json.dumps({"records": [r]}) for r in singles]))
+    batch_records = demo_records(BATCH_ROWS, seed=6)
+    batch_bodies = home / "batch.json"
+    batch_bodies.write_text(json.dumps([json.dumps({"records": batch_records})]))
+    probe = json.dumps({"records": singles[:1]}).encode()
+    try:
+        head = [
+            str(bin_dir / "ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
+            f"--port={ray_port}", "--include-dashboard=false", "--disable-usage-stats",
+        ]  # fmt: skip
+        started = time.monotonic()
+        processes.append(start(head, env, home / "ray.log"))
+        wait_for_port(ray_port, 120)
+        results["startup_s"]["ray_head"] = time.monotonic() - started
+        print(f"platform home {home}; endpoint {ours}; baseline {baseline}")
+        started = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-m", "mlplatform", "run"],
+            env=env,
+            cwd=REPO,
+            check=True,
+            stdout=(home / "run.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        results["startup_s"]["mlplatform_run"] = time.monotonic() - started
+        results["startup_s"]["ours_first_deploy"] = endpoint_deploy_seconds(home / "dagster")
+        print(f"`python -m mlplatform run`: {results['startup_s']['mlplatform_run']:.0f} s")
+
+        started = time.monotonic()
+        processes.append(
+            start(
+                [
+                    *(sys.executable, str(REPO / "benchmarks" / "baseline_server.py")),
+                    *("--tracking-uri", tracking_uri, "--port", str(baseline_port)),
+                ],
+                env,
+                home / "baseline.log",
+            )
+        )
+        results["startup_s"]["baseline"] = first_200(f"{baseline}/predict", probe, started)
+        started = time.monotonic()
+        deploy_unprofiled(ray_port, serve_port, tracking_uri)
+        results["startup_s"]["ours_new_app"] = first_200(
+            f"{ours}/noprofile/predict", probe, started
+        )
+        print(
+            "first 200: baseline {baseline:.1f} s from process start; ours {ours_new_app:.1f} s "
+            "for a new deployment on the running head".format(**results["startup_s"])
+        )
+
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = collections.defaultdict(list)
+        servers = {"ours": f"{ours}/predict", "baseline": f"{baseline}/predict"}
+        for round_ in range(args.rounds):
+            for concurrency in CONCURRENCIES:
+                order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+                for name in order:
+                    run = load(servers[name], bodies, concurrency, args.duration_s)
+                    runs[(name, concurrency)].append(run)
+                    print(
+                        f"round {round_ + 1} c={concurrency:<2} {name:8} "
+                        f"{run['requests_per_s']:7.0f} req/s  p50 {run['p50_ms']:6.1f} ms  "
+                        f"p99 {run['p99_ms']:6.1f} ms  failures {run['failures'] or 0}"
+                    )
+            for name in servers if round_ % 2 else reversed(servers):
+                run = load(servers[name], batch_bodies, 1, args.duration_s)
+                run["rows_per_s"] = run["requests_per_s"] * BATCH_ROWS
+                runs[(name, BATCH_ROWS)].append(run)
+                rate = run["rows_per_s"]
+                print(f"round {round_ + 1} {BATCH_ROWS} rows {name:8} {rate:9.0f} rows/s")
+            profiling = [("profiled", ours), ("unprofiled", f"{ours}/noprofile")]
+            for name, url in profiling if round_ % 2 == 0 else reversed(profiling):
+                time.sleep(2)  # let the profiler finish the previous run's records
+                run = load(f"{url}/predict", bodies, 32, args.duration_s)
+                runs[(name, 32)].append(run)
+                print(f"round {round_ + 1} c=32 {name:10} {run['requests_per_s']:7.0f} req/s")
+            for name, url in profiling if round_ % 2 else reversed(profiling):
+                time.sleep(2)
+                run = load(f"{url}/predict", batch_bodies, 1, args.duration_s)
+                run["rows_per_s"] = run["requests_per_s"] * BATCH_ROWS
+                runs[(name, BATCH_ROWS)].append(run)
+                rate = run["rows_per_s"]
+                print(f"round {round_ + 1} {BATCH_ROWS} rows {name:10} {rate:9.0f} rows/s")
+        in_process = in_process_rows_per_s(
+            "models:/mlplatform@champion", tracking_uri, batch_records
+        )
+        results["in_process_rows_per_s"] = statistics.median(in_process)
+        results["runs"] = {f"{name}@{c}": value for (name, c), value in runs.items()}
+    finally:
+        for process in reversed(processes):
+            stop(process, timeout_s=60.0)
+        with socket.socket() as sock:  # HAProxy must not outlive the head
+            sock.settimeout(0.5)
+            if sock.connect_ex((LOOPBACK, serve_port)) == 0:
+                print(f"something still listens on {LOOPBACK}:{serve_port} after the head stopped")
+    results["load_average"] = (load_before, os.getloadavg())
+    figures = report(results, args)
+    print("\n".join(figures))
+    if not args.no_record:
+        RESULTS.open("a").write("\n".join(["", *figures, ""]))
+    if not args.keep:
+        shutil.rmtree(home, ignore_errors=True)
+    ours_failures = sum(
+        failures(value) for key, value in results["runs"].items() if not key.startswith("baseline")
+    )
+    return 0 if ours_failures == 0 else 1
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The Markdown section for RESULTS.md."""
+    runs = {tuple(key.split("@")): value for key, value in results["runs"].items()}
+
+    def cell(name: str, c: int, key: str, digits: int = 0) -> str:
+        median, low, high = summary(runs[(name, str(c))], key)
+        return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+    def median(name: str, c: int, key: str) -> float:
+        return summary(runs[(name, str(c))], key)[0]
+
+    versions = ", ".join(
+        f"{name} {metadata.version(name)}"
+        for name in ("ray", "fastapi", "uvicorn", "lightgbm", "scikit-learn", "aiohttp")
+    )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    before, after = results["load_average"]
+    startup = results["startup_s"]
+    lines = [
+        f"### Serving: endpoint vs plain FastAPI ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"Machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {versions}. "
+        f"Load average {before[0]:.1f} before, {after[0]:.1f} after (other jobs share the "
+        f"machine). {args.rounds} alternating rounds of {args.duration_s:g} s per setting "
+        "(closed-loop aiohttp client in its own process, 1 s warm-up); median (min-max). "
+        "Ours: the default deployment of `python -m mlplatform run` (HAProxy + direct ingress, "
+        "EndpointConfig defaults, traffic profiling on). Baseline: benchmarks/baseline_server.py "
+        "(FastAPI + uvicorn, 1 worker, same model, validation and micro-batching).",
+        "",
+        "| single records | ours req/s | baseline req/s | ratio | ours p50 / p99 ms "
+        "| baseline p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in CONCURRENCIES:
+        ratio = median("ours", c, "requests_per_s") / median("baseline", c, "requests_per_s")
+        lines.append(
+            f"| concurrency {c} | {cell('ours', c, 'requests_per_s')} "
+            f"| {cell('baseline', c, 'requests_per_s')} | {ratio:.2f}x "
+            f"| {median('ours', c, 'p50_ms'):.1f} / {cell('ours', c, 'p99_ms', 1)} "
+            f"| {median('baseline', c, 'p50_ms'):.1f} / {cell('baseline', c, 'p99_ms', 1)} |"
+        )
+    in_process = results["in_process_rows_per_s"]
+    ours_rows = median("ours", BATCH_ROWS, "rows_per_s")
+    baseline_rows = median("baseline", BATCH_ROWS, "rows_per_s")
+    profiled = median("profiled", 32, "requests_per_s")
+    unprofiled = median("unprofiled", 32, "requests_per_s")
+    cost = 1 - profiled / unprofiled
+    bulk_cost = 1 - median("profiled", BATCH_ROWS, "rows_per_s") / median(
+        "unprofiled", BATCH_ROWS, "rows_per_s"
+    )
+    ratio_32 = median("ours", 32, "requests_per_s") / median("baseline", 32, "requests_per_s")
+    ours_failures = sum(failures(v) for k, v in runs.items() if k[0] != "baseline")
+    baseline_failures = sum(failures(v) for k, v in runs.items() if k[0] == "baseline")
+    p99_32, p50_1 = median("ours", 32, "p99_ms"), median("ours", 1, "p50_ms")
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "**not met**"
+
+    lines += [
+        "",
+        f"{BATCH_ROWS}-record requests (concurrency 1): ours "
+        f"{cell('ours', BATCH_ROWS, 'rows_per_s')} rows/s ({ours_rows / in_process:.0%} of "
+        "in-process), baseline "
+        f"{cell('baseline', BATCH_ROWS, 'rows_per_s')} rows/s ({baseline_rows / in_process:.0%}); "
+        f"the model's in-process `predict` of the same rows: {in_process:.0f} rows/s.",
+        f"Traffic profiling, single records at concurrency 32: on "
+        f"{cell('profiled', 32, 'requests_per_s')} req/s, off "
+        f"{cell('unprofiled', 32, 'requests_per_s')} req/s ({cost:.1%} cost); {BATCH_ROWS}-record "
+        f"requests at concurrency 1: on {cell('profiled', BATCH_ROWS, 'rows_per_s')} rows/s, off "
+        f"{cell('unprofiled', BATCH_ROWS, 'rows_per_s')} rows/s ({bulk_cost:.1%} cost).",
+        f"Startup: baseline {startup['baseline']:.1f} s from process start to the first 200; "
+        f"ours {startup['ours_first_deploy']:.1f} s for the platform's first deployment on a "
+        f"fresh head (Serve, HAProxy, the replica and its recorder process; to `/healthz` naming "
+        f"the version) and {startup['ours_new_app']:.1f} s from deploying a second app (no "
+        f"profiling) to its first 200. The head itself starts in {startup['ray_head']:.1f} s; "
+        f"`python -m mlplatform run`, training included, took {startup['mlplatform_run']:.0f} s.",
+        f"Errors (non-200 or client errors): ours {ours_failures}, baseline {baseline_failures}.",
+        "",
+        "| target | measured | verdict |",
+        "|---|---|---|",
+        f"| c=32 req/s >= {TARGETS['ratio_32']:.1f}x baseline | {ratio_32:.2f}x "
+        f"| {verdict(ratio_32 >= TARGETS['ratio_32'])} |",
+        f"| c=32 p99 <= {TARGETS['p99_32_ms']:.0f} ms | {p99_32:.1f} ms "
+        f"| {verdict(p99_32 <= TARGETS['p99_32_ms'])} |",
+        f"| zero errors | {ours_failures} | {verdict(ours_failures == 0)} |",
+        f"| c=1 p50 <= {TARGETS['p50_1_ms']:.0f} ms | {p50_1:.1f} ms "
+        f"| {verdict(p50_1 <= TARGETS['p50_1_ms'])} |",
+        f"| {BATCH_ROWS}-record rows/s >= {TARGETS['rows_share']:.0%} of in-process "
+        f"| {ours_rows / in_process:.0%} "
+        f"| {verdict(ours_rows / in_process >= TARGETS['rows_share'])} |",
+        f"| profiling cost <= {TARGETS['profiling_cost']:.0%} (single records, c=32) "
+        f"| {cost:.1%} | {verdict(cost <= TARGETS['profiling_cost'])} |",
+        f"| profiling cost <= {TARGETS['profiling_cost']:.0%} ({BATCH_ROWS}-record requests) "
+        f"| {bulk_cost:.1%} | {verdict(bulk_cost <= TARGETS['profiling_cost'])} |",
+    ]
+    return lines
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["client"]:
+        client_main(sys.argv[2:])
+    else:
+        sys.exit(main())
