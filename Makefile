@@ -8,16 +8,29 @@ BIN := $(VENV)/bin
 export MLPLATFORM_HOME ?= $(CURDIR)/.mlplatform
 export DAGSTER_HOME ?= $(MLPLATFORM_HOME)/dagster
 
-.PHONY: install run test ui stop demo-drift lint format clean
+# Installs come from uv.lock (exact versions of every package), through a pinned uv that lives in
+# its own small environment, so nothing outside the checkout is needed beyond Python.
+UV_VERSION := 0.13.9
+UV := .tools/bin/uv
+export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: install run test ui stop demo-drift lint format lock clean
 
 install: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml
+$(UV):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "mlplatform needs Python 3.11 or newer (set PYTHON=python3.11)")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(BIN)/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --all-extras --python $(PYTHON) --quiet
 	@touch $@
+
+## lock: update uv.lock after changing the dependencies in pyproject.toml
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
