@@ -21,11 +21,13 @@ install: $(BIN)/.installed
 
 $(UV):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "mlplatform needs Python 3.11 or newer (set PYTHON=python3.11)")'
-	$(PYTHON) -m venv .tools
-	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	@echo "Installing uv $(UV_VERSION) into .tools/ ..."
+	@$(PYTHON) -m venv .tools
+	@.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(BIN)/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --locked --all-extras --python $(PYTHON) --quiet
+	@echo "Installing the locked dependencies (uv.lock) into $(VENV)/ ..."
+	@$(UV) sync --locked --all-extras --python $(PYTHON) --quiet
 	@touch $@
 
 ## lock: update uv.lock after changing the dependencies in pyproject.toml
@@ -34,11 +36,11 @@ lock: $(UV)
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+	@cp dagster.yaml $@
 
 ## run: materialize the whole asset graph and leave the endpoint running
 run: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -m mlplatform run
+	@$(BIN)/python -m mlplatform run
 
 ## test: the whole test suite
 test: install

@@ -66,14 +66,17 @@ def new_home(root: Path, name: str, csv: Path | None) -> tuple[Path, dict[str, s
     home = root / name
     (home / "dagster").mkdir(parents=True)
     shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
-    from mlplatform.serving.cluster import loopback_environment
+    from mlplatform.serving.cluster import LocalHead
+    from mlplatform.settings import load_settings
 
     # The environment the platform starts its own local head with (loopback, token auth, the
     # serving path's settings), so the head started here is the one `make run` would start.
-    env = loopback_environment() | {
+    ray_port = free_port()
+    head = LocalHead(ray_port, load_settings({"MLPLATFORM_HOME": str(home)}).ray_dir)
+    env = head.environment() | {
         "MLPLATFORM_HOME": str(home),
         "DAGSTER_HOME": str(home / "dagster"),
-        "MLPLATFORM_RAY_PORT": str(free_port()),
+        "MLPLATFORM_RAY_PORT": str(ray_port),
         "MLPLATFORM_SERVE_PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
     }

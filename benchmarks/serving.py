@@ -2,7 +2,7 @@
 
 Trains and registers the demo model with ``python -m mlplatform run`` in a temporary platform home,
 on a Ray head started here in the foreground with the environment the platform gives its own head
-(``cluster.loopback_environment()``), so the endpoint measured is exactly the default deployment
+(``cluster.LocalHead.environment()``), so the endpoint measured is exactly the default deployment
 (EndpointConfig defaults, traffic profiling on). Starts ``benchmarks/baseline_server.py`` (FastAPI
 + uvicorn, one worker) on the same registered model. Then, alternating the two servers round by
 round with a closed-loop async client (aiohttp, a separate process, one connection per worker):
@@ -38,10 +38,13 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from processes import LOOPBACK, REPO, free_port, start, stop, wait_for_port
+
+if TYPE_CHECKING:
+    from mlplatform.serving.cluster import LocalHead
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CONCURRENCIES = (1, 8, 32)
@@ -188,7 +191,7 @@ def in_process_rows_per_s(model_uri: str, tracking_uri: str, records: list[dict]
     return rates
 
 
-def deploy_unprofiled(ray_port: int, serve_port: int, tracking_uri: str) -> None:
+def deploy_unprofiled(head: "LocalHead", serve_port: int, tracking_uri: str) -> None:
     """The default deployment's settings without traffic profiling, as app ``noprofile``."""
     from mlplatform.defs.serving import EndpointConfig
     from mlplatform.serving import cluster
@@ -202,7 +205,7 @@ def deploy_unprofiled(ray_port: int, serve_port: int, tracking_uri: str) -> None
         host=LOOPBACK,
         port=serve_port,
         app_name="noprofile",
-        local_ray_port=ray_port,
+        local_head=head,
         route_prefix="/noprofile",
     )
 
@@ -254,9 +257,11 @@ def main() -> int:
     os.environ.pop("RAY_ADDRESS", None)
     (home / "dagster").mkdir(parents=True)
     shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
-    from mlplatform.serving.cluster import loopback_environment
+    from mlplatform.serving.cluster import LocalHead
+    from mlplatform.settings import load_settings
 
-    env = loopback_environment()  # what `ensure_local_head` gives the platform's own head
+    head = LocalHead(ray_port, load_settings().ray_dir)
+    env = head.environment()  # what `LocalHead.ensure_running` gives the platform's own head
     tracking_uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     ours = f"http://{LOOPBACK}:{serve_port}"
     baseline = f"http://{LOOPBACK}:{baseline_port}"
@@ -308,7 +313,7 @@ def main() -> int:
         )
         results["startup_s"]["baseline"] = first_200(f"{baseline}/predict", probe, started)
         started = time.monotonic()
-        deploy_unprofiled(ray_port, serve_port, tracking_uri)
+        deploy_unprofiled(head, serve_port, tracking_uri)
         results["startup_s"]["ours_new_app"] = first_200(
             f"{ours}/noprofile/predict", probe, started
         )

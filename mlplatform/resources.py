@@ -6,6 +6,7 @@ production, and any field can be overridden per run from the Launchpad.
 """
 
 import glob
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,6 @@ import dagster as dg
 import fsspec
 import mlflow
 import pandas as pd
-from dagster_mlflow.resources import MlFlow
 from mlflow import MlflowClient
 from pydantic import Field, PrivateAttr
 
@@ -147,7 +147,7 @@ class MlflowTracking(dg.ConfigurableResource):
         default=None,
         description="Registered model name; default MLPLATFORM_MODEL_NAME or 'mlplatform'.",
     )
-    _run: MlFlow | None = PrivateAttr(default=None)
+    _run: Any = PrivateAttr(default=None)  # dagster_mlflow's MlFlow, once set up
 
     @property
     def tracking_uri(self) -> str:
@@ -173,7 +173,13 @@ class MlflowTracking(dg.ConfigurableResource):
                 self.experiment_name,
                 artifact_location=settings.mlflow_artifacts_uri if local_store else None,
             )
-        self._run = MlFlow(context)
+        with warnings.catch_warnings():
+            # dagster-mlflow's resource and hooks (imported with it) are marked beta; the
+            # platform uses them knowingly, so their warnings stay out of every run's output.
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            from dagster_mlflow.resources import MlFlow
+
+            self._run = MlFlow(context)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         """Close the MLflow run; a later step of the same Dagster run resumes it."""
@@ -231,5 +237,5 @@ class RayServe(dg.ConfigurableResource):
             host=self.host or settings.serve_host,
             port=self.port or settings.serve_port,
             app_name=self.app_name,
-            local_ray_port=settings.ray_port,
+            local_head=cluster.LocalHead(settings.ray_port, settings.ray_dir),
         )

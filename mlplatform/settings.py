@@ -85,6 +85,11 @@ class PlatformSettings:
         return self.profiles_dir / "traffic"
 
     @property
+    def ray_dir(self) -> Path:
+        """The local Ray head's token and process group (see ``serving.cluster.LocalHead``)."""
+        return self.home / "ray"
+
+    @property
     def feedback_db(self) -> Path:
         """The prediction log that ground-truth labels (``POST /feedback``) are joined to."""
         return self.home / "monitoring" / "feedback.sqlite"

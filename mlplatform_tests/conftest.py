@@ -17,6 +17,7 @@ from mlplatform.defs.registry import champion_model
 from mlplatform.defs.training import candidate_model
 from mlplatform.demo.data import generate_loans
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
+from mlplatform.serving.cluster import ensure_auth_token
 from mlplatform.serving.ingress import fast_ingress_environment
 from mlplatform.settings import PlatformSettings, load_settings
 
@@ -102,7 +103,7 @@ def small_loans_csv(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_port() -> Iterator[int]:
+def serve_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """One real local Ray instance with Serve listening on 127.0.0.1 for the whole session.
 
     Started with the environment the platform gives its own head (the fast serving path:
@@ -114,6 +115,9 @@ def serve_port() -> Iterator[int]:
 
     for name, value in fast_ingress_environment(single_node=True).items():
         os.environ.setdefault(name, value)
+    # The session's own token, never the one `ray.init()` would leave in ~/.ray.
+    token = ensure_auth_token(tmp_path_factory.mktemp("ray") / "auth_token")
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
     port = free_port()
     ray.init(
         address="local",

@@ -15,7 +15,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from mlplatform.__main__ import main, run_pipeline
+from mlplatform.cli import main, run_pipeline
 from mlplatform.demo.data import generate_loans
 from mlplatform.settings import load_settings
 

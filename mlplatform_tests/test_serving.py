@@ -101,7 +101,7 @@ def endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> dict:
         host="127.0.0.1",
         port=serve_port,
         app_name="mlplatform",
-        local_ray_port=0,
+        local_head=None,
     )
     url = f"http://127.0.0.1:{serve_port}"
     cluster.wait_until_serving(url, "1")

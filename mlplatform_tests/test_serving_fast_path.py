@@ -202,7 +202,7 @@ def fast_endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory):
         host="127.0.0.1",
         port=serve_port,
         app_name="fastpath",
-        local_ray_port=0,
+        local_head=None,
         route_prefix=PREFIX,
     )
     url = f"http://127.0.0.1:{serve_port}{PREFIX}"

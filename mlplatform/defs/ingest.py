@@ -1,6 +1,7 @@
 """Ingest: read the configured source into ``raw_data`` and guard it with blocking checks."""
 
 import hashlib
+import warnings
 
 import dagster as dg
 import pandas as pd
@@ -158,19 +159,23 @@ def raw_data(context: dg.AssetExecutionContext, config: RawDataConfig, data_sour
     context.log.info(
         f"read {len(frame)} rows x {frame.shape[1]} columns from {uri} (data version {version})"
     )
-    yield dg.Output(
-        frame,
-        data_version=dg.DataVersion(version),
-        metadata={
-            "source_uri": uri,
-            "data_version": version,
-            "target": target,
-            "dagster/row_count": len(frame),
-            "columns": frame.shape[1],
-            "dagster/column_schema": _column_schema(frame),
-            "preview": dg.MetadataValue.md(frame.head(5).to_markdown(index=False)),
-        },
-    )
+    with warnings.catch_warnings():
+        # Output(data_version=...) is beta; it is what the UI shows as the data version.
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        output = dg.Output(
+            frame,
+            data_version=dg.DataVersion(version),
+            metadata={
+                "source_uri": uri,
+                "data_version": version,
+                "target": target,
+                "dagster/row_count": len(frame),
+                "columns": frame.shape[1],
+                "dagster/column_schema": _column_schema(frame),
+                "preview": dg.MetadataValue.md(frame.head(5).to_markdown(index=False)),
+            },
+        )
+    yield output
     yield check_schema(frame, target)
     yield check_no_empty_columns(frame, config.max_null_share)
     yield check_target_is_usable(frame, target, data_source.resolved_task(), config.min_class_rows)

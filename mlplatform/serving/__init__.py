@@ -1,6 +1,33 @@
 """The Ray Serve application and how it is deployed. Imports nothing from Dagster."""
 
+import importlib.metadata
 import os
+
+SUPPORTED_RAY = "2.60"
+"""The Ray minor release whose internals ``loopback`` patches and ``ingress`` configures."""
+
+
+def require_supported_ray() -> None:
+    """Stop with a clear message unless the installed Ray is the supported minor release.
+
+    ``loopback.bind_replica_grpc_to_loopback`` replaces a function of Ray Serve's private
+    replica module, and ``ingress`` relies on 2.60's HAProxy mode and its variables; another
+    release could change either silently, so the platform refuses to start instead.
+
+    Raises:
+        RuntimeError: on any other Ray version.
+
+    """
+    installed = importlib.metadata.version("ray")
+    if installed.split(".")[:2] != SUPPORTED_RAY.split("."):
+        raise RuntimeError(
+            f"mlplatform's serving needs Ray {SUPPORTED_RAY}.x, found Ray {installed}: it relies "
+            "on that release's internals (mlplatform/serving/loopback.py, ingress.py). Install "
+            "the locked versions (`make install`, or `uv sync --locked`)."
+        )
+
+
+require_supported_ray()
 
 # Ray reads these once, when it is first imported, so they are set before any Ray import here.
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps a single-machine Ray on 127.0.0.1 instead of swapping
@@ -9,6 +36,7 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Token authentication: `ray.init()` turns it on for new local clusters but `ray start` only when
 # a token file already exists, so without an explicit mode the two disagree on a machine that ran
-# one of them before. The token lives in ~/.ray/auth_token (created on first use) or comes from
-# RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH; set RAY_AUTH_MODE=disabled for a cluster without it.
+# one of them before. The platform's own head keeps its token in the platform home
+# (`cluster.LocalHead`); a cluster of your own passes RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH; set
+# RAY_AUTH_MODE=disabled for a cluster without authentication.
 os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -1,14 +1,18 @@
 """Running the serving app on Ray: a local head started on demand, or an existing cluster.
 
 The local head is a long-lived ``ray start --head`` process bound to 127.0.0.1, so the endpoint
-outlives the command that deployed it; ``stop_local_head`` (``make stop``) shuts it down. With
+outlives the command that deployed it; ``LocalHead.stop`` (``make stop``) shuts it down. With
 ``RAY_ADDRESS`` set the platform deploys to that cluster and never starts one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +29,8 @@ from mlplatform.serving.ingress import fast_ingress_environment
 
 LOOPBACK = "127.0.0.1"
 
+logger = logging.getLogger(__name__)
+
 
 def _ray_executable() -> str:
     """The ``ray`` CLI of this interpreter's environment (so workers share our packages)."""
@@ -33,19 +39,18 @@ def _ray_executable() -> str:
 
 
 def loopback_environment() -> dict[str, str]:
-    """Environment for the embedded single-node Ray head: loopback only, token authentication.
+    """Environment for the embedded single-node Ray head: loopback only, fast serving path.
 
     The same settings as this process (see ``mlplatform.serving``), made explicit for the
     ``ray start`` child so head and drivers agree, and the fast serving path (direct ingress
     behind HAProxy, see :mod:`mlplatform.serving.ingress`) unless this environment sets those
     variables otherwise (``RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` is
-    Serve's default Python proxy).
+    Serve's default Python proxy). Authentication is :meth:`LocalHead.environment`'s part.
     """
     return {
         **fast_ingress_environment(single_node=True),
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "token",
     }
 
 
@@ -62,55 +67,195 @@ def port_is_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def ensure_local_head(port: int, serve_port: int | None = None, timeout_s: float = 90.0) -> str:
-    """Start a local Ray head on ``127.0.0.1:port`` unless one already answers there.
+def ensure_auth_token(path: Path) -> Path:
+    """Create a random Ray authentication token at ``path`` (mode 0600) unless one is there.
 
-    Args:
-        port: the head's GCS port.
-        serve_port: the endpoint port; a new head is refused if something else holds it.
-        timeout_s: how long to wait for the head.
+    Ray 2.60 creates a token only for clusters started by ``ray.init()`` (in ``~/.ray``);
+    ``ray start`` with token authentication expects one to exist. The platform therefore makes
+    its own, beside the rest of its state, so a machine that never ran Ray works and deleting
+    the platform home resets it. Concurrent callers agree on one token: it is written to a
+    private temporary file and linked into place, which fails if another caller was first.
 
     Returns:
-        The head's address, ``127.0.0.1:<port>``.
-
-    Raises:
-        RuntimeError: if ``ray start`` fails or the head does not come up in time.
+        ``path``.
 
     """
-    address = f"{LOOPBACK}:{port}"
-    if port_is_open(LOOPBACK, port):
-        return address
-    if serve_port is not None and port_is_open(LOOPBACK, serve_port):
-        # Two Ray Serve proxies can share a port (SO_REUSEPORT) and would split the traffic.
-        raise RuntimeError(
-            f"port {serve_port} is already in use but no Ray head answers on {address}: stop the "
-            "other server (or another Ray cluster: `make stop`) or set MLPLATFORM_SERVE_PORT"
+    if path.exists():
+        return path
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalHead:
+    """The embedded Ray head: a ``ray start --head`` on 127.0.0.1 with token authentication.
+
+    The head runs in a session of its own (its own process group), so it outlives the command
+    that started it, a Ctrl-C in that terminal does not reach it, and nothing Ray does to its
+    process group reaches the caller. Its process group is recorded in ``state_dir``, so
+    :meth:`stop` stops exactly this head and no other Ray on the machine.
+
+    Attributes:
+        port: the head's GCS port.
+        state_dir: where the head's token and process group are kept (the platform home's
+            ``ray/``). The token is used unless the environment names one of its own
+            (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``).
+
+    """
+
+    port: int
+    state_dir: Path
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<port>``."""
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def auth_token_path(self) -> Path:
+        """The token file the head and every driver present."""
+        return self.state_dir / "auth_token"
+
+    @property
+    def process_group_path(self) -> Path:
+        """The file holding the head's process group id while it runs."""
+        return self.state_dir / "head.pgid"
+
+    def auth_environment(self) -> dict[str, str]:
+        """``RAY_AUTH_MODE=token`` and where the token is, creating the platform's on first use."""
+        if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            return {"RAY_AUTH_MODE": "token"}
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(ensure_auth_token(self.auth_token_path)),
+        }
+
+    def environment(self) -> dict[str, str]:
+        """The whole environment of the head's processes: loopback, serving path, token."""
+        return loopback_environment() | self.auth_environment()
+
+    def ensure_running(self, serve_port: int | None = None, timeout_s: float = 90.0) -> str:
+        """Start the head unless one already answers on its port.
+
+        Args:
+            serve_port: the endpoint port; a new head is refused if something else holds it.
+            timeout_s: how long to wait for the head.
+
+        Returns:
+            The head's address.
+
+        Raises:
+            RuntimeError: if ``ray start`` fails or the head does not come up in time.
+
+        """
+        if port_is_open(LOOPBACK, self.port):
+            return self.address
+        if serve_port is not None and port_is_open(LOOPBACK, serve_port):
+            # Two Ray Serve proxies can share a port (SO_REUSEPORT) and would split the traffic.
+            raise RuntimeError(
+                f"port {serve_port} is already in use but no Ray head answers on {self.address}: "
+                "stop the other server (or another Ray cluster: `make stop`) or set "
+                "MLPLATFORM_SERVE_PORT"
+            )
+        command = [
+            _ray_executable(),
+            "start",
+            "--head",
+            f"--node-ip-address={LOOPBACK}",
+            f"--port={self.port}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ]
+        environment = self.environment()
+        starter = subprocess.Popen(
+            command,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
-    command = [
-        _ray_executable(),
-        "start",
-        "--head",
-        f"--node-ip-address={LOOPBACK}",
-        f"--port={port}",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-    ]
-    result = subprocess.run(
-        command, env=loopback_environment(), capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stdout}\n{result.stderr}")
-    deadline = time.monotonic() + timeout_s
-    while not port_is_open(LOOPBACK, port):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Ray head did not listen on {address} within {timeout_s:.0f}s")
-        time.sleep(0.2)
-    return address
+        self.process_group_path.write_text(f"{starter.pid}\n")
+        output, _ = starter.communicate()
+        if starter.returncode != 0:
+            raise RuntimeError(f"`{' '.join(command)}` failed:\n{output}")
+        deadline = time.monotonic() + timeout_s
+        while not port_is_open(LOOPBACK, self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Ray head did not listen on {self.address} within {timeout_s:.0f}s"
+                )
+            time.sleep(0.2)
+        return self.address
+
+    def stop(self, grace_s: float = 2.0) -> bool:
+        """Stop this head, its Serve apps and the endpoint: its whole process group.
+
+        Serve is shut down first, so replicas close cleanly (traffic recorders write their last
+        profile window); then the head's processes get SIGTERM and, after ``grace_s``, SIGKILL
+        (Ray's GCS server does not exit on SIGTERM alone). A recorded process group is
+        signalled only while the head answers on its port, so a record left behind by a reboot
+        never reaches a process that reused the number.
+
+        Returns:
+            Whether a head started from this state directory was running.
+
+        """
+        try:
+            group = int(self.process_group_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        running = port_is_open(LOOPBACK, self.port)
+        if running:
+            self._shut_down_serve()
+            alive = _signal_group(group, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while alive and time.monotonic() < deadline:
+                time.sleep(0.2)
+                alive = _signal_group(group, 0)
+            if alive:
+                _signal_group(group, signal.SIGKILL)
+        self.process_group_path.unlink(missing_ok=True)
+        return running
+
+    def _shut_down_serve(self) -> None:
+        """Ask Serve to stop every app and its proxies gracefully; report, never raise."""
+        os.environ.update(self.auth_environment())
+        try:
+            ray.init(
+                address=self.address,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                namespace="mlplatform",
+                _node_ip_address=LOOPBACK,
+            )
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        except Exception as error:  # the head is stopped by signal either way
+            logger.warning("graceful Serve shutdown failed (%s); stopping the head anyway", error)
 
 
-def stop_local_head() -> None:
-    """Stop the local Ray processes (the head and its Serve apps)."""
-    subprocess.run([_ray_executable(), "stop"], env=loopback_environment(), check=False)
+def _signal_group(group: int, signum: int) -> bool:
+    """Send ``signum`` to a process group; whether any process of it was still there."""
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def deploy(
@@ -120,14 +265,15 @@ def deploy(
     host: str,
     port: int,
     app_name: str,
-    local_ray_port: int,
+    local_head: LocalHead | None,
     route_prefix: str = "/",
 ) -> None:
     """Deploy (or roll forward) the serving app and wait until Ray Serve reports it running.
 
     Reuses this process's Ray connection when there is one (tests share one Ray instance);
-    otherwise connects to ``ray_address`` or to a local head it starts, and disconnects after.
-    A redeploy is a rolling update: the old replicas answer until the new ones are ready.
+    otherwise connects to ``ray_address`` or to the local head, which it starts if needed, and
+    disconnects after. A redeploy is a rolling update: the old replicas answer until the new
+    ones are ready.
 
     Args:
         settings: the serving app's arguments (model URI, limits, replicas).
@@ -135,13 +281,24 @@ def deploy(
         host: interface for Serve's HTTP proxy (applies when Serve first starts in a cluster).
         port: port for Serve's HTTP proxy.
         app_name: the Serve application name (one endpoint per name).
-        local_ray_port: the local head's GCS port when ``ray_address`` is ``None``.
+        local_head: the embedded head to start or reuse when ``ray_address`` is ``None``.
         route_prefix: the path the app answers under (``/``: ``/predict``).
+
+    Raises:
+        ValueError: if there is neither a Ray connection, a ``ray_address`` nor a local head.
 
     """
     connected_here = not ray.is_initialized()
     if connected_here:
-        address = ray_address or ensure_local_head(local_ray_port, serve_port=port)
+        if ray_address is None:
+            if local_head is None:
+                raise ValueError("deploy needs a ray_address or a local_head to start")
+            # The driver presents the head's token: in this process's environment before Ray
+            # reads it (on the first connection).
+            os.environ.update(local_head.auth_environment())
+            address = local_head.ensure_running(serve_port=port)
+        else:
+            address = ray_address
         init_args: dict[str, Any] = {
             "address": address,
             "log_to_driver": False,
