@@ -17,7 +17,7 @@ from mlplatform.defs.registry import champion_model
 from mlplatform.defs.training import candidate_model
 from mlplatform.demo.data import generate_loans
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
-from mlplatform.serving.cluster import ensure_auth_token
+from mlplatform.serving.cluster import LocalHead
 from mlplatform.serving.ingress import fast_ingress_environment
 from mlplatform.settings import PlatformSettings, load_settings
 
@@ -104,32 +104,34 @@ def small_loans_csv(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def serve_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """One real local Ray instance with Serve listening on 127.0.0.1 for the whole session.
+    """One real Ray head for the whole session, with Serve listening on 127.0.0.1.
 
-    Started with the environment the platform gives its own head (the fast serving path:
-    HAProxy in front of replicas answering HTTP themselves), so the tests serve the way
-    ``make run`` does.
+    Started the way the platform starts its own (``LocalHead``: ``ray start`` in a session of
+    its own, a token of its own, the fast serving path), so the tests serve the way ``make run``
+    does, and nothing Ray does to its process group can reach this process. Stopped by its
+    process group at the end, leaving any other Ray on the machine alone.
     """
     import ray
     from ray import serve
 
+    # In this process too, before Ray reads them: driver and head agree on the serving path.
     for name, value in fast_ingress_environment(single_node=True).items():
         os.environ.setdefault(name, value)
-    # The session's own token, never the one `ray.init()` would leave in ~/.ray.
-    token = ensure_auth_token(tmp_path_factory.mktemp("ray") / "auth_token")
-    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
-    port = free_port()
+    head = LocalHead(free_port(), tmp_path_factory.mktemp("ray"))
+    address = head.ensure_running()
+    os.environ.update(head.auth_environment())
     ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
+        address=address,
         log_to_driver=False,
         namespace="mlplatform-tests",
+        _node_ip_address="127.0.0.1",
     )
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
     ray.shutdown()
+    head.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The real Definitions load, and the command lines work against a real instance."""
 
+import json
 import os
 import re
 import subprocess
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import dagster as dg
 import httpx
-import ray
 from conftest import free_port
 
 from mlplatform.definitions import defs
+from mlplatform.serving.cluster import port_is_open
 
 EXPECTED_GROUPS = {
     "raw_data": "ingest",
@@ -73,17 +74,34 @@ def test_workspace_and_instance_files_load(tmp_path):
 
 
 def _run_command(
-    program: str, *args: str, platform_home: Path, dagster_home: Path, **env: str
+    program: str | list[str],
+    *args: str,
+    platform_home: Path,
+    dagster_home: Path,
+    base: dict[str, str] | None = None,
+    **env: str,
 ) -> subprocess.CompletedProcess:
-    """Run one of the venv's programs as a user would, on the test's platform and Dagster homes."""
+    """Run a program of the venv as a user would, on the test's platform and Dagster homes.
+
+    Args:
+        program: a program beside this interpreter, or a whole command.
+        args: its arguments.
+        platform_home: ``MLPLATFORM_HOME``.
+        dagster_home: ``DAGSTER_HOME`` (created).
+        base: the environment to start from; default this process's.
+        env: more variables.
+
+    """
     dagster_home.mkdir(parents=True, exist_ok=True)
-    environment = os.environ | {
+    environment = (os.environ if base is None else base) | {
         "MLPLATFORM_HOME": str(platform_home),
         "DAGSTER_HOME": str(dagster_home),
         **env,
     }
+    beside = [str(Path(sys.executable).with_name(program))] if isinstance(program, str) else None
+    command = beside or program
     result = subprocess.run(
-        [str(Path(sys.executable).with_name(program)), *args],
+        [*command, *args],
         env=environment,
         capture_output=True,
         text=True,
@@ -108,20 +126,61 @@ def test_cli_materializes_a_selection(platform_home, tmp_path):
         assert event.asset_materialization.metadata["train_rows"].value == 3500
 
 
-def test_main_command_serves_and_prints_a_working_curl(platform_home, tmp_path, serve_port):
-    result = _run_command(
-        Path(sys.executable).name,
-        *("-m", "mlplatform", "run"),
+def test_main_command_works_from_an_empty_home_and_stop_stops_it(platform_home, tmp_path):
+    """`make run` on a machine that never saw Ray or the platform: a HOME with nothing in it.
+
+    The platform starts its own Ray head (on free ports, so the session's head is untouched),
+    creates the head's token in the platform home, serves, prints a curl that works; `stop`
+    takes the head and the endpoint down.
+    """
+    home = tmp_path / "user-home"
+    home.mkdir()
+    ray_port, serve_port = free_port(), free_port()
+    environment = {
+        "HOME": str(home),
+        "MLPLATFORM_RAY_PORT": str(ray_port),
+        "MLPLATFORM_SERVE_PORT": str(serve_port),
+    }
+    # Nothing of this test session's Ray: no address, no token, no serving settings.
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("RAY_", "XDG_")) and name != "HOME"
+    }
+    command = [sys.executable, "-m", "mlplatform"]
+    run = _run_command(
+        command,
+        "run",
+        base=inherited,
         platform_home=platform_home,
         dagster_home=tmp_path / "dagster",
-        RAY_ADDRESS=ray.get_runtime_context().gcs_address,
-        MLPLATFORM_SERVE_PORT=str(serve_port),
+        **environment,
     )
-    assert f"is live at http://127.0.0.1:{serve_port}" in result.stdout
-    curl = re.search(r"^\s*(curl .*)$", result.stdout, re.MULTILINE).group(1)
-    answer = subprocess.run(curl, shell=True, capture_output=True, text=True, check=True)
-    assert '"model_version":"1"' in answer.stdout
-    assert httpx.get(f"http://127.0.0.1:{serve_port}/healthz").json()["model_version"] == "1"
+    try:
+        assert f"is live at http://127.0.0.1:{serve_port}" in run.stdout
+        # One line per asset, then the endpoint: the DEBUG event stream went to the log file.
+        assert re.search(r"^  model_endpoint +[0-9.]+s  serving v1 at http", run.stdout, re.M)
+        assert "DEBUG" not in run.stdout + run.stderr
+        log = re.search(r"full log: (\S+\.log)", run.stdout).group(1)
+        assert "STEP_SUCCESS" in Path(log).read_text()
+        curl = re.search(r"^\s*(curl .*)$", run.stdout, re.MULTILINE).group(1)
+        answer = subprocess.run(curl, shell=True, capture_output=True, text=True, check=True)
+        assert json.loads(answer.stdout)["model_version"] == "1"
+        token = platform_home / "ray" / "auth_token"
+        assert token.stat().st_mode & 0o777 == 0o600
+        assert not (home / ".ray").exists()
+    finally:
+        stop = _run_command(
+            command,
+            "stop",
+            base=inherited,
+            platform_home=platform_home,
+            dagster_home=tmp_path / "dagster",
+            **environment,
+        )
+    assert "Stopped the local Ray head" in stop.stdout
+    assert not port_is_open("127.0.0.1", ray_port)
+    assert not port_is_open("127.0.0.1", serve_port)
 
 
 def test_workspace_file_loads_the_code_location(platform_home, tmp_path):

@@ -71,7 +71,9 @@ def test_endpoint_answers_like_the_registered_champion(first_run):
     health = next(
         c for c in first_run.get_asset_check_evaluations() if c.check_name == "endpoint_health"
     )
-    assert health.passed
+    # The check reports what it measured; its latency verdict depends on the machine's load.
+    assert health.description.startswith(f"serving v{endpoint.model_version}; p50 ")
+    assert health.metadata["p50_ms"].value <= health.metadata["max_ms"].value
 
 
 def test_second_run_redeploys_without_dropping_requests(first_run, resources, instance):

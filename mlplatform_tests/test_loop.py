@@ -124,8 +124,12 @@ def test_freshness_sensor_requests_a_retrain_once_per_stale_materialization(inst
     assert "Everything fresh" in _tick(freshness_sensor, instance).skip_reason.skip_message
 
     monkeypatch.setenv("MLPLATFORM_RAW_DATA_MAX_AGE_H", str(0.2 / 3600))  # 0.2 seconds
-    time.sleep(0.5)
+    # Ages only grow: tick until raw_data is past its window (no fixed sleep to race).
+    deadline = time.monotonic() + 30
     first = _tick(freshness_sensor, instance)
+    while not first.run_requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+        first = _tick(freshness_sensor, instance)
     assert [r.tags["mlplatform/trigger"] for r in first.run_requests] == ["freshness"]
     second = _tick(freshness_sensor, instance)
     assert second.run_requests[0].run_key == first.run_requests[0].run_key

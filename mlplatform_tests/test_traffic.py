@@ -224,12 +224,12 @@ def test_record_never_blocks_on_a_stuck_writer(loans, tmp_path):
         recorder.record("first", one, result)
         wait_for(lambda: recorder.stats().received_requests == 1)  # now stuck on the lock
 
-        started = time.perf_counter()
         accepted = sum(recorder.record(f"r{i}", one, result) for i in range(1000))
-        elapsed = time.perf_counter() - started
 
-        assert elapsed < 1.0  # the writer stays stuck for 30 s: record() did not wait for it
         stats = recorder.stats()
+        # The writer is still stuck on the first request (it gives up only after SQLite's 30 s
+        # busy timeout, with an error): all 1000 calls returned without waiting for it.
+        assert (stats.logged_rows, stats.errors) == (0, 0)
         assert (accepted, stats.queued) == (10, 10)
         assert (stats.dropped_requests, stats.dropped_rows) == (990, 990)
     finally:
