@@ -24,9 +24,19 @@ RUN apt-get update \
 
 WORKDIR /opt/mlplatform
 
-COPY pyproject.toml README.md ./
+# The exact versions of uv.lock, the file `make install` and CI install from, into a virtual
+# environment on the PATH; uv is pinned to the Makefile's UV_VERSION. Dependencies first, so a
+# change of the code alone reuses that layer.
+ENV UV_PROJECT_ENVIRONMENT=/opt/mlplatform/.venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    PATH=/opt/mlplatform/.venv/bin:$PATH
+RUN pip install --no-cache-dir uv==0.13.9
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --locked --no-cache --no-editable --no-install-project
 COPY mlplatform ./mlplatform
-RUN pip install --no-cache-dir .
+RUN uv sync --locked --no-cache --no-editable
 
 USER mlplatform
 

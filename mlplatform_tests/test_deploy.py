@@ -196,11 +196,10 @@ def build_dockerfile(service: Mapping[str, Any]) -> Path:
     return (context / build.get("dockerfile", "Dockerfile")).resolve()
 
 
-def pyproject_requirements() -> dict[str, Requirement]:
-    """The project's runtime requirements by (normalized) name."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = (Requirement(spec) for spec in project["dependencies"])
-    return {r.name.lower(): r for r in requirements}
+def locked_versions() -> dict[str, str]:
+    """The exact version of every package in uv.lock, by (normalized) name."""
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    return {package["name"]: package["version"] for package in lock["package"]}
 
 
 def pip_install_requirements(instructions: list[Instruction]) -> dict[str, Requirement]:
@@ -490,14 +489,19 @@ def test_dockerfile_lint(name: str) -> None:
 def test_user_code_dockerfile() -> None:
     instructions = parse_dockerfile(REPO / "Dockerfile")
     copied = [s for a in instruction_args(instructions, "COPY") for s in copy_sources(a)]
-    assert sorted(copied) == ["README.md", "mlplatform", "pyproject.toml"]
+    assert sorted(copied) == ["README.md", "mlplatform", "pyproject.toml", "uv.lock"]
     assert instruction_args(instructions, "WORKDIR") == ["/opt/mlplatform"]
-    assert env_assignments(instructions)["MLPLATFORM_HOME"] == "/var/lib/mlplatform"
+    environment = env_assignments(instructions)
+    assert environment["MLPLATFORM_HOME"] == "/var/lib/mlplatform"
+    assert environment["PATH"].startswith(environment["UV_PROJECT_ENVIRONMENT"] + "/bin:")
     assert instruction_args(instructions, "EXPOSE") == ["4000"]
-    assert any(
-        a.split() == ["pip", "install", "--no-cache-dir", "."]
-        for a in instruction_args(instructions, "RUN")
-    )
+    # The image installs uv.lock's versions with the uv the Makefile pins, code last.
+    runs = [a.split() for a in instruction_args(instructions, "RUN")]
+    make_uv = re.search(r"^UV_VERSION := (\S+)$", (REPO / "Makefile").read_text(), re.M)[1]
+    assert ["pip", "install", "--no-cache-dir", f"uv=={make_uv}"] in runs
+    syncs = [r for r in runs if r[:2] == ["uv", "sync"]]
+    assert syncs and all("--locked" in r and "--all-extras" not in r for r in syncs)
+    assert "--no-install-project" not in syncs[-1]
 
     cmd = exec_form(instruction_args(instructions, "CMD")[-1])
     assert cmd == [
@@ -518,8 +522,8 @@ def test_user_code_dockerfile() -> None:
     assert module == tool_dagster["module_name"]
 
 
-def test_control_plane_images_pin_the_project_versions() -> None:
-    project = pyproject_requirements()
+def test_control_plane_images_pin_the_locked_versions() -> None:
+    locked = locked_versions()
     dagster_image = pip_install_requirements(parse_dockerfile(DEPLOY / "Dockerfile.dagster"))
     assert set(dagster_image) == {
         "dagster",
@@ -527,10 +531,10 @@ def test_control_plane_images_pin_the_project_versions() -> None:
         "dagster-postgres",
         "dagster-docker",
     }
-    for name, requirement in dagster_image.items():
-        assert requirement.specifier == project[name].specifier, name
     mlflow_image = pip_install_requirements(parse_dockerfile(DEPLOY / "Dockerfile.mlflow"))
-    assert mlflow_image["mlflow"].specifier == project["mlflow"].specifier
+    assert set(mlflow_image) == {"mlflow", "psycopg2-binary"}
+    for name, requirement in (dagster_image | mlflow_image).items():
+        assert str(requirement.specifier) == f"=={locked[name]}", name
 
     dagster_env = env_assignments(parse_dockerfile(DEPLOY / "Dockerfile.dagster"))
     copied = instruction_args(parse_dockerfile(DEPLOY / "Dockerfile.dagster"), "COPY")

@@ -7,18 +7,21 @@ SUPPORTED_RAY = "2.60"
 """The Ray minor release whose internals ``loopback`` patches and ``ingress`` configures."""
 
 
-def require_supported_ray() -> None:
+def require_supported_ray(installed: str | None = None) -> None:
     """Stop with a clear message unless the installed Ray is the supported minor release.
 
     ``loopback.bind_replica_grpc_to_loopback`` replaces a function of Ray Serve's private
     replica module, and ``ingress`` relies on 2.60's HAProxy mode and its variables; another
     release could change either silently, so the platform refuses to start instead.
 
+    Args:
+        installed: the Ray version to check; default the installed one.
+
     Raises:
         RuntimeError: on any other Ray version.
 
     """
-    installed = importlib.metadata.version("ray")
+    installed = installed or importlib.metadata.version("ray")
     if installed.split(".")[:2] != SUPPORTED_RAY.split("."):
         raise RuntimeError(
             f"mlplatform's serving needs Ray {SUPPORTED_RAY}.x, found Ray {installed}: it relies "
