@@ -18,9 +18,11 @@ sketch error and the sampling noise at the row count seen:
   the frequent-items sketches, values unseen in the reference pooled into one bucket.
 
 The KS and chi-square p-values are reported for information only. A column needs at least
-``min_rows`` non-null values in the current window, and enough rows that noise alone would
-exceed the bound with probability below 0.1% (this matters for categorical columns with many
-categories), before it gets a decision; with fewer it is "insufficient data", never drifted.
+``min_rows`` non-null values in the current window before it gets a decision. It is drifted when
+its effect exceeds both the bound and the level that sampling noise alone exceeds with
+probability 0.1% at the two samples' effective size n_ref * n_cur / (n_ref + n_cur), so a clear
+shift is caught against a small reference too; not drifted when the effect is within the bound;
+and undecided in between (the samples are too small to tell), never drifted.
 
 Nothing here imports Dagster or Ray.
 """
@@ -183,13 +185,30 @@ class DriftResult:
             and self.drifted_share >= self.thresholds.drifted_share
         )
 
+    @property
+    def reference_note(self) -> str:
+        """A sentence when the reference is too small to resolve the KS bound, else empty.
+
+        However much traffic arrives, the effective size stays below the reference's rows, so
+        a small reference sets the smallest shift that can ever be told from noise.
+        """
+        floor = ks_noise_level(self.reference_rows)
+        if floor <= self.thresholds.ks_bound:
+            return ""
+        return (
+            f" The reference has {self.reference_rows:,} rows: numeric shifts under KS "
+            f"{floor:.2f} cannot be told from noise, however much traffic arrives."
+        )
+
     def summary(self) -> str:
         """One sentence with the numbers behind the verdict."""
         if not self.enough_rows:
+            undecided = next((c for c in self.columns if not c.decided), None)
+            why = f" ({undecided.column}: {undecided.reason})" if undecided else ""
             return (
                 f"No retrain: the window has {self.rows:,} rows and {len(self.decided_columns)} "
                 f"columns with enough data for a decision (at least {self.thresholds.min_rows:,} "
-                "rows needed)."
+                f"rows needed){why}." + self.reference_note
             )
         drifted = [c for c in self.columns if c.drifted]
         decided = len(self.decided_columns)
@@ -203,6 +222,7 @@ class DriftResult:
             + (f": {details}" if details else "")
             + (f"; {undecided} without a decision" if undecided else "")
             + "."
+            + self.reference_note
         )
 
     def to_frame(self) -> pd.DataFrame:
@@ -395,28 +415,33 @@ def _histogram_hellinger(
     )
 
 
-def _effective_rows(reference_rows: int, current_rows: int) -> float:
+def effective_rows(reference_rows: float, current_rows: float) -> float:
+    """The two-sample effective size n_ref * n_cur / (n_ref + n_cur) that noise scales with."""
     total = reference_rows + current_rows
     return reference_rows * current_rows / total if total else 0.0
 
 
-def _current_rows_needed(effective_rows: float, reference_rows: int) -> float:
-    """Current rows at which n_ref * n_cur / (n_ref + n_cur) reaches ``effective_rows``."""
-    if reference_rows <= effective_rows:
+def ks_noise_level(effective_rows: float) -> float:
+    """The KS statistic that noise alone exceeds with probability ``FALSE_ALARM_RATE``.
+
+    Under no drift sqrt(n_eff) * D follows the Kolmogorov distribution (conservatively so for
+    discrete columns), with n_eff the two-sample effective size n_ref * n_cur / (n_ref + n_cur):
+    the smaller of the two samples limits it, so a small reference does too.
+    """
+    if effective_rows <= 0:
         return math.inf
-    return effective_rows * reference_rows / (reference_rows - effective_rows)
+    return float(stats.kstwobign.isf(FALSE_ALARM_RATE) / math.sqrt(effective_rows))
 
 
-def _ks_rows_needed(bound: float) -> float:
-    # Under no drift sqrt(n_eff) * D follows the Kolmogorov distribution (conservatively so for
-    # discrete columns); below this many effective rows noise alone crosses the bound too often.
-    return (stats.kstwobign.isf(FALSE_ALARM_RATE) / bound) ** 2
+def hellinger_noise_level(effective_rows: float, buckets: int) -> float:
+    """The Hellinger distance that noise alone exceeds with probability ``FALSE_ALARM_RATE``.
 
-
-def _hellinger_rows_needed(bound: float, buckets: int) -> float:
-    # For small differences 8 * n_eff * H^2 is the two-sample chi-square statistic, ~ chi2(k - 1)
-    # under no drift: the more categories, the more rows before noise stays below the bound.
-    return stats.chi2.isf(FALSE_ALARM_RATE, max(buckets - 1, 1)) / (8 * bound**2)
+    For small differences 8 * n_eff * H^2 is the two-sample chi-square statistic, ~ chi2(k - 1)
+    under no drift: the more categories, the higher the noise at a given size.
+    """
+    if effective_rows <= 0:
+        return math.inf
+    return math.sqrt(stats.chi2.isf(FALSE_ALARM_RATE, max(buckets - 1, 1)) / (8 * effective_rows))
 
 
 def _no_decision(
@@ -441,27 +466,26 @@ def _decision(
     name: str,
     effect: float,
     bound: float,
-    rows_needed: float,
-    reference_rows: int,
+    noise: float,
+    effective_rows: float,
     current_rows: int,
     min_rows: int,
 ) -> tuple[bool, bool, str]:
-    """(decided, drifted, reason) for an effect size and the rows it rests on."""
-    needed = max(float(min_rows), _current_rows_needed(rows_needed, reference_rows))
-    if math.isinf(needed):
-        reason = (
-            f"insufficient reference data: {reference_rows:,} rows cannot resolve {name} {bound}"
-        )
-        return False, False, reason
-    if current_rows < needed:
-        reason = (
-            f"insufficient data: {current_rows:,} rows, {math.ceil(needed):,} needed "
-            f"to resolve {name} {bound}"
-        )
-        return False, False, reason
-    if effect > bound:
-        return True, True, f"{name} {effect:.3f} > {bound}"
-    return True, False, f"{name} {effect:.3f} <= {bound}"
+    """(decided, drifted, reason) for an effect size, its bound and the noise at its size.
+
+    Drifted: the effect exceeds both the bound and the noise level at the two samples'
+    effective size (so a clear shift is caught even against a small reference, and noise alone
+    raises a false alarm with probability under ``FALSE_ALARM_RATE``). Not drifted: the effect
+    is within the bound. Between the two, the samples are too small to tell.
+    """
+    if current_rows < min_rows:
+        return False, False, f"insufficient data: {current_rows:,} rows, {min_rows:,} needed"
+    size = f"noise level {noise:.3f} at {effective_rows:,.0f} effective rows"
+    if effect > max(bound, noise):
+        return True, True, f"{name} {effect:.3f} > {bound} and > {size}"
+    if effect <= bound:
+        return True, False, f"{name} {effect:.3f} <= {bound}"
+    return False, False, f"undecided: {name} {effect:.3f} > {bound} but within the {size}"
 
 
 def _compare_numeric(
@@ -480,13 +504,14 @@ def _compare_numeric(
             f"{error:.4f} on column '{name}': raise the bound or profile with a larger KLL k"
         )
     ks = sketch_ks_statistic(ref_sketch, cur_sketch)
-    p_value = float(stats.kstwo.sf(ks, round(_effective_rows(ref_rows, cur_rows)) or 1))
+    effective = effective_rows(ref_rows, cur_rows)
+    p_value = float(stats.kstwo.sf(ks, round(effective) or 1))
     decided, drifted, reason = _decision(
         "KS",
         ks,
         thresholds.ks_bound,
-        _ks_rows_needed(thresholds.ks_bound),
-        ref_rows,
+        ks_noise_level(effective),
+        effective,
         cur_rows,
         thresholds.min_rows,
     )
@@ -531,12 +556,13 @@ def _compare_categorical(
     p_value = (
         float(stats.chi2_contingency(table, correction=False).pvalue) if table.shape[1] > 1 else 1.0
     )
+    effective = effective_rows(ref_total, cur_total)
     decided, drifted, reason = _decision(
         "Hellinger",
         hellinger,
         thresholds.hellinger_bound,
-        _hellinger_rows_needed(thresholds.hellinger_bound, table.shape[1]),
-        int(ref_total),
+        hellinger_noise_level(effective, table.shape[1]),
+        effective,
         int(cur_total),
         thresholds.min_rows,
     )

@@ -538,7 +538,11 @@ def slice_table(
         for name, bins in plan
         for label, mask in _slice_labels(frame[name], bins)
     ]
-    result = pd.DataFrame(rows, columns=list(columns))
+    # Metrics are numbers even when there is no slice at all (no categorical feature): an empty
+    # table keeps its column types, so code computing on it needs no special case.
+    result = pd.DataFrame(rows, columns=list(columns)).astype(
+        {name: float for name in columns if name not in ("feature", "slice")}
+    )
     result["count"] = result["count"].astype(int)
     result["small"] = result["count"] < min_rows
     return result

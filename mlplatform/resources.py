@@ -107,6 +107,19 @@ class DataSource(dg.ConfigurableResource):
         """The requested learning task, if any (otherwise it is inferred from the target)."""
         return self.task or load_settings().task
 
+    sensitive_features: list[str] | None = Field(
+        default=None,
+        description="Features (e.g. sex, age) whose fairness gap between slices the promotion "
+        "gate bounds; default MLPLATFORM_SENSITIVE_FEATURES (comma-separated), else none. Gaps "
+        "on every other feature are reported, never blocking.",
+    )
+
+    def resolved_sensitive_features(self) -> tuple[str, ...]:
+        """The declared sensitive features (possibly none)."""
+        if self.sensitive_features is not None:
+            return tuple(self.sensitive_features)
+        return load_settings().sensitive_features
+
     def resolved_time_column(self) -> str | None:
         """The configured time column, if any (otherwise it is inferred from the data)."""
         return self.time_column or load_settings().time_column

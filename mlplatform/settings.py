@@ -30,7 +30,6 @@ class PlatformSettings:
         source: the raw data location (file, glob, folder or fsspec URL); ``None`` = demo data.
         target: the label column; ``None`` means the demo target (only valid for the demo).
         time_column: the column ordering rows in time; ``None`` = infer.
-        task: ``binary``, ``multiclass`` or ``regression``; ``None`` = infer from the target.
         model_name: the registered model's name in the MLflow registry.
         tracking_uri: the MLflow tracking (and registry) URI.
         ray_address: an existing Ray cluster; ``None`` = a local head started on demand.
@@ -38,6 +37,8 @@ class PlatformSettings:
         serve_port: the endpoint's HTTP port.
         ray_port: the GCS port of the local Ray head (when ``ray_address`` is ``None``).
         public_url: the endpoint's URL as clients reach it; ``None`` = ``http://host:port``.
+        task: ``binary``, ``multiclass`` or ``regression``; ``None`` = infer from the target.
+        sensitive_features: features whose fairness gap the promotion gate bounds.
 
     """
 
@@ -53,6 +54,7 @@ class PlatformSettings:
     ray_port: int = DEFAULT_RAY_PORT
     public_url: str | None = None
     task: str | None = None
+    sensitive_features: tuple[str, ...] = ()
 
     @property
     def dagster_home(self) -> Path:
@@ -108,8 +110,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PlatformSettings:
     ``MLPLATFORM_MODEL_NAME`` (default ``mlplatform``), ``MLFLOW_TRACKING_URI`` (default SQLite
     under the home), ``RAY_ADDRESS``,
     ``MLPLATFORM_SERVE_HOST`` (default 127.0.0.1), ``MLPLATFORM_SERVE_PORT`` (default 8000),
-    ``MLPLATFORM_RAY_PORT`` (default 6379) and ``MLPLATFORM_ENDPOINT_URL`` (default
-    ``http://<host>:<port>``; set it when clients reach the endpoint through another name).
+    ``MLPLATFORM_RAY_PORT`` (default 6379), ``MLPLATFORM_ENDPOINT_URL`` (default
+    ``http://<host>:<port>``; set it when clients reach the endpoint through another name) and
+    ``MLPLATFORM_SENSITIVE_FEATURES`` (comma-separated; default none).
 
     Raises:
         ValueError: if a port is not a number.
@@ -131,6 +134,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PlatformSettings:
         ray_port=_port(env, "MLPLATFORM_RAY_PORT", DEFAULT_RAY_PORT),
         public_url=(env.get("MLPLATFORM_ENDPOINT_URL") or "").rstrip("/") or None,
         task=env.get("MLPLATFORM_TASK") or None,
+        sensitive_features=tuple(
+            name.strip()
+            for name in env.get("MLPLATFORM_SENSITIVE_FEATURES", "").split(",")
+            if name.strip()
+        ),
     )
 
 

@@ -30,6 +30,8 @@ from sklearn.preprocessing import (
 
 FeatureKind = Literal["numeric", "categorical", "boolean", "datetime"]
 Task = Literal["binary", "multiclass", "regression"]
+SLICEABLE_KINDS = ("categorical", "boolean", "numeric")
+"""Feature kinds evaluation can slice by (numeric ones in quantile bins)."""
 TASKS: tuple[Task, ...] = ("binary", "multiclass", "regression")
 
 # Targets with more distinct labels than this are not treated as classes.
@@ -62,6 +64,8 @@ class FeatureSpec:
         time_column: the column that orders rows in time (used for splitting), if any.
         dropped: column name -> reason it is not used as a feature.
         categories: categorical column -> the values seen in training (for schemas and docs).
+        task: the learning task.
+        sensitive: features declared sensitive: the promotion gate bounds their fairness gaps.
 
     """
 
@@ -72,6 +76,7 @@ class FeatureSpec:
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)
     categories: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     task: Task = "binary"
+    sensitive: tuple[str, ...] = ()
 
     @property
     def positive_class(self) -> Any:
@@ -82,6 +87,14 @@ class FeatureSpec:
     def is_classification(self) -> bool:
         """Whether the target is a class label (binary or multiclass) rather than a value."""
         return self.task != "regression"
+
+    @property
+    def ignored_inputs(self) -> frozenset[str]:
+        """Columns the training data had that are not model inputs: the target and the dropped.
+
+        Records posted as the user's file has them carry these; they are accepted and ignored.
+        """
+        return frozenset(self.dropped) | {self.target}
 
     def columns_of(self, kind: FeatureKind) -> list[str]:
         """Input columns of one kind, in input order."""
@@ -230,7 +243,11 @@ def _plain(value: Any) -> Any:
 
 
 def infer_feature_spec(
-    frame: pd.DataFrame, target: str, time_column: str | None = None, task: str | None = None
+    frame: pd.DataFrame,
+    target: str,
+    time_column: str | None = None,
+    task: str | None = None,
+    sensitive: Sequence[str] = (),
 ) -> FeatureSpec:
     """Infer the feature spec of a raw dataset.
 
@@ -240,6 +257,7 @@ def infer_feature_spec(
         time_column: the column that orders rows in time; by default the first datetime feature.
         task: ``binary``, ``multiclass`` or ``regression``; by default inferred from the target
             (see :func:`infer_task`).
+        sensitive: features declared sensitive (their fairness gaps are bounded by the gate).
 
     Returns:
         The spec, with every dropped column and its reason in ``dropped``.
@@ -276,6 +294,18 @@ def infer_feature_spec(
         raise DataError(f"time column '{time_column}' is not a datetime feature of the data")
     if time_column is None:
         time_column = next((n for n, k in features.items() if k == "datetime"), None)
+    unusable = [name for name in sensitive if features.get(name) not in SLICEABLE_KINDS]
+    if unusable:
+        reasons = [
+            f"'{name}' is " + (f"dropped ({dropped[name]})" if name in dropped else "not a column")
+            if name not in features
+            else f"'{name}' is a {features[name]} feature"
+            for name in unusable
+        ]
+        raise DataError(
+            "sensitive features must be categorical, boolean or numeric features of the data: "
+            + "; ".join(reasons)
+        )
     return FeatureSpec(
         features=features,
         target=target,
@@ -284,6 +314,7 @@ def infer_feature_spec(
         dropped=dropped,
         categories=categories,
         task=resolved_task,
+        sensitive=tuple(sensitive),
     )
 
 

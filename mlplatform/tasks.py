@@ -76,28 +76,35 @@ PROFILES: dict[str, TaskProfile] = {
 def multiclass_metrics(labels: np.ndarray, probability: np.ndarray) -> dict[str, float]:
     """Quality of class probabilities (columns = classes 0..k-1) against class indices.
 
-    ``roc_auc`` is the macro average of one-vs-rest AUCs (NaN unless every class is present);
-    ``log_loss`` clips probabilities like binary log loss; thresholded metrics use the most
-    probable class.
+    Every metric is over the classes present in ``labels``: a class absent from a split (a rare
+    seasonal class missing from the newest rows) has no recall or AUC there, and counting it as
+    zero would punish the model for the data's calendar. ``roc_auc`` is the macro average of the
+    present classes' one-vs-rest AUCs (NaN with fewer than two); ``log_loss`` clips
+    probabilities like binary log loss; thresholded metrics use the most probable class.
     """
     y = np.asarray(labels).astype(int)
     p = np.asarray(probability, dtype=float)
-    classes = list(range(p.shape[1]))
+    present = np.unique(y)
     predicted = np.argmax(p, axis=1)
     clipped = np.clip(p, reporting.PROBABILITY_CLIP, 1.0)
     clipped = clipped / clipped.sum(axis=1, keepdims=True)
-    every_class = len(np.unique(y)) == len(classes)
-    macro = {"labels": classes, "average": "macro", "zero_division": 0}
+    macro = {"labels": present, "average": "macro", "zero_division": 0}
     return {
-        "roc_auc": float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=classes))
-        if every_class
+        "roc_auc": float(np.mean([roc_auc_score(y == k, p[:, k]) for k in present]))
+        if len(present) > 1
         else math.nan,
-        "log_loss": float(log_loss(y, clipped, labels=classes)),
+        "log_loss": float(log_loss(y, clipped, labels=list(range(p.shape[1])))),
         "accuracy": float(accuracy_score(y, predicted)),
         "macro_precision": float(precision_score(y, predicted, **macro)),
         "macro_recall": float(recall_score(y, predicted, **macro)),
         "macro_f1": float(f1_score(y, predicted, **macro)),
     }
+
+
+def absent_classes(labels: np.ndarray, classes: Sequence[Any]) -> list[Any]:
+    """The classes with no row among ``labels`` (class indices): metrics leave them out."""
+    present = set(np.unique(np.asarray(labels).astype(int)).tolist())
+    return [label for index, label in enumerate(classes) if index not in present]
 
 
 def regression_metrics(values: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

@@ -2,8 +2,10 @@
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import mlflow
@@ -19,6 +21,7 @@ from mlplatform.demo.data import generate_loans
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
 from mlplatform.serving.cluster import LocalHead
 from mlplatform.serving.ingress import fast_ingress_environment
+from mlplatform.serving.traffic import list_traffic_windows
 from mlplatform.settings import PlatformSettings, load_settings
 
 PLATFORM_VARIABLES = (
@@ -33,6 +36,33 @@ PLATFORM_VARIABLES = (
     "MLFLOW_TRACKING_URI",
     "RAY_ADDRESS",
 )
+
+
+# Short traffic windows so tests do not wait a minute for a profile to be written.
+FAST_WINDOWS = {"ops": {"model_endpoint": {"config": {"traffic_window_s": 2}}}}
+
+
+def wait_for_profiled_rows(version: str, rows: int, timeout_s: float = 60.0) -> int:
+    """Wait until the endpoint's traffic windows for ``version`` hold ``rows`` rows."""
+    settings = load_settings()
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while time.monotonic() < deadline:
+        seen = sum(
+            w.rows for w in list_traffic_windows(settings.traffic_dir, "mlplatform", version)
+        )
+        if seen >= rows:
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"only {seen} of {rows} rows profiled for v{version}")
+
+
+def tick(sensor: Any, instance: dg.DagsterInstance, cursor: str | None = None) -> Any:
+    """One evaluation of a sensor of the real Definitions on ``instance``."""
+    from mlplatform.definitions import defs
+
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
+    return sensor(context)
 
 
 def free_port() -> int:

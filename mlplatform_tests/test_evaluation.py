@@ -27,7 +27,9 @@ CHALLENGER = ModelRef("m", "2", "run2", "lightgbm")
 CHAMPION = ModelRef("m", "1", "run1", "lightgbm")
 
 
-def _report(auc: float, champion_auc: float | None, difference=None, gaps=None) -> EvaluationReport:
+def _report(
+    auc: float, champion_auc: float | None, difference=None, gaps=None, sensitive=()
+) -> EvaluationReport:
     compared = champion_auc is not None
     return EvaluationReport(
         challenger=CHALLENGER,
@@ -41,6 +43,7 @@ def _report(auc: float, champion_auc: float | None, difference=None, gaps=None) 
         if difference
         else None,
         fairness_gaps=gaps or {},
+        sensitive_features=sensitive,
     )
 
 
@@ -53,7 +56,18 @@ def _report(auc: float, champion_auc: float | None, difference=None, gaps=None) 
         (_report(0.698, 0.70, (-0.002, -0.008, 0.004)), True, "non-inferior to"),
         (_report(0.70, 0.70, (0.0, -0.03, 0.03)), False, "credibly worse than"),
         (_report(0.65, 0.70, (-0.05, -0.08, -0.02)), False, "credibly worse than"),
-        (_report(0.75, None, gaps={"region": 0.7}), False, "gap 0.700 across 'region'"),
+        (
+            _report(0.75, None, gaps={"region": 0.7}, sensitive=("region",)),
+            False,
+            "gap 0.700 between the slices of the sensitive feature 'region' exceeds",
+        ),
+        # A gap on a feature nobody declared sensitive describes the data; it never blocks.
+        (_report(0.75, None, gaps={"grade": 1.5}), True, "no sensitive feature to bound declared"),
+        (
+            _report(0.75, None, gaps={"grade": 1.5, "sex": 0.1}, sensitive=("sex",)),
+            True,
+            "sensitive sex gap 0.100 within 0.5",
+        ),
     ],
 )
 def test_promotion_gate_uses_the_paired_interval(report, passed, words):

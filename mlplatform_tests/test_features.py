@@ -1,9 +1,11 @@
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from mlplatform.defs.features import (
     FeaturesConfig,
     FeatureSet,
+    check_dominant_feature,
     check_leakage,
     check_split,
     features,
@@ -56,13 +58,40 @@ def test_split_check_fails_when_a_split_has_one_class():
     assert "test has a single class" in result.description
 
 
-def test_leakage_check_catches_a_copied_label():
+def test_leakage_check_blocks_a_recoded_label_and_an_identifier_that_encodes_it():
     frame = generate_loans(1000)
     frame["collections_flag"] = frame["defaulted"].map({0: "clean", 1: "sent"})
-    result = check_leakage(_feature_set(frame), max_auc=0.98)
+    # An account number issued from a different range once the loan defaulted.
+    frame["account"] = frame["defaulted"] * 100_000 + frame.index.to_numpy() % 5_000
+    result = check_leakage(_feature_set(frame), exactness=0.999)
     assert not result.passed
-    assert "collections_flag" in result.description
-    assert check_leakage(_feature_set(generate_loans(1000)), max_auc=0.98).passed
+    assert "collections_flag reproduces the target (accuracy 1.0000)" in result.description
+    assert "account reproduces the target (accuracy 1.0000)" in result.description
+    assert "Remove these columns" in result.description
+    clean = check_leakage(_feature_set(generate_loans(1000)), exactness=0.999)
+    assert clean.passed and clean.description.startswith("no feature reproduces the target")
+
+
+def test_a_strong_feature_is_a_warning_with_its_numbers_never_a_block():
+    """Like petal length in iris: it separates the classes well, but it is a real measurement."""
+    frame = generate_loans(1000)
+    rng = np.random.default_rng(0)
+    frame["bureau_score"] = frame["defaulted"] * 3.0 + rng.normal(0, 0.5, len(frame))
+    feature_set = _feature_set(frame)
+    assert check_leakage(feature_set, exactness=0.999).passed
+    warning = check_dominant_feature(feature_set, max_auc=0.98)
+    assert not warning.passed and warning.severity == dg.AssetCheckSeverity.WARN
+    assert warning.description.startswith("POSSIBLE TARGET LEAKAGE: bureau_score alone ranks")
+    assert 0.98 <= warning.metadata["single_feature_auc"].value["bureau_score"] < 1
+
+
+def test_leakage_check_on_a_regression_target_blocks_only_a_monotone_copy():
+    frame = generate_loans(1000)
+    frame["defaulted"] = frame["loan_amount"] * 0.8 + frame["income"].fillna(0) * 0.1
+    frame["amount_in_cents"] = frame["defaulted"] * 100  # the target under another name
+    result = check_leakage(_feature_set(frame), exactness=0.999)
+    assert not result.passed and "amount_in_cents" in result.description
+    assert "loan_amount" not in result.description  # strongly related, not a copy
 
 
 def test_profile_covers_features_and_target():

@@ -34,7 +34,7 @@ def test_checks_pass_on_good_data(frame):
         check_schema(frame, "defaulted"),
         check_no_empty_columns(frame, 0.9),
         check_target_is_usable(frame, "defaulted"),
-        check_enough_rows(frame, 200),
+        check_enough_rows(frame, "defaulted"),
     ]
     assert all(result.passed for result in results)
 
@@ -58,7 +58,6 @@ def test_empty_column_check_names_the_column(frame):
         ([1] * 300, None, "constant"),
         ([0, 1, 2] * 100, "binary", "3 distinct values"),
         ([0, None] * 150, None, "150 missing values"),
-        (["a", "b"] * 148 + ["c"] * 4, None, "classes with fewer than 10 rows: c (4)"),
         (["a", "b", "c"] * 100, "regression", "not numeric"),
     ],
 )
@@ -80,8 +79,28 @@ def test_target_check_accepts_multiclass_and_regression_targets(frame, labels, t
     assert result.metadata["task"].value == task
 
 
-def test_row_count_check(frame):
-    assert not check_enough_rows(frame.head(10), 200).passed
+def test_row_count_check_asks_what_the_split_needs_per_class(frame):
+    frame = frame.head(178).copy()  # a classic small multiclass dataset: 59 / 71 / 48 rows
+    frame["defaulted"] = ["a"] * 59 + ["b"] * 71 + ["c"] * 48
+    small = check_enough_rows(frame, "defaulted")
+    assert small.passed
+    assert small.description == (
+        "178 rows; smallest class c has 48 (at least 20 per class, so that the 15% validation "
+        "and test splits each get 3)"
+    )
+    frame["defaulted"] = ["a", "b"] * 85 + ["c"] * 8
+    rare = check_enough_rows(frame, "defaulted")
+    assert not rare.passed
+    assert rare.description.startswith("too few rows of c (8): each class needs 20")
+    assert "lower min_eval_class_rows" in rare.description
+    assert check_enough_rows(frame, "defaulted", min_eval_class_rows=1).passed  # 7 needed
+
+
+def test_row_count_check_for_regression(frame):
+    frame["defaulted"] = np.linspace(0, 1, len(frame))
+    assert check_enough_rows(frame.head(67), "defaulted").passed
+    few = check_enough_rows(frame.head(66), "defaulted")
+    assert not few.passed and "66 rows (at least 67" in few.description
 
 
 def test_source_reads_csv_parquet_globs_and_folders(tmp_path, frame):

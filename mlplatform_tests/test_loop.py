@@ -6,38 +6,17 @@ from pathlib import Path
 import dagster as dg
 import httpx
 import pytest
+from conftest import FAST_WINDOWS, tick, wait_for_profiled_rows
 
 from mlplatform.definitions import ASSETS, defs
 from mlplatform.defs.monitoring import drift_sensor, freshness_sensor
-from mlplatform.serving.traffic import FeedbackStore, list_traffic_windows
+from mlplatform.serving.traffic import FeedbackStore
 from mlplatform.settings import load_settings
 from mlplatform.simulate import move_demo_source, simulate
 
-# Short traffic windows so the test does not wait a minute for a profile to be written.
-FAST_WINDOWS = {"ops": {"model_endpoint": {"config": {"traffic_window_s": 2}}}}
 RETRAIN = dg.AssetSelection.assets("raw_data").downstream() - dg.AssetSelection.assets(
     "drift_report"
 )
-
-
-def _wait_for_profiled_rows(version: str, rows: int, timeout_s: float = 60.0) -> int:
-    """Wait until the endpoint's traffic windows for ``version`` hold ``rows`` rows."""
-    settings = load_settings()
-    deadline = time.monotonic() + timeout_s
-    seen = 0
-    while time.monotonic() < deadline:
-        seen = sum(
-            w.rows for w in list_traffic_windows(settings.traffic_dir, "mlplatform", version)
-        )
-        if seen >= rows:
-            return seen
-        time.sleep(0.5)
-    raise AssertionError(f"only {seen} of {rows} rows profiled for v{version}")
-
-
-def _tick(sensor, instance, cursor=None):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
-    return sensor(context)
 
 
 @pytest.fixture
@@ -54,9 +33,9 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     calm = simulate(url, rate=40, duration_s=2, drift=0.0, seed=1, batch_size=50, label_share=0.5)
     assert calm.ok == calm.requests and calm.versions == {"1": calm.requests}
     assert calm.labels_matched == calm.labels_sent > 0
-    _wait_for_profiled_rows("1", calm.records)
+    wait_for_profiled_rows("1", calm.records)
 
-    quiet = _tick(drift_sensor, instance)
+    quiet = tick(drift_sensor, instance)
     assert not quiet.run_requests
     assert quiet.skip_reason.skip_message.startswith("No retrain: 0 of")
     # The tick records what it saw on drift_report, with live performance from the labels.
@@ -69,9 +48,9 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     move_demo_source(small_loans_csv, drift=0.9, n_rows=1200)
     drifted = simulate(url, rate=40, duration_s=2, drift=0.9, seed=2, batch_size=50)
     assert drifted.ok == drifted.requests
-    _wait_for_profiled_rows("1", calm.records + drifted.records)
+    wait_for_profiled_rows("1", calm.records + drifted.records)
 
-    fired = _tick(drift_sensor, instance, cursor=quiet.cursor)
+    fired = tick(drift_sensor, instance, cursor=quiet.cursor)
     assert len(fired.run_requests) == 1
     request = fired.run_requests[0]
     assert request.run_key.startswith("drift-v1-")
@@ -91,7 +70,7 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     )
     assert "data:image/png;base64," in metadata["plot"].value
     # The same evidence never fires twice.
-    again = _tick(drift_sensor, instance, cursor=fired.cursor)
+    again = tick(drift_sensor, instance, cursor=fired.cursor)
     assert not again.run_requests and "No new traffic" in again.skip_reason.skip_message
 
     retrain = dg.materialize(
@@ -111,34 +90,34 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     # The new champion's traffic starts a new window of evidence: drifted traffic is now normal.
     after = simulate(url, rate=40, duration_s=2, drift=0.9, seed=3, batch_size=50)
     assert after.versions == {"2": after.requests}
-    _wait_for_profiled_rows("2", after.records)
-    settled = _tick(drift_sensor, instance, cursor=fired.cursor)
+    wait_for_profiled_rows("2", after.records)
+    settled = tick(drift_sensor, instance, cursor=fired.cursor)
     assert not settled.run_requests
     assert settled.skip_reason.skip_message.startswith("No retrain")
 
 
 def test_freshness_sensor_requests_a_retrain_once_per_stale_materialization(instance, monkeypatch):
-    assert "Everything fresh" in _tick(freshness_sensor, instance).skip_reason.skip_message
+    assert "Everything fresh" in tick(freshness_sensor, instance).skip_reason.skip_message
     instance.report_runless_asset_event(dg.AssetMaterialization("raw_data"))
     instance.report_runless_asset_event(dg.AssetMaterialization("candidate_model"))
-    assert "Everything fresh" in _tick(freshness_sensor, instance).skip_reason.skip_message
+    assert "Everything fresh" in tick(freshness_sensor, instance).skip_reason.skip_message
 
     monkeypatch.setenv("MLPLATFORM_RAW_DATA_MAX_AGE_H", str(0.2 / 3600))  # 0.2 seconds
     # Ages only grow: tick until raw_data is past its window (no fixed sleep to race).
     deadline = time.monotonic() + 30
-    first = _tick(freshness_sensor, instance)
+    first = tick(freshness_sensor, instance)
     while not first.run_requests and time.monotonic() < deadline:
         time.sleep(0.1)
-        first = _tick(freshness_sensor, instance)
+        first = tick(freshness_sensor, instance)
     assert [r.tags["mlplatform/trigger"] for r in first.run_requests] == ["freshness"]
-    second = _tick(freshness_sensor, instance)
+    second = tick(freshness_sensor, instance)
     assert second.run_requests[0].run_key == first.run_requests[0].run_key
 
     # A running retrain holds further requests back: retrains never overlap.
     instance.create_run_for_job(
         defs.resolve_job_def("retrain_job"), status=dg.DagsterRunStatus.STARTED
     )
-    busy = _tick(freshness_sensor, instance)
+    busy = tick(freshness_sensor, instance)
     assert not busy.run_requests and "already queued" in busy.skip_reason.skip_message
 
 

@@ -63,6 +63,25 @@ def test_validation_names_the_bad_field(mutate, status, message):
     assert any(message in e["msg"] for e in error.value.errors)
 
 
+def _file_records(n: int, seed: int = 11) -> list[dict]:
+    """Records as the user's file has them: identifier and label columns included."""
+    frame = generate_loans(n, seed=seed).astype(object)
+    return json.loads(frame.where(frame.notna(), None).to_json(orient="records"))
+
+
+def test_validation_accepts_the_columns_training_ignored_and_only_those():
+    assert {"application_id", "defaulted"} <= SPEC.ignored_inputs
+    records = _file_records(3)
+    assert set(records[0]) - set(SPEC.features) == {"application_id", "defaulted"}
+    frame = validate_records(records, SPEC, max_records=10)
+    assert list(frame.columns) == list(SPEC.features)
+    records[1]["applicant_name"] = "Ada"
+    with pytest.raises(InvalidRequest) as error:
+        validate_records(records, SPEC, max_records=10)
+    assert [e["loc"] for e in error.value.errors] == [["body", "records", 1, "applicant_name"]]
+    assert "trained on no such column" in error.value.errors[0]["msg"]
+
+
 def test_validation_limits_batch_size_and_rejects_empty():
     with pytest.raises(InvalidRequest) as error:
         validate_records(_records(11), SPEC, max_records=10)
@@ -149,6 +168,17 @@ def test_predictions_match_the_registered_model(endpoint):
         expected["probability"][:3].tolist(), abs=1e-12
     )
     assert len({s["request_id"] for s in single}) == 3
+
+
+def test_records_as_the_file_has_them_are_predicted_like_the_registered_model(endpoint):
+    records = _file_records(5, seed=12)  # with the dropped identifier and the label
+    mlflow.set_tracking_uri(endpoint["tracking_uri"])
+    expected = mlflow.pyfunc.load_model("models:/mlplatform/1").predict(pd.DataFrame(records))
+    batch = httpx.post(f"{endpoint['url']}/predict", json={"records": records})
+    assert batch.status_code == 200, batch.text
+    assert batch.json()["predictions"] == expected["prediction"].tolist()
+    single = httpx.post(f"{endpoint['url']}/predict", json={"records": records[:1]}).json()
+    assert single["probabilities"][0] == pytest.approx(expected["probability"][0], abs=1e-12)
 
 
 @pytest.mark.parametrize(

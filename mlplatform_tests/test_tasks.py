@@ -16,6 +16,7 @@ from sklearn.metrics import (
     mean_absolute_error,
     mean_squared_error,
     r2_score,
+    recall_score,
     roc_auc_score,
 )
 
@@ -102,8 +103,18 @@ def test_multiclass_metrics_equal_sklearn():
     assert metrics["log_loss"] == pytest.approx(log_loss(labels, probability))
     assert metrics["accuracy"] == pytest.approx(np.mean(predicted == labels))
     assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
-    missing_class = tasks.multiclass_metrics(labels[labels < 2], probability[labels < 2])
-    assert math.isnan(missing_class["roc_auc"])
+    # A class absent from the split: metrics over the classes present, never NaN or a zero.
+    kept = labels < 2
+    missing_class = tasks.multiclass_metrics(labels[kept], probability[kept])
+    assert missing_class["roc_auc"] == pytest.approx(
+        np.mean([roc_auc_score(labels[kept] == k, probability[kept, k]) for k in (0, 1)])
+    )
+    assert missing_class["macro_recall"] == pytest.approx(
+        recall_score(labels[kept], predicted[kept], labels=[0, 1], average="macro")
+    )
+    assert tasks.absent_classes(labels[kept], ["a", "b", "c"]) == ["c"]
+    one_class = tasks.multiclass_metrics(labels[labels == 0], probability[labels == 0])
+    assert math.isnan(one_class["roc_auc"])
 
 
 def test_regression_metrics_and_intervals_equal_sklearn_and_numpy():

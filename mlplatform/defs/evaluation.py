@@ -57,6 +57,8 @@ class EvaluationReport:
     difference: dict[str, dict[str, float]] | None = None
     fairness_gaps: dict[str, float] = dataclasses.field(default_factory=dict)
     fairness_metric: str = "tpr"
+    sensitive_features: tuple[str, ...] = ()
+    absent_classes: tuple[str, ...] = ()
     model_card: str = ""
     task: str = "binary"
 
@@ -81,7 +83,9 @@ class PromotionGateConfig(dg.Config):
     )
     max_fairness_gap: float = Field(
         default=0.5,
-        description="Largest allowed difference of the fairness metric between a feature's slices.",
+        description="Largest allowed difference of the fairness metric between the slices of a "
+        "sensitive feature (declared with MLPLATFORM_SENSITIVE_FEATURES or the data_source "
+        "resource); gaps on other features are reported, never blocking.",
     )
     fairness_flag: float = Field(
         default=0.2, description="Gaps above this are flagged in the report and the model card."
@@ -105,10 +109,12 @@ class PromotionGateConfig(dg.Config):
 def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> GateDecision:
     """Apply the gate: the floor, the fairness bound, then non-inferiority against the champion.
 
-    Non-inferiority uses the paired bootstrap interval of challenger - champion, not the point
-    estimates: a challenger passes unless it is credibly worse than the champion by more than
-    the tolerance. Without a paired interval (no comparable champion) only the floor and the
-    fairness bound apply.
+    The fairness bound applies to the declared sensitive features only: a gap between the slices
+    of another feature (say, diamond quality grades) describes the data, not unfair treatment,
+    and is reported in the report and the card instead. Non-inferiority uses the paired
+    bootstrap interval of challenger - champion, not the point estimates: a challenger passes
+    unless it is credibly worse than the champion by more than the tolerance. Without a paired
+    interval (no comparable champion) only the floor and the fairness bound apply.
     """
     profile = tasks.PROFILES[report.task]
     metric = config.gate_metric or profile.gate_metric
@@ -122,23 +128,39 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
     score = report.challenger_metrics[metric]
     champion_score = report.champion_metrics[metric] if report.champion_metrics else None
 
+    absent = ", ".join(report.absent_classes)
+    scope = f" (over the classes present: the test split has no {absent})" if absent else ""
+
     def verdict(passed: bool, reason: str) -> GateDecision:
-        return GateDecision(passed, reason, metric, score, champion_score)
+        return GateDecision(passed, reason + scope, metric, score, champion_score)
 
     if not (score <= floor if lower_is_better else score >= floor):
         bound = "ceiling" if lower_is_better else "floor"
         return verdict(False, f"test {metric} {score:.4f} misses the {bound} of {floor}")
-    worst_gap = max(report.fairness_gaps.items(), key=lambda item: item[1], default=None)
+    bounded = {
+        feature: gap
+        for feature, gap in report.fairness_gaps.items()
+        if feature in report.sensitive_features
+    }
+    worst_gap = max(bounded.items(), key=lambda item: item[1], default=None)
     if worst_gap and worst_gap[1] > config.max_fairness_gap:
         return verdict(
             False,
-            f"{report.fairness_metric} gap {worst_gap[1]:.3f} across '{worst_gap[0]}' slices "
-            f"exceeds {config.max_fairness_gap}",
+            f"{report.fairness_metric} gap {worst_gap[1]:.3f} between the slices of the "
+            f"sensitive feature '{worst_gap[0]}' exceeds max_fairness_gap "
+            f"{config.max_fairness_gap} (the slices are in the report)",
         )
+    fairness = (
+        f"sensitive {', '.join(f'{f} gap {g:.3f}' for f, g in bounded.items())} within "
+        f"{config.max_fairness_gap}"
+        if bounded
+        else "no sensitive feature to bound"
+        + (" with enough rows" if report.sensitive_features else " declared")
+    )
     if champion_score is None or not report.difference:
         return verdict(
             True,
-            f"test {metric} {score:.4f} clears {floor}; "
+            f"test {metric} {score:.4f} clears {floor}; {fairness}; "
             f"no comparable champion ({report.champion_note})",
         )
     diff = report.difference[metric]
@@ -153,7 +175,7 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
         passed,
         f"test {metric} {score:.4f} vs champion {champion} {champion_score:.4f}: difference "
         f"{diff['point']:+.4f}, {config.confidence:.0%} paired interval {interval}, tolerance "
-        f"{config.tolerance}: {outcome} the champion",
+        f"{config.tolerance}: {outcome} the champion; {fairness}",
     )
 
 
@@ -246,6 +268,11 @@ def build_model_card(
     """The challenger's model card (Markdown): data, features, metrics, slices, lineage."""
     spec = feature_set.spec
     limitations = reporting.known_limitations(slices, report.fairness_gaps, config.fairness_flag)
+    if report.absent_classes:
+        limitations.append(
+            f"The test split has no rows of {', '.join(report.absent_classes)}: the metrics are "
+            "over the other classes, and performance on those classes is unmeasured."
+        )
     if feature_set.time_ordered:
         limitations.append(
             "Evaluated on the most recent rows; accuracy on older or future periods may differ."
@@ -355,6 +382,8 @@ def evaluation_report(
                 note = f"champion v{champion.version} cannot score this data ({error})"
                 context.log.warning(note)
 
+    # Numeric sensitive features (age) are sliced in quartiles unless configured otherwise.
+    sensitive_bins = {name: 4 for name in spec.sensitive if spec.features[name] == "numeric"}
     slices = tasks.task_slices(
         task,
         inputs,
@@ -362,7 +391,7 @@ def evaluation_report(
         scores,
         threshold,
         categorical=spec.columns_of("categorical") + spec.columns_of("boolean"),
-        numeric_bins=config.slice_numeric_bins,
+        numeric_bins=sensitive_bins | config.slice_numeric_bins,
         min_rows=config.min_slice_rows,
     )
     if task == "binary":
@@ -400,6 +429,10 @@ def evaluation_report(
         else None,
         fairness_gaps=gaps,
         fairness_metric=fairness_metric,
+        sensitive_features=spec.sensitive,
+        absent_classes=tuple(map(str, tasks.absent_classes(labels, spec.classes)))
+        if spec.is_classification
+        else (),
         task=task,
     )
     report = dataclasses.replace(report, gate=decide_promotion(report, config))
@@ -445,6 +478,8 @@ def evaluation_report(
             "metrics": dg.MetadataValue.md(_metrics_table(report)),
             "gate": report.gate.reason,
             "fairness_gaps": dg.MetadataValue.json(gaps),
+            "sensitive_features": dg.MetadataValue.json(list(spec.sensitive)),
+            "absent_test_classes": dg.MetadataValue.json(list(report.absent_classes)),
             "fairness_flagged": dg.MetadataValue.json(flagged),
             "slices": dg.MetadataValue.md(slices.round(4).to_markdown(index=False)),
             "feature_importance": dg.MetadataValue.md(

@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import whylogs as why
 from pydantic import Field
-from sklearn.metrics import roc_auc_score
+from scipy import stats
+from sklearn.metrics import r2_score, roc_auc_score
 from sklearn.model_selection import train_test_split
+from sklearn.tree import DecisionTreeClassifier
 
-from mlplatform.defs.ingest import data_version
+from mlplatform.defs.ingest import HOLDOUT_SHARE, data_version
 from mlplatform.drift import profile_frame_fast
 from mlplatform.resources import DataSource
 from mlplatform.serving.traffic import coerce_for_profile
@@ -47,13 +49,22 @@ class FeaturesConfig(dg.Config):
     """How the data is split."""
 
     valid_fraction: float = Field(
-        default=0.15, description="Share of rows for validation (model selection)."
+        default=HOLDOUT_SHARE, description="Share of rows for validation (model selection)."
     )
-    test_fraction: float = Field(default=0.15, description="Share of rows for the held-out test.")
+    test_fraction: float = Field(
+        default=HOLDOUT_SHARE, description="Share of rows for the held-out test."
+    )
     seed: int = Field(default=42, description="Seed of the random split (no time column).")
-    leakage_auc: float = Field(
+    leakage_exactness: float = Field(
+        default=0.999,
+        description="Blocking: a feature that alone reproduces the target this exactly (rule "
+        "accuracy for classes, |rank correlation| or R2 for values, on both the training and "
+        "the validation split) is a copy or recoding of the target: the run stops.",
+    )
+    dominant_auc: float = Field(
         default=0.98,
-        description="A single feature predicting the target this well on its own is leakage.",
+        description="Warning: a feature ranking the target this well on its own (single-feature "
+        "AUC) is reported for a person to judge; leakage when it is known only after the outcome.",
     )
 
 
@@ -89,6 +100,84 @@ def split_frame(
     return train, valid, test
 
 
+def _rule_input(values: pd.Series, kind: str) -> pd.Series:
+    """A coerced feature as a single-feature rule reads it (datetimes as seconds)."""
+    if kind == "datetime":
+        return values.map(lambda stamp: stamp.timestamp() if pd.notna(stamp) else np.nan)
+    return values
+
+
+def _rule_fit(
+    kind: str, task: str, train: tuple[pd.Series, np.ndarray], other: tuple[pd.Series, np.ndarray]
+) -> float:
+    """How exactly the simplest rule on one feature, learned on ``train``, reproduces the target.
+
+    Classification: accuracy of a lookup (categorical, boolean: the majority class of each value)
+    or of a small decision tree (numeric: a few thresholds); regression: R2 of the per-value mean
+    (categorical, boolean) or the absolute Spearman correlation (numeric: any monotone recoding).
+    The lower of the score on ``train`` and on ``other`` (the validation split) counts.
+    """
+    (x_train, y_train), (x_other, y_other) = train, other
+    scores = []
+    for x, y in ((x_train, y_train), (x_other, y_other)):
+        if kind in ("categorical", "boolean"):
+            key = x_train.astype(str)
+            if task == "regression":
+                means = pd.Series(y_train, index=x_train.index).groupby(key).mean()
+                guess = x.astype(str).map(means).fillna(float(np.mean(y_train))).to_numpy()
+                scores.append(float(r2_score(y, guess)) if np.ptp(y) > 0 else 0.0)
+            else:
+                majority = (
+                    pd.Series(y_train, index=x_train.index)
+                    .groupby(key)
+                    .agg(lambda group: group.value_counts().index[0])
+                )
+                fallback = np.bincount(y_train).argmax()
+                guess = x.astype(str).map(majority).fillna(fallback).to_numpy()
+                scores.append(float(np.mean(guess == y)))
+        else:
+            values = pd.to_numeric(x, errors="coerce").to_numpy(dtype=float)
+            if task == "regression":
+                known = ~np.isnan(values)
+                if known.sum() < 3 or np.ptp(values[known]) == 0 or np.ptp(y[known]) == 0:
+                    return 0.0
+                scores.append(abs(float(stats.spearmanr(values[known], y[known]).statistic)))
+            else:
+                fitted = DecisionTreeClassifier(
+                    max_leaf_nodes=2 * max(len(np.unique(y_train)), 2), random_state=0
+                ).fit(
+                    pd.to_numeric(x_train, errors="coerce").to_numpy(dtype=float)[:, None], y_train
+                )
+                scores.append(float(np.mean(fitted.predict(values[:, None]) == y)))
+    return min(scores)
+
+
+def single_feature_fit(feature_set: FeatureSet) -> dict[str, float]:
+    """How exactly each feature alone reproduces the target (see :func:`_rule_fit`).
+
+    1.0 means a copy or a deterministic recoding of the target (an identifier that encodes it,
+    the label under another name): the model would learn nothing that holds at prediction time.
+    """
+    spec = feature_set.spec
+    if len(feature_set.valid) < 2:
+        return {}
+    train = coerce_features(feature_set.inputs("train"), spec)
+    valid = coerce_features(feature_set.inputs("valid"), spec)
+    y_train, y_valid = feature_set.labels("train"), feature_set.labels("valid")
+    return {
+        name: round(
+            _rule_fit(
+                kind,
+                spec.task,
+                (_rule_input(train[name], kind), y_train),
+                (_rule_input(valid[name], kind), y_valid),
+            ),
+            4,
+        )
+        for name, kind in spec.features.items()
+    }
+
+
 def _binary_views(labels: np.ndarray, task: str) -> list[np.ndarray]:
     """The target as 0/1 arrays a single feature can be ranked against.
 
@@ -104,37 +193,59 @@ def _binary_views(labels: np.ndarray, task: str) -> list[np.ndarray]:
 def single_feature_auc(feature_set: FeatureSet) -> dict[str, float]:
     """How well each feature alone ranks the training target (max of AUC and 1 - AUC).
 
-    For multiclass targets the best one-vs-rest AUC counts; for regression targets, the AUC
-    of separating values above the median from the rest.
+    For multiclass targets the mean of the one-vs-rest AUCs counts: a measurement that sets one
+    class apart (petal length and setosa, flipper length and Gentoo penguins) is biology, not
+    leakage; a feature that ranks every class is suspicious. For regression targets, the AUC of
+    separating values above the median from the rest.
     """
     coerced = coerce_features(feature_set.inputs("train"), feature_set.spec)
     views = _binary_views(feature_set.labels("train"), feature_set.spec.task)
     scores = {}
     for name in coerced.columns:
-        best = None
+        aucs = []
         for labels in views:
             column = coerced[name]
             if feature_set.spec.features[name] == "categorical":
                 column = column.map(pd.Series(labels, index=coerced.index).groupby(column).mean())
-            elif feature_set.spec.features[name] == "datetime":
-                column = column.map(lambda stamp: stamp.timestamp() if pd.notna(stamp) else np.nan)
+            column = _rule_input(column, feature_set.spec.features[name])
             values = pd.to_numeric(column, errors="coerce").astype(float)
             known = values.notna().to_numpy()
             if known.sum() < 10 or len(np.unique(labels[known])) < 2:
                 continue
             auc = roc_auc_score(labels[known], values.to_numpy()[known])
-            best = max(best or 0.0, float(max(auc, 1 - auc)))
-        if best is not None:
-            scores[name] = round(best, 4)
+            aucs.append(float(max(auc, 1 - auc)))
+        if aucs:
+            scores[name] = round(float(np.mean(aucs)), 4)
     return scores
+
+
+def _absent_from(feature_set: FeatureSet, split: str) -> str | None:
+    """Why ``split`` has no rows of some classes, or ``None`` when it has them all."""
+    spec = feature_set.spec
+    present = set(np.unique(feature_set.labels(split)).tolist())
+    absent = [label for k, label in enumerate(spec.classes) if k not in present]
+    if not absent:
+        return None
+    names = ", ".join(map(str, absent))
+    if not feature_set.time_ordered:
+        return f"{split} has no rows of {names}"
+    column = spec.time_column
+    stamps = pd.to_datetime(getattr(feature_set, split)[column], utc=True, format="mixed")
+    return (
+        f"{split} ({column} {stamps.min():%Y-%m-%d} to {stamps.max():%Y-%m-%d}) has no rows of "
+        f"{names}: a chronological split keeps the newest rows for evaluation and cannot move "
+        "older ones there, so its metrics are over the other classes"
+    )
 
 
 def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
     """Every split is non-empty and varied, training holds every class, and time is in order.
 
+    A validation or test split without some class passes with the reason (the newest rows of a
+    chronological split may lack a rare seasonal class); metrics then cover the classes present.
     Chronological splits must not overlap in time.
     """
-    problems = []
+    problems, notes = [], []
     spec = feature_set.spec
     for split in SPLITS:
         labels = feature_set.labels(split)
@@ -143,12 +254,11 @@ def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
         elif len(np.unique(labels)) < 2:
             kind = "value" if spec.task == "regression" else "class"
             problems.append(f"{split} has a single {kind}")
-    if spec.task == "multiclass" and not problems:
-        missing = set(range(len(spec.classes))) - set(np.unique(feature_set.labels("train")))
+    if spec.is_classification and not problems:
+        missing = _absent_from(feature_set, "train")
         if missing:
-            problems.append(
-                "train lacks classes " + ", ".join(str(spec.classes[k]) for k in sorted(missing))
-            )
+            problems.append(missing.split(":")[0] + ": the model cannot learn them")
+        notes += [note for s in ("valid", "test") if (note := _absent_from(feature_set, s))]
     if feature_set.time_ordered and not problems:
         column = feature_set.spec.time_column
         stamps = {
@@ -160,27 +270,62 @@ def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
             or stamps["valid"].max() > stamps["test"].min()
         ):
             problems.append("chronological splits overlap in time")
+    sizes = ", ".join(f"{split} {len(getattr(feature_set, split)):,}" for split in SPLITS)
     return dg.AssetCheckResult(
         check_name="split_sanity",
         passed=not problems,
-        description="; ".join(problems) or "all splits non-empty and varied",
+        description="; ".join(problems + notes) or f"all splits non-empty and varied ({sizes})",
         metadata={f"{split}_rows": len(getattr(feature_set, split)) for split in SPLITS},
     )
 
 
-def check_leakage(feature_set: FeatureSet, max_auc: float) -> dg.AssetCheckResult:
-    """No single feature predicts the target almost perfectly (a label leaked into the inputs)."""
-    scores = single_feature_auc(feature_set)
-    leaking = {name: auc for name, auc in scores.items() if auc >= max_auc}
+def check_leakage(feature_set: FeatureSet, exactness: float) -> dg.AssetCheckResult:
+    """Blocking: no feature alone reproduces the target (a copy or recoding of the label)."""
+    fits = single_feature_fit(feature_set)
+    leaking = {name: fit for name, fit in fits.items() if fit >= exactness}
+    best = max(fits.items(), key=lambda item: item[1], default=("none", 0.0))
+    measure = "accuracy" if feature_set.spec.is_classification else "fit"
     return dg.AssetCheckResult(
         check_name="no_target_leakage",
         passed=not leaking,
         description=(
-            f"features predicting the target alone (AUC >= {max_auc}): {leaking}"
+            "target leakage: "
+            + ", ".join(
+                f"{name} reproduces the target ({measure} {fit:.4f})"
+                for name, fit in leaking.items()
+            )
+            + f" on its own, on both the training and the validation split (>= {exactness}). "
+            "Remove these columns from the data (a copy, recoding or identifier of the label is "
+            "not known when predicting)"
             if leaking
+            else f"no feature reproduces the target on its own: the closest is {best[0]} "
+            f"({measure} {best[1]:.4f} < {exactness})"
+        ),
+        metadata={"single_feature_fit": dg.MetadataValue.json(fits), "exactness": exactness},
+    )
+
+
+def check_dominant_feature(feature_set: FeatureSet, max_auc: float) -> dg.AssetCheckResult:
+    """Warning: a single feature ranks the target almost perfectly; a person should look."""
+    scores = single_feature_auc(feature_set)
+    dominant = {name: auc for name, auc in scores.items() if auc >= max_auc}
+    return dg.AssetCheckResult(
+        check_name="no_dominant_feature",
+        passed=not dominant,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(
+            "POSSIBLE TARGET LEAKAGE: "
+            + ", ".join(
+                f"{name} alone ranks the target with AUC {auc:.3f}"
+                for name, auc in dominant.items()
+            )
+            + f" (>= {max_auc}). If a column is known only after the outcome (spending on a card "
+            "that was granted, a field filled in by the decision), drop it and retrain; if it is "
+            "genuinely available when predicting, it is a strong feature and the model may keep it"
+            if dominant
             else f"best single-feature AUC {max(scores.values(), default=0.5):.3f} < {max_auc}"
         ),
-        metadata={"single_feature_auc": dg.MetadataValue.json(scores)},
+        metadata={"single_feature_auc": dg.MetadataValue.json(scores), "max_auc": max_auc},
     )
 
 
@@ -213,6 +358,7 @@ def _spec_table(spec: FeatureSpec) -> str:
     check_specs=[
         dg.AssetCheckSpec("split_sanity", asset="features", blocking=True),
         dg.AssetCheckSpec("no_target_leakage", asset="features", blocking=True),
+        dg.AssetCheckSpec("no_dominant_feature", asset="features"),
     ],
 )
 def features(
@@ -227,6 +373,7 @@ def features(
         data_source.resolved_target(),
         data_source.resolved_time_column(),
         data_source.resolved_task(),
+        data_source.resolved_sensitive_features(),
     )
     for name, reason in spec.dropped.items():
         context.log.info(f"dropping column '{name}': {reason}")
@@ -255,7 +402,8 @@ def features(
         },
     )
     yield check_split(feature_set)
-    yield check_leakage(feature_set, config.leakage_auc)
+    yield check_leakage(feature_set, config.leakage_exactness)
+    yield check_dominant_feature(feature_set, config.dominant_auc)
 
 
 def profile_frame(frame: pd.DataFrame, spec: FeatureSpec) -> why.DatasetProfileView:

@@ -1,6 +1,7 @@
 """Ingest: read the configured source into ``raw_data`` and guard it with blocking checks."""
 
 import hashlib
+import math
 import warnings
 
 import dagster as dg
@@ -13,16 +14,27 @@ from mlplatform.tabular import DataError, infer_task
 RAW_DATA_CHECKS = ("schema", "no_empty_columns", "target_is_usable", "enough_rows")
 
 
+HOLDOUT_SHARE = 0.15
+"""The default share of rows in each of the validation and test splits."""
+
+
 class RawDataConfig(dg.Config):
     """Bounds the raw data must meet before anything is trained on it."""
 
-    min_rows: int = Field(default=200, description="Fewest rows worth training on.")
     max_null_share: float = Field(
         default=0.9,
         description="A column with a larger share of missing values fails the data check.",
     )
-    min_class_rows: int = Field(
-        default=10, description="Classification: fewest rows of each class worth training on."
+    min_eval_class_rows: int = Field(
+        default=3,
+        description="Classification: fewest rows of each class the validation and the test "
+        f"split should each receive (at the default {HOLDOUT_SHARE:.0%} shares): every class "
+        f"then needs ceil(this / {HOLDOUT_SHARE}) rows.",
+    )
+    min_eval_rows: int = Field(
+        default=10,
+        description="Regression: fewest rows the validation and the test split should each "
+        f"receive (at the default {HOLDOUT_SHARE:.0%} shares).",
     )
 
 
@@ -81,12 +93,11 @@ def check_no_empty_columns(frame: pd.DataFrame, max_null_share: float) -> dg.Ass
 
 
 def check_target_is_usable(
-    frame: pd.DataFrame, target: str, task: str | None = None, min_class_rows: int = 10
+    frame: pd.DataFrame, target: str, task: str | None = None
 ) -> dg.AssetCheckResult:
     """The target has no missing values and suits the task (inferred unless requested).
 
-    Binary needs exactly two classes, multiclass 3 to 50, regression numeric values; for
-    classification every class needs ``min_class_rows`` rows, or it cannot reach every split.
+    Binary needs exactly two classes, multiclass 3 to 50, regression numeric values.
     """
     if target not in frame.columns:
         return dg.AssetCheckResult(
@@ -101,14 +112,6 @@ def check_target_is_usable(
     except DataError as error:
         problems.append(str(error))
     counts = labels.value_counts()
-    if resolved in ("binary", "multiclass"):
-        rare = counts[counts < min_class_rows]
-        if not rare.empty:
-            problems.append(
-                "classes with fewer than "
-                f"{min_class_rows} rows: "
-                + ", ".join(f"{label} ({count})" for label, count in rare.items())
-            )
     metadata: dict = {"task": resolved or "none"}
     if resolved == "regression":
         metadata["target_summary"] = dg.MetadataValue.json(
@@ -126,13 +129,54 @@ def check_target_is_usable(
     )
 
 
-def check_enough_rows(frame: pd.DataFrame, min_rows: int) -> dg.AssetCheckResult:
-    """At least ``min_rows`` rows."""
+def check_enough_rows(
+    frame: pd.DataFrame,
+    target: str,
+    task: str | None = None,
+    min_eval_class_rows: int = 3,
+    min_eval_rows: int = 10,
+) -> dg.AssetCheckResult:
+    """Enough rows for the split and the evaluation: no flat minimum, what the split needs.
+
+    Classification: every class needs ``ceil(min_eval_class_rows / HOLDOUT_SHARE)`` rows, so
+    the validation and test splits each get ``min_eval_class_rows`` of it; a 178-row dataset
+    with three balanced classes trains (with intervals as wide as they honestly are).
+    Regression: ``ceil(min_eval_rows / HOLDOUT_SHARE)`` rows in all.
+    """
+    try:
+        resolved = infer_task(frame[target], task) if target in frame.columns else None
+    except DataError:
+        resolved = None  # target_is_usable says why
+    rows = len(frame)
+    if resolved in ("binary", "multiclass"):
+        needed = math.ceil(min_eval_class_rows / HOLDOUT_SHARE)
+        counts = frame[target].value_counts()
+        short = counts[counts < needed]
+        smallest = f"smallest class {counts.index[-1]} has {counts.iloc[-1]:,}"
+        passed = short.empty
+        description = (
+            f"{rows:,} rows; {smallest} (at least {needed} per class, so that the "
+            f"{HOLDOUT_SHARE:.0%} validation and test splits each get {min_eval_class_rows})"
+            if passed
+            else "too few rows of "
+            + ", ".join(f"{label} ({count})" for label, count in short.items())
+            + f": each class needs {needed}, so that the {HOLDOUT_SHARE:.0%} validation and test "
+            f"splits each get {min_eval_class_rows}. Add rows of these classes, merge them into "
+            "others, or lower min_eval_class_rows in raw_data's config"
+        )
+    else:
+        needed = math.ceil(min_eval_rows / HOLDOUT_SHARE)
+        passed = rows >= needed
+        description = (
+            f"{rows:,} rows (at least {needed}, so that the {HOLDOUT_SHARE:.0%} validation and "
+            f"test splits each get {min_eval_rows})"
+            + ("" if passed else ". Add rows, or lower min_eval_rows in raw_data's config")
+        )
     return dg.AssetCheckResult(
         check_name="enough_rows",
-        passed=len(frame) >= min_rows,
-        description=f"{len(frame)} rows (minimum {min_rows})",
-        metadata={"rows": len(frame), "min_rows": min_rows},
+        passed=passed,
+        description=description,
+        metadata={"rows": rows, "needed": needed, "task": resolved or "unknown"},
     )
 
 
@@ -178,5 +222,6 @@ def raw_data(context: dg.AssetExecutionContext, config: RawDataConfig, data_sour
     yield output
     yield check_schema(frame, target)
     yield check_no_empty_columns(frame, config.max_null_share)
-    yield check_target_is_usable(frame, target, data_source.resolved_task(), config.min_class_rows)
-    yield check_enough_rows(frame, config.min_rows)
+    task = data_source.resolved_task()
+    yield check_target_is_usable(frame, target, task)
+    yield check_enough_rows(frame, target, task, config.min_eval_class_rows, config.min_eval_rows)

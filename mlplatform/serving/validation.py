@@ -80,9 +80,17 @@ def _column_is_valid(kind: FeatureKind, values: list[Any]) -> bool:
 
 
 def _well_formed(records: list[Any], spec: FeatureSpec) -> bool:
-    """Fast check of the common case: objects with exactly the spec's fields, all values valid."""
+    """Fast check of the common case: objects with the spec's fields, all values valid.
+
+    Besides the features, a record may carry the columns training ignored (the target, dropped
+    identifiers and constants), as in the user's own file.
+    """
     names = spec.features.keys()
-    if not all(type(record) is dict and record.keys() == names for record in records):
+    accepted = names | spec.ignored_inputs
+    if not all(
+        type(record) is dict and (record.keys() == names or names <= record.keys() <= accepted)
+        for record in records
+    ):
         return False
     return all(
         _column_is_valid(kind, [record[name] for record in records])
@@ -112,9 +120,13 @@ def _record_errors(records: list[Any], spec: FeatureSpec) -> list[dict[str, Any]
                     _error(["records", index, name], f"field '{name}' {problem}", "type_error")
                 )
         errors.extend(
-            _error(["records", index, name], f"unexpected field '{name}'", "extra_forbidden")
+            _error(
+                ["records", index, name],
+                f"unexpected field '{name}': the model was trained on no such column",
+                "extra_forbidden",
+            )
             for name in record
-            if name not in expected
+            if name not in expected and name not in spec.ignored_inputs
         )
         if len(errors) >= _MAX_ERRORS:
             break
