@@ -1024,6 +1024,9 @@ def render_model_card(card: dict) -> str:
         f"**Fairness gap:** the largest difference in {metric} between a feature's slices "
         f"(small slices ignored); **bound:** {_text(bound)}",
         "",
+        "**Declared sensitive (bounded by the promotion gate):** "
+        + (", ".join(map(str, card.get("sensitive_features") or [])) or "none"),
+        "",
     ]
     if gaps:
         rows = []

@@ -179,10 +179,11 @@ def test_public_dataset_end_to_end(case: Case, tmp_path: Path, instance, serve_p
     assert dominant.passed is not case.warns_about, dominant.description
     for name in case.warns_about:
         assert f"{name} alone ranks the target" in dominant.description
-    report = (
-        result.asset_materializations_for_node("evaluation_report")[0].metadata
-        if case.promoted
-        else None
+    # The report and the card are written whatever the verdict: the reasons are in them.
+    report = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    declared = ", ".join(case.sensitive) or "none"
+    assert f"Declared sensitive (bounded by the promotion gate):** {declared}" in (
+        report["model_card"].value
     )
     uri = load_settings().tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

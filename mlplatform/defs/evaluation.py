@@ -136,7 +136,11 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
 
     if not (score <= floor if lower_is_better else score >= floor):
         bound = "ceiling" if lower_is_better else "floor"
-        return verdict(False, f"test {metric} {score:.4f} misses the {bound} of {floor}")
+        return verdict(
+            False,
+            f"test {metric} {score:.4f} misses the {bound} of {floor} (min_score in "
+            "evaluation_report's config; or better data or features)",
+        )
     bounded = {
         feature: gap
         for feature, gap in report.fairness_gaps.items()
@@ -170,12 +174,17 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
         passed = diff["high"] <= config.tolerance
     else:
         passed = diff["low"] >= -config.tolerance
-    outcome = "non-inferior to" if passed else "credibly worse than"
+    outcome = (
+        "non-inferior to the champion"
+        if passed
+        else "credibly worse than the champion, which keeps serving (tolerance in "
+        "evaluation_report's config)"
+    )
     return verdict(
         passed,
         f"test {metric} {score:.4f} vs champion {champion} {champion_score:.4f}: difference "
         f"{diff['point']:+.4f}, {config.confidence:.0%} paired interval {interval}, tolerance "
-        f"{config.tolerance}: {outcome} the champion; {fairness}",
+        f"{config.tolerance}: {outcome}; {fairness}",
     )
 
 
@@ -302,6 +311,7 @@ def build_model_card(
             "fairness_gaps": report.fairness_gaps,
             "fairness_bound": config.fairness_flag,
             "fairness_metric": report.fairness_metric,
+            "sensitive_features": list(report.sensitive_features),
             "limitations": limitations,
             "lineage": lineage,
         }
