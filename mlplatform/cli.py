@@ -99,8 +99,15 @@ def execute_job(
     causes = _root_causes(result)
     failed = ", ".join(step for step, _ in causes) or "a step"
     print(f"\n{what} failed at {failed} after {elapsed:.0f}s.", file=sys.stderr)
-    for step, message in causes:
-        print(f"  {step}: {_one_line(message)}", file=sys.stderr)
+    # A blocking check that failed is the cause: its own description says why, with numbers.
+    blocked = [
+        check
+        for check in result.get_asset_check_evaluations()
+        if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    ]
+    reasons = [(c.check_name, c.description or "") for c in blocked] if blocked else causes
+    for name, message in reasons:
+        print(f"  {name}: {_one_line(message)}", file=sys.stderr)
     decided = any(e.is_step_success and e.step_key == "champion_model" for e in result.all_events)
     if not decided:
         print("The champion and the endpoint are unchanged.", file=sys.stderr)
