@@ -53,7 +53,9 @@ def check_schema(frame: pd.DataFrame, target: str) -> dg.AssetCheckResult:
     """The target column exists, column names are unique, and at least one feature remains."""
     problems = []
     if target not in frame.columns:
-        problems.append(f"target column '{target}' is missing")
+        problems.append(
+            f"target column '{target}' is missing (set MLPLATFORM_TARGET to the label column)"
+        )
     duplicated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
     if duplicated:
         problems.append(f"duplicated columns: {', '.join(duplicated)}")
@@ -78,8 +80,9 @@ def check_no_empty_columns(frame: pd.DataFrame, max_null_share: float) -> dg.Ass
         check_name="no_empty_columns",
         passed=failing.empty,
         description=(
-            "columns over the missing-value bound: "
+            f"columns over the missing-value bound of {max_null_share:.0%}: "
             + ", ".join(f"{name} ({share:.0%} missing)" for name, share in failing.items())
+            + " (drop them from the data, or raise max_null_share in raw_data's config)"
             if not failing.empty
             else f"every column under {max_null_share:.0%} missing"
         ),
