@@ -179,6 +179,7 @@ class LocalHead:
             "--disable-usage-stats",
         ]
         environment = self.environment()
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         starter = subprocess.Popen(
             command,
             env=environment,
