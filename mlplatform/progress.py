@@ -60,7 +60,7 @@ HEADLINES: dict[str, Callable[[Mapping[str, Any]], str]] = {
         f"v{_value(m, 'champion_version')}"
     ),
     "model_endpoint": _endpoint_headline,
-    "drift_report": lambda m: f"share drifted {_value(m, 'share_drifted')}",
+    "drift_report": lambda m: f"share of features drifted {_value(m, 'drifted_share')}",
 }
 """The figure that matters, per asset, from its materialization's metadata."""
 
