@@ -60,7 +60,7 @@ HEADLINES: dict[str, Callable[[Mapping[str, Any]], str]] = {
         f"v{_value(m, 'champion_version')}"
     ),
     "model_endpoint": _endpoint_headline,
-    "drift_report": lambda m: f"share of features drifted {_value(m, 'drifted_share')}",
+    "drift_report": lambda m: str(_value(m, "summary")),
 }
 """The figure that matters, per asset, from its materialization's metadata."""
 

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from mlplatform.definitions import ASSETS
 from mlplatform.demo.data import generate_loans
+from mlplatform.progress import HEADLINES
 from mlplatform.resources import DataSource
 
 
@@ -74,6 +75,12 @@ def test_endpoint_answers_like_the_registered_champion(first_run):
     # The check reports what it measured; its latency verdict depends on the machine's load.
     assert health.description.startswith(f"serving v{endpoint.model_version}; p50 ")
     assert health.metadata["p50_ms"].value <= health.metadata["max_ms"].value
+    # What `make run` prints per asset comes from each asset's own metadata, every figure found.
+    for name, headline in HEADLINES.items():
+        line = headline(first_run.asset_materializations_for_node(name)[0].metadata)
+        assert "?" not in line, (name, line)
+    served = first_run.asset_materializations_for_node("model_endpoint")[0].metadata
+    assert HEADLINES["model_endpoint"](served) == f"serving v1 at {endpoint.url}"
 
 
 def test_second_run_redeploys_without_dropping_requests(first_run, resources, instance):
