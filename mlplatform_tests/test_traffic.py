@@ -157,6 +157,9 @@ def test_windows_roll_with_the_clock(loans, tmp_path):
     rows = inputs(frame, spec)
     for i in range(3):
         recorder.record(f"a{i}", rows.iloc[i : i + 1], binary_result(1, i))
+    # The clock moves on only once the first window holds them: a window whose end has passed
+    # is written at once, and records still queued for it would go to a second file.
+    wait_for(lambda: recorder.stats().profiled_rows == 3)
     clock.now = T0 + 65
     recorder.record("b", rows.iloc[10:12], binary_result(2))
     directory = tmp_path / "loans" / "v1"
