@@ -222,14 +222,14 @@ def simulate_traffic(args: argparse.Namespace) -> int:
 
 def stop_endpoint() -> int:
     """Stop the platform's local Ray head and with it the endpoint; returns an exit code."""
-    from mlplatform.serving.cluster import LocalHead, port_is_open
+    from mlplatform.serving.cluster import LOOPBACK, LocalHead, port_is_open
 
     settings = load_settings()
     head = LocalHead(settings.ray_port, settings.ray_dir)
     if head.stop():
         print(f"Stopped the local Ray head on {head.address} and the endpoint.")
         return 0
-    if port_is_open("127.0.0.1", settings.ray_port):
+    if port_is_open(LOOPBACK, head.port):
         print(
             f"A Ray head answers on {head.address} but this platform home "
             f"({settings.home}) did not start it; stop it with `ray stop`.",

@@ -118,38 +118,40 @@ def _rule_fit(
     The lower of the score on ``train`` and on ``other`` (the validation split) counts.
     """
     (x_train, y_train), (x_other, y_other) = train, other
-    scores = []
-    for x, y in ((x_train, y_train), (x_other, y_other)):
-        if kind in ("categorical", "boolean"):
-            key = x_train.astype(str)
-            if task == "regression":
-                means = pd.Series(y_train, index=x_train.index).groupby(key).mean()
-                guess = x.astype(str).map(means).fillna(float(np.mean(y_train))).to_numpy()
-                scores.append(float(r2_score(y, guess)) if np.ptp(y) > 0 else 0.0)
-            else:
-                majority = (
-                    pd.Series(y_train, index=x_train.index)
-                    .groupby(key)
-                    .agg(lambda group: group.value_counts().index[0])
-                )
-                fallback = np.bincount(y_train).argmax()
-                guess = x.astype(str).map(majority).fillna(fallback).to_numpy()
-                scores.append(float(np.mean(guess == y)))
-        else:
+    splits = ((x_train, y_train), (x_other, y_other))
+    if kind not in ("categorical", "boolean") and task == "regression":
+        # Any monotone recoding: nothing to learn, the rank correlation on each split.
+        scores = []
+        for x, y in splits:
             values = pd.to_numeric(x, errors="coerce").to_numpy(dtype=float)
-            if task == "regression":
-                known = ~np.isnan(values)
-                if known.sum() < 3 or np.ptp(values[known]) == 0 or np.ptp(y[known]) == 0:
-                    return 0.0
-                scores.append(abs(float(stats.spearmanr(values[known], y[known]).statistic)))
-            else:
-                fitted = DecisionTreeClassifier(
-                    max_leaf_nodes=2 * max(len(np.unique(y_train)), 2), random_state=0
-                ).fit(
-                    pd.to_numeric(x_train, errors="coerce").to_numpy(dtype=float)[:, None], y_train
-                )
-                scores.append(float(np.mean(fitted.predict(values[:, None]) == y)))
-    return min(scores)
+            known = ~np.isnan(values)
+            if known.sum() < 3 or np.ptp(values[known]) == 0 or np.ptp(y[known]) == 0:
+                return 0.0
+            scores.append(abs(float(stats.spearmanr(values[known], y[known]).statistic)))
+        return min(scores)
+    # Otherwise the rule is learned once, on the training split, then scored on both.
+    if kind in ("categorical", "boolean"):
+        by_value = pd.Series(y_train, index=x_train.index).groupby(x_train.astype(str))
+        if task == "regression":
+            lookup, fallback = by_value.mean(), float(np.mean(y_train))
+        else:
+            lookup = by_value.agg(lambda group: group.value_counts().index[0])
+            fallback = np.bincount(y_train).argmax()
+
+        def guess(x: pd.Series) -> np.ndarray:
+            return x.astype(str).map(lookup).fillna(fallback).to_numpy()
+
+    else:
+        tree = DecisionTreeClassifier(
+            max_leaf_nodes=2 * max(len(np.unique(y_train)), 2), random_state=0
+        ).fit(pd.to_numeric(x_train, errors="coerce").to_numpy(dtype=float)[:, None], y_train)
+
+        def guess(x: pd.Series) -> np.ndarray:
+            return tree.predict(pd.to_numeric(x, errors="coerce").to_numpy(dtype=float)[:, None])
+
+    if task == "regression":
+        return min(float(r2_score(y, guess(x))) if np.ptp(y) > 0 else 0.0 for x, y in splits)
+    return min(float(np.mean(guess(x) == y)) for x, y in splits)
 
 
 def single_feature_fit(feature_set: FeatureSet) -> dict[str, float]:
