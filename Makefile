@@ -15,7 +15,7 @@ UV := .tools/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test ui stop demo-drift lint format lock clean
+.PHONY: install run test test-fast ui stop demo-drift lint format lock clean
 
 install: $(BIN)/.installed
 
@@ -46,6 +46,10 @@ run: install $(DAGSTER_HOME)/dagster.yaml
 test: install
 	$(BIN)/python -m pytest
 
+## test-fast: the tests that need no Ray cluster (a few minutes)
+test-fast: install
+	$(BIN)/python -m pytest -m "not ray"
+
 ## ui: Dagster web UI and daemon (sensors) on http://127.0.0.1:3000
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
@@ -58,9 +62,11 @@ stop:
 demo-drift: install
 	$(BIN)/python benchmarks/drift_loop.py
 
+## lint: style (ruff) and the package's layers (import-linter contracts in pyproject.toml)
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -39,9 +39,10 @@ from whylogs.core import DatasetProfileView
 from whylogs.core.configs import SummaryConfig
 
 from mlplatform.demo.data import generate_loans
-from mlplatform.drift import DriftResult, column_kind, compare_profiles, profile_frame_fast
-from mlplatform.serving.traffic import coerce_for_profile
-from mlplatform.tabular import FeatureSpec, encode_target, infer_feature_spec
+from mlplatform.model.pyfunc import encode_target
+from mlplatform.model.spec import FeatureSpec, infer_feature_spec
+from mlplatform.monitoring.drift import DriftResult, column_kind, compare_profiles
+from mlplatform.monitoring.profiles import coerce_for_profile, profile_frame_fast
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "RESULTS.md"

@@ -38,7 +38,7 @@ def served_version(url: str) -> str | None:
 
 def traffic(url: str, rate: float, drift: float, stop_event: threading.Event) -> None:
     """Send demo traffic in 5-second bursts until ``stop_event`` is set."""
-    from mlplatform.simulate import simulate
+    from mlplatform.demo.simulate import simulate
 
     seed = 100
     while not stop_event.is_set():
@@ -110,7 +110,7 @@ def main() -> int:
         stop_traffic.set()
         sender.join()
 
-        from mlplatform.simulate import move_demo_source
+        from mlplatform.demo.simulate import move_demo_source
 
         move_demo_source(home / "data" / "demo" / "loans.csv", args.drift)
         timeline["onset"] = time.time()

@@ -195,7 +195,7 @@ def show_lineage(model_name: str, version: str, as_json: bool = False) -> int:
 
 def simulate_traffic(args: argparse.Namespace) -> int:
     """Send demo traffic; with drift, move the demo training data to the drifted population."""
-    from mlplatform.simulate import move_demo_source, simulate
+    from mlplatform.demo.simulate import move_demo_source, simulate
 
     settings = load_settings()
     if not 0.0 <= args.drift <= 1.0:

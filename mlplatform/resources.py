@@ -18,10 +18,10 @@ from mlflow import MlflowClient
 from pydantic import Field, PrivateAttr
 
 from mlplatform.demo.data import write_demo_source
+from mlplatform.model.spec import DataError
 from mlplatform.serving import cluster
 from mlplatform.serving.app import ServingSettings
 from mlplatform.settings import DEMO_TARGET, load_settings
-from mlplatform.tabular import DataError
 
 _READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
 

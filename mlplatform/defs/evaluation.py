@@ -11,18 +11,26 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import mlflow
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from mlplatform import reporting, tasks
-from mlplatform.defs.features import FeatureSet
-from mlplatform.defs.training import CHAMPION_ALIAS, ModelRef, code_lineage
+from mlplatform.evaluation import tasks
+from mlplatform.evaluation.card import render_model_card
+from mlplatform.evaluation.importance import feature_importance
+from mlplatform.evaluation.metrics import LOWER_IS_BETTER, Interval
+from mlplatform.evaluation.slices import fairness_gaps, known_limitations
+from mlplatform.model.dataset import FeatureSet
+from mlplatform.model.registry import (
+    CHAMPION_ALIAS,
+    MODEL_CARD_ARTIFACT,
+    ModelRef,
+    load_tabular_model,
+)
+from mlplatform.model.spec import DataError
+from mlplatform.model.training import code_lineage
 from mlplatform.resources import MlflowTracking
-from mlplatform.serving.model import MODEL_CARD_ARTIFACT
 from mlplatform.settings import load_settings
-from mlplatform.tabular import DataError, TabularModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +129,7 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
     if metric not in report.challenger_metrics:
         known = sorted(report.challenger_metrics)
         raise ValueError(f"unknown gate metric '{metric}'; choose one of {known}")
-    lower_is_better = metric in reporting.LOWER_IS_BETTER
+    lower_is_better = metric in LOWER_IS_BETTER
     floor = profile.gate_floor if config.min_score is None else config.min_score
     if config.gate_metric and config.min_score is None and metric != profile.gate_metric:
         raise ValueError(f"set min_score for the gate metric '{metric}'")
@@ -188,12 +196,7 @@ def decide_promotion(report: EvaluationReport, config: PromotionGateConfig) -> G
     )
 
 
-def load_tabular_model(ref: ModelRef) -> TabularModel:
-    """Load a registered version's :class:`TabularModel`."""
-    return mlflow.pyfunc.load_model(ref.uri).unwrap_python_model()
-
-
-def _intervals(intervals: dict[str, reporting.Interval]) -> dict[str, dict[str, float]]:
+def _intervals(intervals: dict[str, Interval]) -> dict[str, dict[str, float]]:
     return {name: interval.as_dict() for name, interval in intervals.items()}
 
 
@@ -276,7 +279,7 @@ def build_model_card(
 ) -> str:
     """The challenger's model card (Markdown): data, features, metrics, slices, lineage."""
     spec = feature_set.spec
-    limitations = reporting.known_limitations(slices, report.fairness_gaps, config.fairness_flag)
+    limitations = known_limitations(slices, report.fairness_gaps, config.fairness_flag)
     if report.absent_classes:
         limitations.append(
             f"The test split has no rows of {', '.join(report.absent_classes)}: the metrics are "
@@ -287,7 +290,7 @@ def build_model_card(
             "Evaluated on the most recent rows; accuracy on older or future periods may differ."
         )
     task, intended_use = _task_description(feature_set, report.threshold)
-    return reporting.render_model_card(
+    return render_model_card(
         {
             "model_name": report.challenger.name,
             "model_version": report.challenger.version,
@@ -410,7 +413,7 @@ def evaluation_report(
         positives = slices["count"] * slices["positive_rate"]
         slices["small"] = slices["small"] | (positives.round() < config.min_slice_positives)
     fairness_metric = config.fairness_metric or profile.fairness_metric
-    gaps = reporting.fairness_gaps(slices, fairness_metric)
+    gaps = fairness_gaps(slices, fairness_metric)
     compared = champion_scores is not None
     report = EvaluationReport(
         challenger=candidate_model,
@@ -447,7 +450,7 @@ def evaluation_report(
     )
     report = dataclasses.replace(report, gate=decide_promotion(report, config))
 
-    importance, method = reporting.feature_importance(challenger, inputs, labels)
+    importance, method = feature_importance(challenger, inputs, labels)
     curves = {f"challenger v{candidate_model.version}": scores}
     if compared and champion:
         curves[f"champion v{champion.version}"] = champion_scores

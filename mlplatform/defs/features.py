@@ -1,60 +1,28 @@
 """Features: the feature spec, a deterministic train/valid/test split, and the drift baseline."""
 
-import dataclasses
 import json
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
-import whylogs as why
 from pydantic import Field
 from scipy import stats
 from sklearn.metrics import r2_score, roc_auc_score
-from sklearn.model_selection import train_test_split
 from sklearn.tree import DecisionTreeClassifier
 
-from mlplatform.defs.ingest import HOLDOUT_SHARE, data_version
-from mlplatform.drift import profile_frame_fast
+from mlplatform.defs.ingest import data_version
+from mlplatform.model.dataset import SPLITS, FeatureSet, SplitParams, split_frame
+from mlplatform.model.pipeline import coerce_features
+from mlplatform.model.spec import FeatureSpec, infer_feature_spec
+from mlplatform.monitoring.profiles import profile_frame, reference_sidecar
 from mlplatform.resources import DataSource
-from mlplatform.serving.traffic import coerce_for_profile
 from mlplatform.settings import load_settings
-from mlplatform.tabular import FeatureSpec, coerce_features, encode_target, infer_feature_spec
-
-SPLITS = ("train", "valid", "test")
 
 
-@dataclasses.dataclass(frozen=True)
-class FeatureSet:
-    """The split dataset and its spec; every split keeps the raw input columns and the target."""
+class FeaturesConfig(SplitParams, dg.Config):
+    """How the data is split and what the data checks block."""
 
-    spec: FeatureSpec
-    train: pd.DataFrame
-    valid: pd.DataFrame
-    test: pd.DataFrame
-    data_version: str
-    time_ordered: bool
-    source_uri: str = "unknown"
-
-    def inputs(self, split: str) -> pd.DataFrame:
-        """The model input columns of a split."""
-        return getattr(self, split)[list(self.spec.features)]
-
-    def labels(self, split: str) -> np.ndarray:
-        """A split's target as 0/1 (1 = positive class)."""
-        return encode_target(getattr(self, split)[self.spec.target], self.spec)
-
-
-class FeaturesConfig(dg.Config):
-    """How the data is split."""
-
-    valid_fraction: float = Field(
-        default=HOLDOUT_SHARE, description="Share of rows for validation (model selection)."
-    )
-    test_fraction: float = Field(
-        default=HOLDOUT_SHARE, description="Share of rows for the held-out test."
-    )
-    seed: int = Field(default=42, description="Seed of the random split (no time column).")
     leakage_exactness: float = Field(
         default=0.999,
         description="Blocking: a feature that alone reproduces the target this exactly (rule "
@@ -66,38 +34,6 @@ class FeaturesConfig(dg.Config):
         description="Warning: a feature ranking the target this well on its own (single-feature "
         "AUC) is reported for a person to judge; leakage when it is known only after the outcome.",
     )
-
-
-def split_frame(
-    frame: pd.DataFrame, spec: FeatureSpec, config: FeaturesConfig
-) -> tuple[pd.DataFrame, ...]:
-    """Split rows into train/valid/test.
-
-    With a time column the split is chronological (oldest rows train, newest test), so evaluation
-    mimics predicting the future; otherwise it is a seeded split stratified by the target.
-    """
-    n_holdout = config.valid_fraction + config.test_fraction
-    if spec.time_column:
-        order = pd.to_datetime(frame[spec.time_column], errors="coerce", utc=True, format="mixed")
-        ordered = frame.iloc[np.argsort(order.to_numpy(), kind="stable")]
-        n = len(ordered)
-        train_end = round(n * (1 - n_holdout))
-        valid_end = round(n * (1 - config.test_fraction))
-        return ordered.iloc[:train_end], ordered.iloc[train_end:valid_end], ordered.iloc[valid_end:]
-    stratify = spec.is_classification
-    train, holdout = train_test_split(
-        frame,
-        test_size=n_holdout,
-        random_state=config.seed,
-        stratify=frame[spec.target] if stratify else None,
-    )
-    valid, test = train_test_split(
-        holdout,
-        test_size=config.test_fraction / n_holdout,
-        random_state=config.seed,
-        stratify=holdout[spec.target] if stratify else None,
-    )
-    return train, valid, test
 
 
 def _rule_input(values: pd.Series, kind: str) -> pd.Series:
@@ -406,19 +342,6 @@ def features(
     yield check_split(feature_set)
     yield check_leakage(feature_set, config.leakage_exactness)
     yield check_dominant_feature(feature_set, config.dominant_auc)
-
-
-def profile_frame(frame: pd.DataFrame, spec: FeatureSpec) -> why.DatasetProfileView:
-    """Whylogs profile of a frame's features (training dtypes) and target: a drift baseline."""
-    coerced = coerce_for_profile(frame, spec)  # as live traffic is profiled, so they compare
-    if spec.target in frame.columns:
-        coerced[spec.target] = encode_target(frame[spec.target], spec)
-    return profile_frame_fast(coerced)
-
-
-def reference_sidecar(profile_path: Path) -> Path:
-    """The reference profile's description (task, classes, feature kinds), beside it as JSON."""
-    return profile_path.with_suffix(".json")
 
 
 @dg.asset(group_name="features", kinds={"whylogs"}, owners=["team:ml-platform"])

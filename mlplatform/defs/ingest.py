@@ -8,14 +8,11 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from mlplatform.model.dataset import HOLDOUT_SHARE
+from mlplatform.model.spec import DataError, infer_task
 from mlplatform.resources import DataSource
-from mlplatform.tabular import DataError, infer_task
 
 RAW_DATA_CHECKS = ("schema", "no_empty_columns", "target_is_usable", "enough_rows")
-
-
-HOLDOUT_SHARE = 0.15
-"""The default share of rows in each of the validation and test splits."""
 
 
 class RawDataConfig(dg.Config):

@@ -5,7 +5,7 @@ endpoint) with the reference profile of the data it was trained on. ``drift_sens
 same comparison on every tick and requests a retrain when enough of the features drifted;
 ``freshness_sensor`` requests one when the data or the model is older than its freshness window;
 ``run_failure_alert`` posts failed runs to a webhook. The decisions themselves are the pure
-functions of :mod:`mlplatform.monitoring`.
+functions of :mod:`mlplatform.monitoring.rules`.
 """
 
 import base64
@@ -19,10 +19,11 @@ from typing import Any
 import dagster as dg
 from whylogs.core import DatasetProfileView
 
-from mlplatform import drift
-from mlplatform.defs.features import reference_sidecar
-from mlplatform.defs.training import CHAMPION_ALIAS
-from mlplatform.monitoring import (
+from mlplatform.model.registry import CHAMPION_ALIAS
+from mlplatform.monitoring import drift
+from mlplatform.monitoring.feedback import FeedbackStore, live_performance
+from mlplatform.monitoring.profiles import load_traffic_profiles, reference_sidecar
+from mlplatform.monitoring.rules import (
     DriftCursor,
     DriftEvidence,
     MonitoringSettings,
@@ -34,7 +35,6 @@ from mlplatform.monitoring import (
     stale_assets,
 )
 from mlplatform.resources import MlflowTracking
-from mlplatform.serving.traffic import FeedbackStore, live_performance, load_traffic_profiles
 from mlplatform.settings import PlatformSettings, load_settings
 
 MONITORING = load_monitoring_settings()

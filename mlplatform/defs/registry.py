@@ -14,7 +14,7 @@ import mlflow
 from pydantic import Field
 
 from mlplatform.defs.evaluation import EvaluationReport
-from mlplatform.defs.training import CHAMPION_ALIAS, ModelRef
+from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef
 from mlplatform.resources import MlflowTracking
 
 

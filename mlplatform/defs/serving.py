@@ -11,7 +11,7 @@ import dagster as dg
 import httpx
 from pydantic import Field
 
-from mlplatform.defs.training import ModelRef
+from mlplatform.model.registry import ModelRef
 from mlplatform.resources import MlflowTracking, RayServe
 from mlplatform.serving.app import ServingSettings
 from mlplatform.serving.cluster import wait_until_serving

@@ -1,173 +1,32 @@
 """Training: LightGBM and a scikit-learn baseline; the better one is registered as challenger."""
 
-import dataclasses
 import importlib.metadata
-import subprocess
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.models import infer_signature
-from pydantic import Field
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.pipeline import Pipeline
 
-from mlplatform import reporting, tasks, tuning
-from mlplatform.defs.features import FeatureSet
+from mlplatform.evaluation import tasks
+from mlplatform.evaluation.metrics import choose_threshold
+from mlplatform.model import tuning
+from mlplatform.model.dataset import FeatureSet
+from mlplatform.model.pyfunc import TabularModel
+from mlplatform.model.registry import CHALLENGER_ALIAS, ModelRef
+from mlplatform.model.training import (
+    TrainingParams,
+    code_lineage,
+    example_record,
+    linear_algorithm_name,
+    select_best,
+    train_lightgbm,
+    train_linear,
+)
 from mlplatform.resources import MlflowTracking
-from mlplatform.tabular import TabularModel, build_preprocessor, make_model_pipeline
-
-CHALLENGER_ALIAS = "challenger"
-CHAMPION_ALIAS = "champion"
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelRef:
-    """A registered model version: how assets hand a model to each other (never "latest file")."""
-
-    name: str
-    version: str
-    mlflow_run_id: str
-    algorithm: str
-
-    @property
-    def uri(self) -> str:
-        """The pinned MLflow model URI."""
-        return f"models:/{self.name}/{self.version}"
-
-
-class TrainingConfig(dg.Config):
+class TrainingConfig(TrainingParams, dg.Config):
     """Training knobs (shown in the Launchpad)."""
-
-    seed: int = Field(default=42, description="Random seed for every estimator.")
-    n_estimators: int = Field(
-        default=600, description="LightGBM boosting rounds (upper bound; early stopping)."
-    )
-    learning_rate: float = Field(default=0.05, description="LightGBM learning rate.")
-    num_leaves: int = Field(default=15, description="LightGBM leaves per tree.")
-    min_child_samples: int = Field(default=20, description="LightGBM minimum rows per leaf.")
-    early_stopping_rounds: int = Field(
-        default=50, description="Stop LightGBM after this many rounds without gain."
-    )
-    tuning_trials: int = Field(
-        default=10, description="Hyperparameter search trials for LightGBM (1 = no search)."
-    )
-    tuning_timeout_s: float = Field(default=60.0, description="Time budget of the search.")
-    linear_regularization: float = Field(
-        default=1.0,
-        description="L2 strength of the linear baseline (logistic regression: 1/C; ridge: alpha).",
-    )
-    selection_metric: str = Field(
-        default="",
-        description="Validation metric that picks the candidate; empty = the task's default "
-        "(roc_auc for binary, log_loss for multiclass, rmse for regression).",
-    )
-
-
-def train_lightgbm(
-    feature_set: FeatureSet,
-    config: TrainingConfig,
-    on_trial: Callable[[tuning.TrialResult], None] | None = None,
-) -> Pipeline:
-    """Gradient boosting, tuned on the validation split within a bounded budget.
-
-    The first trial is the configured parameters, so tuning never picks worse on validation; the
-    winner is refitted with its early-stopped number of rounds.
-    """
-    spec = feature_set.spec
-    preprocessor = build_preprocessor(spec, for_trees=True)
-    coerce = make_model_pipeline(spec, preprocessor, "passthrough")
-    train_matrix = coerce.fit_transform(feature_set.inputs("train"))
-    valid_matrix = coerce.transform(feature_set.inputs("valid"))
-    base_params = {
-        "n_estimators": config.n_estimators,
-        "learning_rate": config.learning_rate,
-        "num_leaves": config.num_leaves,
-        "min_child_samples": config.min_child_samples,
-        "subsample": 0.8,
-        "subsample_freq": 1,
-        "colsample_bytree": 0.8,
-        "random_state": config.seed,
-    }
-    budget = tuning.TuningBudget(
-        trials=config.tuning_trials, timeout_s=config.tuning_timeout_s, seed=config.seed
-    )
-    task = spec.task
-    best_params, _ = tuning.tune_lightgbm(
-        train_matrix,
-        feature_set.labels("train"),
-        valid_matrix,
-        feature_set.labels("valid"),
-        budget,
-        base_params,
-        early_stopping_rounds=config.early_stopping_rounds,
-        on_trial=on_trial,
-        task=task,
-    )
-    # One thread per prediction call: serving predicts small batches, where threads add overhead.
-    estimator = tuning.lightgbm_estimator(task, best_params | {"verbose": -1, "n_jobs": 1})
-    estimator.fit(train_matrix, feature_set.labels("train"))
-    return make_model_pipeline(spec, preprocessor, estimator)
-
-
-def train_linear(feature_set: FeatureSet, config: TrainingConfig) -> Pipeline:
-    """The scikit-learn baseline on scaled, one-hot encoded inputs.
-
-    Logistic regression for classification (multinomial for several classes), ridge regression
-    for values.
-    """
-    spec = feature_set.spec
-    if spec.is_classification:
-        estimator: Any = LogisticRegression(
-            C=1.0 / config.linear_regularization, max_iter=2000, random_state=config.seed
-        )
-    else:
-        estimator = Ridge(alpha=config.linear_regularization)
-    pipeline = make_model_pipeline(spec, build_preprocessor(spec, for_trees=False), estimator)
-    return pipeline.fit(feature_set.inputs("train"), feature_set.labels("train"))
-
-
-def linear_algorithm_name(feature_set: FeatureSet) -> str:
-    """The baseline's name in the registry tags: sklearn_logistic or sklearn_ridge."""
-    return "sklearn_logistic" if feature_set.spec.is_classification else "sklearn_ridge"
-
-
-def select_best(scores: dict[str, dict[str, float]], metric: str) -> str:
-    """The algorithm with the best validation ``metric`` (losses minimised, others maximised)."""
-    lower_is_better = metric in reporting.LOWER_IS_BETTER
-    ranked = sorted(scores, key=lambda name: scores[name][metric], reverse=not lower_is_better)
-    return ranked[0]
-
-
-def code_lineage() -> dict[str, str]:
-    """Package version and, when running from a git checkout, its commit."""
-    lineage = {"code_version": importlib.metadata.version("mlplatform")}
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        lineage["git_sha"] = sha
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return lineage
-
-
-def _example_record(frame: pd.DataFrame) -> dict[str, Any]:
-    """One training row as JSON-ready values (what a client would send)."""
-    row = frame.iloc[0]
-    return {
-        name: (None if pd.isna(value) else value.item() if isinstance(value, np.generic) else value)
-        for name, value in row.items()
-    }
 
 
 @dg.asset(
@@ -203,11 +62,11 @@ def candidate_model(
     models: dict[str, TabularModel] = {}
     for algorithm, pipeline in pipelines.items():
         model = TabularModel(
-            pipeline, spec, example_record=_example_record(features.inputs("train"))
+            pipeline, spec, example_record=example_record(features.inputs("train"))
         )
         valid_scores = model.scores(features.inputs("valid"))
         if spec.task == "binary":
-            model.threshold = reporting.choose_threshold(labels, valid_scores)
+            model.threshold = choose_threshold(labels, valid_scores)
         scores[algorithm] = tasks.task_metrics(spec.task, labels, valid_scores, model.threshold)
         if model.threshold is not None:
             scores[algorithm]["threshold"] = model.threshold

@@ -6,7 +6,7 @@ deployed by the platform's ``model_endpoint`` asset, by ``serve run`` or from a 
 Routes: ``POST /predict``, ``POST /feedback``, ``GET /healthz``, ``GET /model``,
 ``GET /model/card``, OpenAPI at ``/docs``. With ``traffic_dir`` set, every prediction is profiled
 with whylogs off the request path, in a process beside the replica (see
-:mod:`mlplatform.serving.traffic` and :mod:`mlplatform.serving.recording`).
+:mod:`mlplatform.serving.recorder` and :mod:`mlplatform.serving.recording`).
 """
 
 import asyncio
@@ -23,10 +23,10 @@ from pydantic_core import from_json, to_json
 from ray import serve
 from ray.serve import Application
 
+from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.serving.loopback import bind_replica_grpc_to_loopback
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.recording import TrafficSink
-from mlplatform.serving.traffic import FeedbackStore
 from mlplatform.serving.validation import InvalidRequest, check_records
 
 

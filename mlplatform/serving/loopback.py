@@ -28,7 +28,8 @@ def bind_replica_grpc_to_loopback() -> bool:
     """
     if not single_node_mode():
         return False
-    from ray.serve._private import replica  # the only place the bind address is chosen
+    # The only place the bind address is chosen; Ray pinned to 2.60 (require_supported_ray).
+    from ray.serve._private import replica  # noqa: TID251
 
     original = replica.add_port_to_grpc_server
     if getattr(original, "loopback_only", False):

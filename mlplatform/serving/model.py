@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,17 +11,10 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from mlplatform.tabular import (
-    PROBABILITY_PREFIX,
-    FeatureSpec,
-    TabularModel,
-    TreeRecordsPredictor,
-)
-
-MODEL_CARD_ARTIFACT = "model_card.md"
-"""The model card's path in the MLflow run that produced the model version."""
-
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+from mlplatform.model.fast_path import TreeRecordsPredictor
+from mlplatform.model.pyfunc import PROBABILITY_PREFIX, TabularModel
+from mlplatform.model.registry import MODEL_CARD_ARTIFACT, resolve_model_version
+from mlplatform.model.spec import FeatureSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,32 +73,15 @@ class ServedModel:
     def predict(self, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         """Predictions (and probabilities for classifiers) for validated records, row for row.
 
-        Tree models take the fast path (:class:`~mlplatform.tabular.TreeRecordsPredictor`, the
-        same scores without pandas); others go through the model's pipeline.
+        Tree models take the fast path
+        (:class:`~mlplatform.model.fast_path.TreeRecordsPredictor`, the same scores without pandas);
+        others go through the model's pipeline.
         """
         if self.fast_path is not None:
             return self.model.output_frame(self.fast_path.scores(records))
         return self.model.predict_frame(
             pd.DataFrame.from_records(records, columns=list(self.spec.features))
         )
-
-
-def resolve_model_version(model_uri: str, client: MlflowClient) -> tuple[str, str]:
-    """Resolve a ``models:/`` URI to ``(name, version)``; aliases are pinned to their version now.
-
-    Raises:
-        ValueError: if the URI is not a ``models:/<name>/<version>`` or ``models:/<name>@<alias>``.
-
-    """
-    match = _MODELS_URI.match(model_uri)
-    if match is None:
-        raise ValueError(
-            f"expected models:/<name>/<version> or models:/<name>@<alias>, got {model_uri!r}"
-        )
-    name = match["name"]
-    if match["version"]:
-        return name, match["version"]
-    return name, client.get_model_version_by_alias(name, match["alias"]).version
 
 
 def load_served_model(model_uri: str, tracking_uri: str | None = None) -> ServedModel:

@@ -26,8 +26,9 @@ from pydantic_core import from_json
 from ray.exceptions import PendingCallsLimitExceeded
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from mlplatform.serving.traffic import FeedbackStore, RecorderStats, TrafficRecorder
-from mlplatform.tabular import FeatureSpec
+from mlplatform.model.spec import FeatureSpec
+from mlplatform.monitoring.feedback import FeedbackStore
+from mlplatform.serving.recorder import RecorderStats, TrafficRecorder
 
 _MAX_CALLS_IN_FLIGHT = 8
 """Hand-overs the recorder process has not taken yet before the next one is dropped."""
@@ -35,7 +36,7 @@ _MAX_CALLS_IN_FLIGHT = 8
 
 @ray.remote(num_cpus=0)
 class RecorderProcess:
-    """A :class:`~mlplatform.serving.traffic.TrafficRecorder` in a Ray actor."""
+    """A :class:`~mlplatform.serving.recorder.TrafficRecorder` in a Ray actor."""
 
     def __init__(self, niceness: int, feedback_db: str | None, recorder_args: dict[str, Any]):
         """Lower this process's priority and start the recorder.

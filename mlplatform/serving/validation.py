@@ -13,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from mlplatform.tabular import FeatureKind, FeatureSpec, parse_iso_datetime
+from mlplatform.model.pipeline import parse_iso_datetime
+from mlplatform.model.spec import FeatureKind, FeatureSpec
 
 # Report at most this many problems: enough to fix a request, bounded for huge bad payloads.
 _MAX_ERRORS = 20

@@ -1,0 +1,1 @@
+"""Judging a model: metrics, intervals, slices, plots, the model card. No Dagster, no Ray."""

@@ -1,0 +1,150 @@
+"""Training: a tuned LightGBM and a scikit-learn baseline on the same split; the better wins."""
+
+import importlib.metadata
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import Pipeline
+
+from mlplatform.evaluation.metrics import LOWER_IS_BETTER
+from mlplatform.model import tuning
+from mlplatform.model.dataset import FeatureSet
+from mlplatform.model.pipeline import build_preprocessor, make_model_pipeline
+
+
+class TrainingParams(BaseModel):
+    """Training knobs: LightGBM's starting point and search budget, the baseline's strength."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seed: int = Field(default=42, description="Random seed for every estimator.")
+    n_estimators: int = Field(
+        default=600, description="LightGBM boosting rounds (upper bound; early stopping)."
+    )
+    learning_rate: float = Field(default=0.05, description="LightGBM learning rate.")
+    num_leaves: int = Field(default=15, description="LightGBM leaves per tree.")
+    min_child_samples: int = Field(default=20, description="LightGBM minimum rows per leaf.")
+    early_stopping_rounds: int = Field(
+        default=50, description="Stop LightGBM after this many rounds without gain."
+    )
+    tuning_trials: int = Field(
+        default=10, description="Hyperparameter search trials for LightGBM (1 = no search)."
+    )
+    tuning_timeout_s: float = Field(default=60.0, description="Time budget of the search.")
+    linear_regularization: float = Field(
+        default=1.0,
+        description="L2 strength of the linear baseline (logistic regression: 1/C; ridge: alpha).",
+    )
+    selection_metric: str = Field(
+        default="",
+        description="Validation metric that picks the candidate; empty = the task's default "
+        "(roc_auc for binary, log_loss for multiclass, rmse for regression).",
+    )
+
+
+def train_lightgbm(
+    feature_set: FeatureSet,
+    params: TrainingParams,
+    on_trial: Callable[[tuning.TrialResult], None] | None = None,
+) -> Pipeline:
+    """Gradient boosting, tuned on the validation split within a bounded budget.
+
+    The first trial is the configured parameters, so tuning never picks worse on validation; the
+    winner is refitted with its early-stopped number of rounds.
+    """
+    spec = feature_set.spec
+    preprocessor = build_preprocessor(spec, for_trees=True)
+    coerce = make_model_pipeline(spec, preprocessor, "passthrough")
+    train_matrix = coerce.fit_transform(feature_set.inputs("train"))
+    valid_matrix = coerce.transform(feature_set.inputs("valid"))
+    base_params = {
+        "n_estimators": params.n_estimators,
+        "learning_rate": params.learning_rate,
+        "num_leaves": params.num_leaves,
+        "min_child_samples": params.min_child_samples,
+        "subsample": 0.8,
+        "subsample_freq": 1,
+        "colsample_bytree": 0.8,
+        "random_state": params.seed,
+    }
+    budget = tuning.TuningBudget(
+        trials=params.tuning_trials, timeout_s=params.tuning_timeout_s, seed=params.seed
+    )
+    task = spec.task
+    best_params, _ = tuning.tune_lightgbm(
+        train_matrix,
+        feature_set.labels("train"),
+        valid_matrix,
+        feature_set.labels("valid"),
+        budget,
+        base_params,
+        early_stopping_rounds=params.early_stopping_rounds,
+        on_trial=on_trial,
+        task=task,
+    )
+    # One thread per prediction call: serving predicts small batches, where threads add overhead.
+    estimator = tuning.lightgbm_estimator(task, best_params | {"verbose": -1, "n_jobs": 1})
+    estimator.fit(train_matrix, feature_set.labels("train"))
+    return make_model_pipeline(spec, preprocessor, estimator)
+
+
+def train_linear(feature_set: FeatureSet, params: TrainingParams) -> Pipeline:
+    """The scikit-learn baseline on scaled, one-hot encoded inputs.
+
+    Logistic regression for classification (multinomial for several classes), ridge regression
+    for values.
+    """
+    spec = feature_set.spec
+    if spec.is_classification:
+        estimator: Any = LogisticRegression(
+            C=1.0 / params.linear_regularization, max_iter=2000, random_state=params.seed
+        )
+    else:
+        estimator = Ridge(alpha=params.linear_regularization)
+    pipeline = make_model_pipeline(spec, build_preprocessor(spec, for_trees=False), estimator)
+    return pipeline.fit(feature_set.inputs("train"), feature_set.labels("train"))
+
+
+def linear_algorithm_name(feature_set: FeatureSet) -> str:
+    """The baseline's name in the registry tags: sklearn_logistic or sklearn_ridge."""
+    return "sklearn_logistic" if feature_set.spec.is_classification else "sklearn_ridge"
+
+
+def select_best(scores: dict[str, dict[str, float]], metric: str) -> str:
+    """The algorithm with the best validation ``metric`` (losses minimised, others maximised)."""
+    lower_is_better = metric in LOWER_IS_BETTER
+    ranked = sorted(scores, key=lambda name: scores[name][metric], reverse=not lower_is_better)
+    return ranked[0]
+
+
+def code_lineage() -> dict[str, str]:
+    """Package version and, when running from a git checkout, its commit."""
+    lineage = {"code_version": importlib.metadata.version("mlplatform")}
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        lineage["git_sha"] = sha
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return lineage
+
+
+def example_record(frame: pd.DataFrame) -> dict[str, Any]:
+    """One training row as JSON-ready values (what a client would send)."""
+    row = frame.iloc[0]
+    return {
+        name: (None if pd.isna(value) else value.item() if isinstance(value, np.generic) else value)
+        for name, value in row.items()
+    }

@@ -1,0 +1,1 @@
+"""Watching a served model: profiles, drift, feedback and the sensors' rules. No Dagster, no Ray."""

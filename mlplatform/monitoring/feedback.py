@@ -1,0 +1,322 @@
+"""The prediction log, ground-truth labels joined to it, and the live metrics they give.
+
+Every prediction the endpoint serves is logged in SQLite by request id and row index; labels
+posted later to ``/feedback`` are joined to it, and :func:`live_performance` scores the model on
+the labelled rows. Nothing here imports Dagster or Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from mlplatform.model.spec import plain
+from mlplatform.monitoring.profiles import as_utc
+
+# --- the prediction log and feedback -------------------------------------------------------------
+
+
+class PredictionRecord(NamedTuple):
+    """One row of the prediction log."""
+
+    request_id: str
+    index: int
+    model_name: str
+    model_version: str
+    prediction: Any
+    score: float | None
+    predicted_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackResult:
+    """Outcome of :meth:`FeedbackStore.add_labels`.
+
+    Attributes:
+        matched: labels stored against a logged prediction (a repeated label overwrites).
+        unknown: ``(request_id, index)`` of labels with no logged prediction; not stored.
+
+    """
+
+    matched: int
+    unknown: list[tuple[str, int]]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id TEXT NOT NULL,
+    row_index INTEGER NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    prediction,                 -- no affinity: kept as predicted (number or string)
+    score REAL,                 -- positive-class probability or predicted value; NULL multiclass
+    predicted_at REAL NOT NULL, -- unix seconds
+    label,                      -- ground truth as posted (number or string); NULL until labelled
+    labelled_at REAL,
+    PRIMARY KEY (request_id, row_index)
+);
+CREATE INDEX IF NOT EXISTS predictions_labelled
+    ON predictions (model_name, model_version, predicted_at) WHERE label IS NOT NULL;
+"""
+
+LABELLED_COLUMNS = (
+    "request_id",
+    "index",
+    "model_name",
+    "model_version",
+    "prediction",
+    "score",
+    "label",
+    "predicted_at",
+    "labelled_at",
+)
+"""Columns of :meth:`FeedbackStore.labelled`."""
+
+
+def _scalar(value: Any, where: str) -> Any:
+    """A label as JSON gave it: a string, a finite number or a boolean; anything else is refused."""
+    value = plain(value)
+    if isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    raise ValueError(f"{where} must be a string, a finite number or a boolean, got {value!r}")
+
+
+def _parse_label(position: int, item: Mapping[str, Any]) -> tuple[str, int, Any]:
+    where = f"labels[{position}]"
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{where} must be an object with request_id, index and label")
+    request_id = item.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"{where}.request_id must be a non-empty string")
+    index = item.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"{where}.index must be an integer >= 0, got {index!r}")
+    if "label" not in item:
+        raise ValueError(f"{where}.label is missing")
+    return request_id, index, _scalar(item["label"], f"{where}.label")
+
+
+class FeedbackStore:
+    """The prediction log and its ground-truth labels, in one SQLite file.
+
+    WAL mode and a busy timeout make it safe for several replicas (processes) and threads at once:
+    each call opens its own short-lived connection and writes in one transaction. The file must be
+    on a local file system (SQLite's WAL does not work over network file systems).
+    """
+
+    def __init__(self, path: Path, timeout_s: float = 30.0):
+        """Open (creating if needed) the store at ``path``.
+
+        Args:
+            path: the SQLite file; its parent directory is created.
+            timeout_s: how long a write waits for another writer before failing.
+
+        """
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connection() as connection:
+            # WAL is a property of the database file: set once, it holds for every connection.
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        connection = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+        try:
+            # In WAL mode NORMAL loses no committed data on a crash of the process, only on power
+            # loss, and saves an fsync per commit.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            yield connection
+        finally:
+            connection.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connection() as connection:
+            # IMMEDIATE takes the write lock up front, so a busy database waits (busy timeout)
+            # instead of failing halfway through a read-then-write.
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    def log_predictions(self, records: Iterable[PredictionRecord]) -> int:
+        """Insert predictions in one transaction; an already logged (request, index) is kept.
+
+        Returns:
+            The number of rows inserted.
+
+        """
+        with self._transaction() as connection:
+            before = connection.total_changes
+            connection.executemany(
+                "INSERT OR IGNORE INTO predictions (request_id, row_index, model_name,"
+                " model_version, prediction, score, predicted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                records,
+            )
+            return connection.total_changes - before
+
+    def add_labels(self, items: Sequence[Mapping[str, Any]]) -> FeedbackResult:
+        """Join ground-truth labels to logged predictions.
+
+        Args:
+            items: ``{"request_id": str, "index": int (default 0), "label": str | number}``, the
+                index being the record's position in its request.
+
+        Returns:
+            How many labels matched a logged prediction, and which did not (those are not
+            stored: the prediction may be unknown, or not logged yet, a few hundred
+            milliseconds after the response; retrying then succeeds).
+
+        Raises:
+            ValueError: if an item is malformed (naming it); nothing is stored then.
+
+        """
+        parsed = [_parse_label(position, item) for position, item in enumerate(items)]
+        matched, unknown = 0, []
+        now = time.time()
+        with self._transaction() as connection:
+            for request_id, index, label in parsed:
+                cursor = connection.execute(
+                    "UPDATE predictions SET label = ?, labelled_at = ?"
+                    " WHERE request_id = ? AND row_index = ?",
+                    (label, now, request_id, index),
+                )
+                if cursor.rowcount:
+                    matched += 1
+                else:
+                    unknown.append((request_id, index))
+        return FeedbackResult(matched=matched, unknown=unknown)
+
+    def labelled(
+        self,
+        model_version: str | None = None,
+        since: datetime | None = None,
+        model_name: str | None = None,
+    ) -> pd.DataFrame:
+        """Logged predictions that have a label, for the live performance estimate.
+
+        Args:
+            model_version: only this model version.
+            since: only predictions made at or after this moment (naive = UTC).
+            model_name: only this model.
+
+        Returns:
+            One row per labelled record with :data:`LABELLED_COLUMNS`; ``predicted_at`` and
+            ``labelled_at`` are UTC timestamps, ``prediction`` and ``label`` as given.
+
+        """
+        clauses, parameters = ["label IS NOT NULL"], []
+        if model_name is not None:
+            clauses.append("model_name = ?")
+            parameters.append(model_name)
+        if model_version is not None:
+            clauses.append("model_version = ?")
+            parameters.append(str(model_version))
+        if since is not None:
+            clauses.append("predicted_at >= ?")
+            parameters.append(as_utc(since).timestamp())
+        with self._connection() as connection:
+            rows = connection.execute(
+                "SELECT request_id, row_index, model_name, model_version, prediction, score,"
+                " label, predicted_at, labelled_at FROM predictions WHERE "
+                + " AND ".join(clauses)
+                + " ORDER BY predicted_at, request_id, row_index",
+                parameters,
+            ).fetchall()
+        frame = pd.DataFrame(rows, columns=list(LABELLED_COLUMNS))
+        for column in ("predicted_at", "labelled_at"):
+            frame[column] = pd.to_datetime(frame[column].astype(float), unit="s", utc=True)
+        frame["score"] = frame["score"].astype(float)
+        return frame
+
+    def count(self) -> int:
+        """Logged predictions (labelled or not)."""
+        with self._connection() as connection:
+            return int(connection.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+
+def _binary_positive(labels: np.ndarray, predictions: np.ndarray, positive_class: Any) -> Any:
+    if positive_class is not None:
+        return positive_class
+    values = set(labels.tolist()) | set(predictions.tolist())
+    if values <= {0, 1}:  # also 0.0/1.0 and False/True, which hash and compare equal
+        return 1
+    raise ValueError(
+        f"binary labels are not 0/1 ({sorted(map(str, values))[:5]}); "
+        "pass positive_class (the model spec's positive class)"
+    )
+
+
+def live_performance(
+    frame: pd.DataFrame,
+    task: Literal["binary", "multiclass", "regression"],
+    positive_class: Any = None,
+) -> dict[str, float | int]:
+    """Performance of the served model on labelled traffic (a :meth:`FeedbackStore.labelled` frame).
+
+    Labels and predictions are compared as given (``1 == 1.0``, ``"1" != 1``).
+
+    Args:
+        frame: columns ``prediction``, ``label`` and, for ``roc_auc``, ``score``.
+        task: ``binary`` (rows, accuracy, roc_auc when both classes are labelled),
+            ``multiclass`` (rows, accuracy) or ``regression`` (rows, mae, rmse).
+        positive_class: the class ``score`` is the probability of (binary only); ``None``
+            means 1, which is only accepted when labels and predictions are 0/1.
+
+    Returns:
+        The metrics; ``{"rows": 0}`` without labelled rows.
+
+    Raises:
+        ValueError: for an unknown task, non-numeric regression labels, or binary labels that are
+            not 0/1 without ``positive_class``.
+
+    """
+    if task not in ("binary", "multiclass", "regression"):
+        raise ValueError(f"task must be binary, multiclass or regression, got {task!r}")
+    rows = len(frame)
+    if rows == 0:
+        return {"rows": 0}
+    labels = frame["label"].to_numpy(dtype=object)
+    predictions = frame["prediction"].to_numpy(dtype=object)
+    if task == "regression":
+        try:
+            errors = predictions.astype(float) - labels.astype(float)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"regression labels and predictions must be numbers: {error}"
+            ) from None
+        return {
+            "rows": rows,
+            "mae": float(np.mean(np.abs(errors))),
+            "rmse": float(np.sqrt(np.mean(errors**2))),
+        }
+    metrics: dict[str, float | int] = {
+        "rows": rows,
+        "accuracy": float(np.mean(predictions == labels)),
+    }
+    if task == "binary":
+        positive = _binary_positive(labels, predictions, positive_class)
+        scores = frame["score"].to_numpy(dtype=float)
+        known = ~np.isnan(scores)
+        truth = (labels == positive)[known].astype(int)
+        if len(np.unique(truth)) == 2:
+            metrics["roc_auc"] = float(roc_auc_score(truth, scores[known]))
+    return metrics

@@ -1,0 +1,332 @@
+"""Monitoring decisions as pure functions: drift evidence, retrain triggers, freshness, alerts.
+
+The sensors in :mod:`mlplatform.defs.monitoring` gather facts (profiles on disk, the registry,
+the Dagster instance) and hand them to these functions, so every decision can be tested with
+plain values and a controlled clock. Nothing here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from mlplatform.monitoring.drift import DriftResult, DriftThresholds
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitoringSettings:
+    """How often the sensors look, and the bounds they apply.
+
+    Attributes:
+        drift_interval_s: seconds between drift sensor ticks.
+        freshness_interval_s: seconds between freshness sensor ticks.
+        thresholds: per-column drift bounds, minimum rows and the drifted share that retrains.
+        drift_lookback: only traffic windows this recent are compared (and never from before
+            the champion was promoted), so the evidence is the newest traffic, not a mix of
+            old and new.
+        retrain_cooldown_s: after a drift-triggered retrain for a champion version, the same
+            version does not trigger another one for this long (a denied challenger would
+            otherwise retrain on every tick).
+        raw_data_max_age: ``raw_data`` older than this is stale.
+        model_max_age: ``candidate_model`` older than this is stale.
+        alert_webhook: URL that run-failure alerts are POSTed to, if any.
+
+    """
+
+    drift_interval_s: int = 60
+    freshness_interval_s: int = 300
+    thresholds: DriftThresholds = dataclasses.field(default_factory=DriftThresholds)
+    drift_lookback: dt.timedelta = dt.timedelta(hours=1)
+    retrain_cooldown_s: float = 3600.0
+    raw_data_max_age: dt.timedelta = dt.timedelta(hours=24)
+    model_max_age: dt.timedelta = dt.timedelta(days=7)
+    alert_webhook: str | None = None
+
+
+def load_monitoring_settings(environ: Mapping[str, str] | None = None) -> MonitoringSettings:
+    """Read the monitoring settings from the environment (defaults in :class:`MonitoringSettings`).
+
+    Variables: ``MLPLATFORM_DRIFT_INTERVAL_S``, ``MLPLATFORM_FRESHNESS_INTERVAL_S``,
+    ``MLPLATFORM_DRIFT_KS_BOUND``, ``MLPLATFORM_DRIFT_HELLINGER_BOUND``,
+    ``MLPLATFORM_DRIFT_MIN_ROWS``, ``MLPLATFORM_DRIFT_SHARE``, ``MLPLATFORM_DRIFT_LOOKBACK_MIN``,
+    ``MLPLATFORM_RETRAIN_COOLDOWN_S``,
+    ``MLPLATFORM_RAW_DATA_MAX_AGE_H``, ``MLPLATFORM_MODEL_MAX_AGE_H`` and
+    ``MLPLATFORM_ALERT_WEBHOOK``.
+
+    Raises:
+        ValueError: if a value is not a number or out of range.
+
+    """
+    env = os.environ if environ is None else environ
+    defaults = MonitoringSettings()
+
+    def number(name: str, default: float) -> float:
+        raw = env.get(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {raw!r}")
+        return value
+
+    thresholds = DriftThresholds(
+        ks_bound=number("MLPLATFORM_DRIFT_KS_BOUND", defaults.thresholds.ks_bound),
+        hellinger_bound=number(
+            "MLPLATFORM_DRIFT_HELLINGER_BOUND", defaults.thresholds.hellinger_bound
+        ),
+        min_rows=int(number("MLPLATFORM_DRIFT_MIN_ROWS", defaults.thresholds.min_rows)),
+        drifted_share=number("MLPLATFORM_DRIFT_SHARE", defaults.thresholds.drifted_share),
+    )
+    hours, minutes = dt.timedelta(hours=1), dt.timedelta(minutes=1)
+    return MonitoringSettings(
+        drift_interval_s=int(number("MLPLATFORM_DRIFT_INTERVAL_S", defaults.drift_interval_s)),
+        freshness_interval_s=int(
+            number("MLPLATFORM_FRESHNESS_INTERVAL_S", defaults.freshness_interval_s)
+        ),
+        thresholds=thresholds,
+        drift_lookback=minutes
+        * number("MLPLATFORM_DRIFT_LOOKBACK_MIN", defaults.drift_lookback / minutes),
+        retrain_cooldown_s=number("MLPLATFORM_RETRAIN_COOLDOWN_S", defaults.retrain_cooldown_s),
+        raw_data_max_age=hours
+        * number("MLPLATFORM_RAW_DATA_MAX_AGE_H", defaults.raw_data_max_age / hours),
+        model_max_age=hours * number("MLPLATFORM_MODEL_MAX_AGE_H", defaults.model_max_age / hours),
+        alert_webhook=env.get("MLPLATFORM_ALERT_WEBHOOK") or None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Drift
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftEvidence:
+    """What a drift evaluation saw: the champion, the traffic windows and the verdict.
+
+    Attributes:
+        model_version: the champion version whose traffic was compared.
+        windows: identifiers of the traffic windows merged (file names), oldest first.
+        result: the per-column comparison with the reference profile.
+
+    """
+
+    model_version: str
+    windows: tuple[str, ...]
+    result: DriftResult
+
+    @property
+    def key(self) -> str:
+        """A short, stable identifier of this evidence (the same windows give the same key)."""
+        digest = hashlib.sha256("\n".join((self.model_version, *self.windows)).encode())
+        return f"v{self.model_version}-{digest.hexdigest()[:12]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftCursor:
+    """The drift sensor's memory between ticks (stored as JSON in the sensor cursor).
+
+    Attributes:
+        evidence_key: the last evidence evaluated.
+        retrained_version: the champion version the last drift retrain was requested for.
+        retrained_at: when that retrain was requested (epoch seconds).
+
+    """
+
+    evidence_key: str | None = None
+    retrained_version: str | None = None
+    retrained_at: float | None = None
+
+    @classmethod
+    def parse(cls, raw: str | None) -> DriftCursor:
+        """Read a cursor; an empty or unreadable cursor is a fresh start."""
+        if not raw:
+            return cls()
+        try:
+            data = json.loads(raw)
+            return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+        except (ValueError, TypeError, AttributeError):
+            return cls()
+
+    def dump(self) -> str:
+        """The cursor as JSON."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftDecision:
+    """What the drift sensor does on one tick.
+
+    Attributes:
+        retrain: whether to request a retrain run.
+        run_key: the run key of that request (derived from the evidence, so it runs once).
+        reason: why it fires or not, with the numbers (shown on the sensor tick).
+        cursor: the cursor to store.
+        new_evidence: whether this tick saw evidence not evaluated before.
+
+    """
+
+    retrain: bool
+    run_key: str | None
+    reason: str
+    cursor: DriftCursor
+    new_evidence: bool
+
+
+def decide_drift(
+    evidence: DriftEvidence | None,
+    cursor: DriftCursor,
+    now: float,
+    cooldown_s: float,
+    retrain_in_progress: bool,
+    missing_reason: str = "no traffic profiles yet",
+) -> DriftDecision:
+    """Decide whether drift evidence triggers a retrain.
+
+    Fires when the evidence is new (not the cursor's), the drift verdict says retrain (enough
+    rows and the drifted share over the threshold), no retrain is queued or running, and the
+    champion has not triggered a drift retrain within the cooldown.
+
+    Args:
+        evidence: the evaluation of the newest traffic, or None when there is nothing to compare.
+        cursor: the sensor's memory from the previous tick.
+        now: the current time (epoch seconds).
+        cooldown_s: the cooldown per champion version.
+        retrain_in_progress: whether a retrain run is queued or running.
+        missing_reason: why there is no evidence, when ``evidence`` is None.
+
+    """
+    if evidence is None:
+        return DriftDecision(False, None, f"No evaluation: {missing_reason}.", cursor, False)
+    if evidence.key == cursor.evidence_key:
+        return DriftDecision(
+            False,
+            None,
+            f"No new traffic since the last evaluation ({evidence.key}).",
+            cursor,
+            False,
+        )
+    seen = dataclasses.replace(cursor, evidence_key=evidence.key)
+    summary = evidence.result.summary()
+    if not evidence.result.should_retrain:
+        return DriftDecision(False, None, summary, seen, True)
+    if retrain_in_progress:
+        return DriftDecision(
+            False, None, f"{summary} A retrain is already queued or running.", seen, True
+        )
+    cooling = (
+        cursor.retrained_version == evidence.model_version
+        and cursor.retrained_at is not None
+        and now - cursor.retrained_at < cooldown_s
+    )
+    if cooling:
+        remaining = cooldown_s - (now - (cursor.retrained_at or now))
+        return DriftDecision(
+            False,
+            None,
+            f"{summary} v{evidence.model_version} already triggered a retrain; cooling down for "
+            f"{remaining:.0f} more seconds.",
+            seen,
+            True,
+        )
+    fired = dataclasses.replace(seen, retrained_version=evidence.model_version, retrained_at=now)
+    return DriftDecision(True, f"drift-{evidence.key}", summary, fired, True)
+
+
+# --------------------------------------------------------------------------------------------
+# Freshness
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StaleAsset:
+    """An asset whose latest materialization is older than its freshness window."""
+
+    asset: str
+    materialized_at: float
+    age: dt.timedelta
+    max_age: dt.timedelta
+
+    @property
+    def reason(self) -> str:
+        """One sentence for the sensor tick."""
+        return (
+            f"{self.asset} last materialized {_duration(self.age)} ago "
+            f"(allowed: {_duration(self.max_age)})"
+        )
+
+
+def _duration(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds} s"
+
+
+def stale_assets(
+    now: float,
+    materialized_at: Mapping[str, float | None],
+    max_age: Mapping[str, dt.timedelta],
+) -> list[StaleAsset]:
+    """The assets whose latest materialization is older than their allowed age.
+
+    Assets never materialized are not stale: the first materialization is a deliberate act
+    (``make run``), not something a sensor starts on its own.
+
+    Args:
+        now: the current time (epoch seconds).
+        materialized_at: asset -> epoch seconds of its latest materialization (None = never).
+        max_age: asset -> its freshness window.
+
+    """
+    stale = []
+    for asset, window in max_age.items():
+        last = materialized_at.get(asset)
+        if last is None:
+            continue
+        age = dt.timedelta(seconds=now - last)
+        if age > window:
+            stale.append(StaleAsset(asset, last, age, window))
+    return stale
+
+
+def freshness_run_key(stale: Sequence[StaleAsset]) -> str:
+    """A run key naming the stale materializations, so each goes stale (and retrains) once."""
+    parts = sorted(f"{s.asset}@{s.materialized_at:.0f}" for s in stale)
+    return "freshness-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Alerts
+# --------------------------------------------------------------------------------------------
+
+
+def alert_payload(run_id: str, job_name: str, message: str, url: str | None) -> dict[str, Any]:
+    """The JSON body of a run-failure alert (``text`` suits Slack-style incoming webhooks)."""
+    text = f"mlplatform: run {run_id} of {job_name} failed: {message}"
+    if url:
+        text += f" ({url})"
+    return {"text": text, "run_id": run_id, "job_name": job_name, "message": message, "url": url}
+
+
+def post_alert(webhook: str, payload: Mapping[str, Any], timeout_s: float = 10.0) -> str | None:
+    """POST an alert; returns None on success, otherwise the error (alerts never raise)."""
+    try:
+        response = httpx.post(webhook, json=dict(payload), timeout=timeout_s)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        return f"{type(error).__name__}: {error}"
+    return None

@@ -1,0 +1,285 @@
+"""The fast serving path: HAProxy in front of replicas answering HTTP themselves, single records
+micro-batched into one frame and recorded beside the replica, cheap validation that accepts exactly
+what the model can parse. Real Ray Serve over HTTP, real HAProxy, real SQLite; no mocks."""
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlplatform.demo.data import generate_loans
+from mlplatform.model.spec import infer_feature_spec
+from mlplatform.monitoring.feedback import FeedbackStore
+from mlplatform.serving import cluster
+from mlplatform.serving.app import ServingSettings
+from mlplatform.serving.ingress import (
+    SERVE_ENVIRONMENT,
+    fast_ingress_environment,
+    loopback_haproxy,
+)
+from mlplatform.serving.recorder import TrafficRecorder
+from mlplatform.serving.validation import InvalidRequest, check_records, validate_records
+from mlplatform_tests.support import free_port, train_champion
+
+SPEC = infer_feature_spec(generate_loans(300), "defaulted")
+PREFIX = "/fastpath"
+
+
+def _records(n: int, seed: int) -> list[dict]:
+    frame = generate_loans(n, seed=seed)[list(SPEC.features)].astype(object)
+    return json.loads(frame.where(frame.notna(), None).to_json(orient="records"))
+
+
+# --- validation: the fast path accepts exactly what the model's datetime parsing accepts --------
+
+DATETIMES = [
+    "2025-06-01",
+    "2025-06-01T10:00",
+    "2025-06-01 10:00:00",
+    "2025-06-01T10:00:00.123456",
+    "2025-06-01T10:00:00Z",
+    "2025-06-01T10:00:00+02:00",
+    "2025-06-01T10:00:00-0530",
+    "June 1 2025",  # not ISO: pandas still parses it (slow path)
+    "2025/06/01",
+    "2025-02-30",
+    "2025-13-01",
+    "2025-06-01T25:00:00",
+    "1600-01-01",  # outside pandas' timestamp range
+    "2262-06-01",
+    "yesterday",
+    "",
+]
+
+
+@pytest.mark.parametrize("value", DATETIMES)
+def test_datetime_check_agrees_with_the_models_parsing(value):
+    parsed = not pd.isna(pd.to_datetime(value, errors="coerce", utc=True, format="mixed"))
+    record = _records(1, seed=1)[0] | {"application_date": value}
+    if parsed:
+        check_records([record], SPEC, 10)
+    else:
+        with pytest.raises(InvalidRequest, match="ISO 8601"):
+            check_records([record], SPEC, 10)
+
+
+def test_fast_and_slow_validation_give_the_same_frame():
+    records = _records(200, seed=2)
+    records[3]["income"] = None
+    records[5]["application_date"] = "June 1 2025"  # forces the field-by-field path
+    slow = validate_records(records, SPEC, 1000)
+    fast = validate_records([r for i, r in enumerate(records) if i != 5], SPEC, 1000)
+    pd.testing.assert_frame_equal(fast, slow.drop(index=5).reset_index(drop=True))
+
+
+# --- the recorder: a micro-batch of one-record requests, each joined by its own id ------------
+
+
+def test_a_micro_batch_is_recorded_as_one_record_requests(tmp_path):
+    frame = generate_loans(6, seed=3)[list(SPEC.features)]
+    probability = np.linspace(0.1, 0.9, 6)
+    result = pd.DataFrame(
+        {"prediction": (probability > 0.5).astype(int), "probability": probability}
+    )
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    ids = [f"single-{i}" for i in range(6)]
+    with TrafficRecorder(tmp_path, "loans", "1", SPEC, "r", feedback=store) as recorder:
+        assert recorder.record(ids, frame, result)
+        with pytest.raises(ValueError, match="request ids"):
+            recorder.record(ids[:2], frame, result)
+    stats = recorder.stats()
+    assert (stats.received_requests, stats.received_rows, stats.logged_rows) == (6, 6, 6)
+    labels = [{"request_id": i, "index": 0, "label": 1} for i in ids]
+    assert store.add_labels(labels).matched == 6
+    assert store.add_labels([{"request_id": "single-0", "index": 1, "label": 1}]).matched == 0
+
+
+# --- the environment the platform gives its head ------------------------------------------------
+
+
+def test_single_node_environment_keeps_everything_on_loopback_and_the_callers_choice(
+    monkeypatch,
+):
+    environment = fast_ingress_environment(single_node=True)
+    assert SERVE_ENVIRONMENT.items() <= environment.items()
+    assert os.access(environment["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    ports = {environment[f"RAY_SERVE_FALLBACK_PROXY_{p}_PORT"] for p in ("HTTP", "GRPC")}
+    assert len(ports) == 2 and "8500" not in ports  # its own, not Ray's fixed defaults
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in fast_ingress_environment(single_node=False)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert cluster.loopback_environment()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+HAPROXY_CONFIG = """global
+    maxconn 100
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 5s
+    timeout server 5s
+frontend prometheus
+    bind :{metrics}
+    mode http
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    server replica 127.0.0.1:9
+listen stats
+  bind *:{stats}
+  stats enable
+"""
+
+
+def test_haproxy_listens_on_loopback_only_and_dies_with_its_parent(tmp_path):
+    wrapper = loopback_haproxy(tmp_path / "bin")
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(metrics=9101, stats=8404, port=port))
+    check = subprocess.run([wrapper, "-c", "-f", config], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    binds = re.findall(r"^\s*bind (\S+)", config.read_text(), re.MULTILINE)
+    assert binds == [
+        f"unix@{tmp_path}/l9101.sock",
+        f"127.0.0.1:{port}",
+        f"unix@{tmp_path}/l8404.sock",
+    ]
+
+    # A parent (Ray's HAProxy manager) starts it, then dies without stopping it.
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; "
+            f"child = subprocess.Popen([{str(wrapper)!r}, '-db', '-f', {str(config)!r}]); "
+            "print(child.pid, flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    haproxy = int(parent.stdout.readline())
+    deadline = time.monotonic() + 20
+    while not cluster.port_is_open("127.0.0.1", port):
+        assert time.monotonic() < deadline, "HAProxy did not start"
+        time.sleep(0.1)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while cluster.port_is_open("127.0.0.1", port):
+        assert time.monotonic() < deadline, "HAProxy outlived its parent"
+        time.sleep(0.1)
+    assert not Path(f"/proc/{haproxy}").exists() or "Z" in Path(f"/proc/{haproxy}/stat").read_text()
+
+
+# --- the deployed endpoint ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fast_endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory):
+    """A champion served with traffic profiling and the prediction log, under /fastpath."""
+    settings, _ = train_champion(tmp_path_factory.mktemp("fast-path-home"), seed=8)
+    serving = ServingSettings(
+        model_uri="models:/mlplatform@champion",
+        tracking_uri=settings.tracking_uri,
+        traffic_dir=str(settings.traffic_dir),
+        feedback_db=str(settings.feedback_db),
+    )
+    cluster.deploy(
+        serving,
+        ray_address=None,
+        host="127.0.0.1",
+        port=serve_port,
+        app_name="fastpath",
+        local_head=None,
+        route_prefix=PREFIX,
+    )
+    url = f"http://127.0.0.1:{serve_port}{PREFIX}"
+    cluster.wait_until_serving(url, "1")
+    yield {"url": url, "port": serve_port, "tracking_uri": settings.tracking_uri}
+    from ray import serve
+
+    serve.delete("fastpath")
+
+
+def _listening_process(port: int) -> int:
+    """The pid of the process holding the listening socket of ``127.0.0.1:port``."""
+    inode = next(
+        line.split()[9]
+        for table in ("/proc/net/tcp", "/proc/net/tcp6")
+        for line in Path(table).read_text().splitlines()[1:]
+        if int(line.split()[1].split(":")[1], 16) == port and line.split()[3] == "0A"
+    )
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return int(pid)
+        except OSError:
+            continue
+    raise AssertionError(f"no process holds port {port}")
+
+
+def test_haproxy_answers_and_replicas_serve_http_themselves(fast_endpoint):
+    haproxy = _listening_process(fast_endpoint["port"])
+    command = Path(f"/proc/{haproxy}/cmdline").read_bytes().split(b"\0")
+    assert command[0].endswith(b"haproxy"), command
+    config = Path(command[command.index(b"-f") + 1].decode()).read_text()
+    assert not re.findall(r"^\s*bind (?!127\.0\.0\.1:|unix@)", config, re.MULTILINE)
+    replicas = re.findall(r"server SERVE_REPLICA_fastpath\S* 127\.0\.0\.1:(\d+)", config)
+    assert replicas, config
+    record = _records(1, seed=4)
+    direct = httpx.post(f"http://127.0.0.1:{replicas[0]}{PREFIX}/predict", json={"records": record})
+    assert direct.status_code == 200 and direct.json()["model_version"] == "1"
+
+
+def test_single_records_are_batched_answered_and_logged_one_by_one(fast_endpoint):
+    url = fast_endpoint["url"]
+    records = _records(48, seed=9)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(
+            pool.map(lambda r: httpx.post(f"{url}/predict", json={"records": [r]}), records)
+        )
+    assert [a.status_code for a in answers] == [200] * len(records)
+    bodies = [a.json() for a in answers]
+    assert all(a.headers["content-type"] == "application/json" for a in answers)
+    mlflow.set_tracking_uri(fast_endpoint["tracking_uri"])
+    expected = mlflow.pyfunc.load_model("models:/mlplatform/1").predict(pd.DataFrame(records))
+    assert [b["predictions"][0] for b in bodies] == expected["prediction"].tolist()
+    assert [b["probabilities"][0] for b in bodies] == pytest.approx(
+        expected["probability"].tolist(), abs=1e-12
+    )
+    ids = [b["request_id"] for b in bodies]
+    assert len(set(ids)) == len(ids)
+
+    labels = {"labels": [{"request_id": i, "index": 0, "label": 1} for i in ids]}
+    deadline = time.monotonic() + 30
+    while True:  # predictions reach the log within about a second
+        matched = httpx.post(f"{url}/feedback", json=labels, timeout=30).json()["matched"]
+        if matched == len(ids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert matched == len(ids)
+    traffic = httpx.get(f"{url}/healthz").json()["traffic"]
+    assert traffic["received_requests"] >= len(ids)
+    assert (traffic["dropped_requests"], traffic["errors"]) == (0, 0)
+
+
+def test_a_large_request_is_one_answer(fast_endpoint):
+    records = _records(300, seed=10)
+    answer = httpx.post(f"{fast_endpoint['url']}/predict", json={"records": records}, timeout=30)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert len(body["predictions"]) == len(body["probabilities"]) == 300
