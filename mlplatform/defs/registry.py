@@ -13,7 +13,7 @@ import dagster as dg
 import mlflow
 from pydantic import Field
 
-from mlplatform.defs.evaluation import EvaluationReport
+from mlplatform.evaluation.gate import EvaluationReport
 from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef
 from mlplatform.resources import MlflowTracking
 

@@ -7,8 +7,6 @@ import mlflow
 import pandas as pd
 from mlflow.models import infer_signature
 
-from mlplatform.evaluation import tasks
-from mlplatform.evaluation.metrics import choose_threshold
 from mlplatform.model import tuning
 from mlplatform.model.dataset import FeatureSet
 from mlplatform.model.pyfunc import TabularModel
@@ -23,6 +21,8 @@ from mlplatform.model.training import (
     train_linear,
 )
 from mlplatform.resources import MlflowTracking
+from mlplatform.tasks import strategies as tasks
+from mlplatform.tasks.metrics import choose_threshold
 
 
 class TrainingConfig(TrainingParams, dg.Config):

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlplatform.evaluation.metrics import LOWER_IS_BETTER, NOT_AVAILABLE, Interval, is_number
-from mlplatform.evaluation.slices import SLICE_HEADERS, known_limitations
+from mlplatform.tasks.metrics import LOWER_IS_BETTER, NOT_AVAILABLE, Interval, is_number
+from mlplatform.tasks.slices import SLICE_HEADERS, known_limitations
 
 # --------------------------------------------------------------------------------------------
 # Model card

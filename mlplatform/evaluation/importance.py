@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.inspection import permutation_importance
 
-from mlplatform.evaluation.metrics import as_labels
+from mlplatform.tasks.metrics import as_labels
 
 _DATETIME_PARTS = ("month", "dayofweek", "hour")
 # --------------------------------------------------------------------------------------------

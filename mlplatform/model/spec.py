@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from mlplatform.evaluation.tasks import TASKS, Task
+from mlplatform.tasks.strategies import TASKS, Task
 
 FeatureKind = Literal["numeric", "categorical", "boolean", "datetime"]
 SLICEABLE_KINDS = ("categorical", "boolean", "numeric")

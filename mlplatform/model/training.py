@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 
-from mlplatform.evaluation.metrics import LOWER_IS_BETTER
 from mlplatform.model import tuning
 from mlplatform.model.dataset import FeatureSet
 from mlplatform.model.pipeline import build_preprocessor, make_model_pipeline
+from mlplatform.tasks.metrics import LOWER_IS_BETTER
 
 
 class TrainingParams(BaseModel):

@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 from sklearn.metrics import log_loss, mean_squared_error, roc_auc_score
 
-from mlplatform.evaluation.tasks import Task
+from mlplatform.tasks.strategies import Task
 
 # Trials marked with this user attribute evaluate the base parameters unchanged.
 _BASELINE_ATTR = "baseline"

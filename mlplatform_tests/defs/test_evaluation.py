@@ -12,15 +12,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from mlplatform.defs.evaluation import (
-    EvaluationReport,
-    PromotionGateConfig,
-    decide_promotion,
-    evaluation_report,
-)
+from mlplatform.defs.evaluation import PromotionGateConfig, evaluation_report
 from mlplatform.defs.features import features
 from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.training import candidate_model
+from mlplatform.evaluation.gate import EvaluationReport, decide_promotion
 from mlplatform.model.registry import MODEL_CARD_ARTIFACT, ModelRef
 
 CHALLENGER = ModelRef("m", "2", "run2", "lightgbm")

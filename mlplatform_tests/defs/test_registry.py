@@ -2,11 +2,12 @@ import dagster as dg
 import pytest
 from mlflow import MlflowClient
 
-from mlplatform.defs.evaluation import EvaluationReport, GateDecision, evaluation_report
+from mlplatform.defs.evaluation import evaluation_report
 from mlplatform.defs.features import features
 from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.registry import PromotionConfig, PromotionRequestError, champion_model, decide
 from mlplatform.defs.training import candidate_model
+from mlplatform.evaluation.gate import EvaluationReport, GateDecision
 from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef
 
 TRAIN_AND_PROMOTE = [raw_data, features, candidate_model, evaluation_report, champion_model]

@@ -12,7 +12,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from mlplatform.evaluation.metrics import MISSING_SLICE, as_labels, as_probability, is_number
+from mlplatform.tasks.metrics import MISSING_SLICE, as_labels, as_probability, is_number
 
 # --------------------------------------------------------------------------------------------
 # Slices and fairness

@@ -1,6 +1,6 @@
 """Evaluation per learning task: metrics, intervals, slices and plots that fit the target.
 
-Binary classification uses the fast paths of :mod:`mlplatform.evaluation.metrics` (threshold
+Binary classification uses the fast paths of :mod:`mlplatform.tasks.metrics` (threshold
 metrics, ROC and precision-recall curves). Multiclass models are judged on class probabilities
 (macro one-vs-rest ROC AUC, log loss, accuracy, macro precision/recall/F1) and regression models
 on predicted values (RMSE, MAE, R2). Every function takes ``scores`` as
@@ -29,7 +29,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from mlplatform.evaluation.metrics import (
+from mlplatform.tasks.metrics import (
     METRIC_NAMES,
     PROBABILITY_CLIP,
     Interval,
@@ -40,7 +40,7 @@ from mlplatform.evaluation.metrics import (
     paired_difference,
     percentile_interval,
 )
-from mlplatform.evaluation.plots import (
+from mlplatform.tasks.plots import (
     new_figure,
     plot_calibration,
     plot_confusion_matrix,
@@ -49,7 +49,7 @@ from mlplatform.evaluation.plots import (
     plot_roc,
     png,
 )
-from mlplatform.evaluation.slices import slice_metrics, slice_table
+from mlplatform.tasks.slices import slice_metrics, slice_table
 
 Task = Literal["binary", "multiclass", "regression"]
 TASKS: tuple[Task, ...] = ("binary", "multiclass", "regression")

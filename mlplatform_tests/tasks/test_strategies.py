@@ -22,10 +22,10 @@ from sklearn.metrics import (
 
 from mlplatform.definitions import ASSETS
 from mlplatform.demo.data import generate_loans
-from mlplatform.evaluation import tasks
-from mlplatform.evaluation.metrics import bootstrap_indices
 from mlplatform.model.spec import DataError, infer_feature_spec, infer_task
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
+from mlplatform.tasks import strategies as tasks
+from mlplatform.tasks.metrics import bootstrap_indices
 
 
 def _loans_with(target: str, n_rows: int = 1500, seed: int = 5) -> pd.DataFrame:

@@ -19,7 +19,10 @@ from sklearn.metrics import (
 from mlplatform.demo.data import generate_loans
 from mlplatform.evaluation.card import render_model_card
 from mlplatform.evaluation.importance import feature_importance
-from mlplatform.evaluation.metrics import (
+from mlplatform.model.pipeline import build_preprocessor, make_model_pipeline
+from mlplatform.model.pyfunc import TabularModel, encode_target
+from mlplatform.model.spec import infer_feature_spec
+from mlplatform.tasks.metrics import (
     LOWER_IS_BETTER,
     METRIC_NAMES,
     Interval,
@@ -30,17 +33,14 @@ from mlplatform.evaluation.metrics import (
     paired_difference,
     resampled_metrics,
 )
-from mlplatform.evaluation.plots import (
+from mlplatform.tasks.plots import (
     plot_calibration,
     plot_confusion_matrix,
     plot_feature_importance,
     plot_precision_recall,
     plot_roc,
 )
-from mlplatform.evaluation.slices import fairness_gaps, known_limitations, slice_metrics
-from mlplatform.model.pipeline import build_preprocessor, make_model_pipeline
-from mlplatform.model.pyfunc import TabularModel, encode_target
-from mlplatform.model.spec import infer_feature_spec
+from mlplatform.tasks.slices import fairness_gaps, known_limitations, slice_metrics
 
 PNG_SIGNATURE = b"\x89PNG"
 

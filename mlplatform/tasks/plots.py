@@ -19,7 +19,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from mlplatform.evaluation.metrics import as_labels, as_probability, has_both_classes
+from mlplatform.tasks.metrics import as_labels, as_probability, has_both_classes
 
 _FIGURE_SIZE = (5.0, 4.0)
 _DPI = 100

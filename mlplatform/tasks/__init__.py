@@ -1,0 +1,1 @@
+"""Learning tasks (binary, multiclass, regression): what each measures, plots and answers."""
