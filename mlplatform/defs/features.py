@@ -7,13 +7,17 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
-from scipy import stats
-from sklearn.metrics import r2_score, roc_auc_score
-from sklearn.tree import DecisionTreeClassifier
 
 from mlplatform.defs.ingest import data_version
-from mlplatform.model.dataset import SPLITS, FeatureSet, SplitParams, split_frame
-from mlplatform.model.pipeline import coerce_features
+from mlplatform.model.dataset import (
+    SPLITS,
+    FeatureSet,
+    SplitParams,
+    absent_classes_note,
+    split_frame,
+    target_balance,
+)
+from mlplatform.model.leakage import single_feature_auc, single_feature_fit
 from mlplatform.model.spec import FeatureSpec, infer_feature_spec
 from mlplatform.monitoring.profiles import profile_frame, reference_sidecar
 from mlplatform.resources import DataSource
@@ -36,146 +40,6 @@ class FeaturesConfig(SplitParams, dg.Config):
     )
 
 
-def _rule_input(values: pd.Series, kind: str) -> pd.Series:
-    """A coerced feature as a single-feature rule reads it (datetimes as seconds)."""
-    if kind == "datetime":
-        return values.map(lambda stamp: stamp.timestamp() if pd.notna(stamp) else np.nan)
-    return values
-
-
-def _rule_fit(
-    kind: str, task: str, train: tuple[pd.Series, np.ndarray], other: tuple[pd.Series, np.ndarray]
-) -> float:
-    """How exactly the simplest rule on one feature, learned on ``train``, reproduces the target.
-
-    Classification: accuracy of a lookup (categorical, boolean: the majority class of each value)
-    or of a small decision tree (numeric: a few thresholds); regression: R2 of the per-value mean
-    (categorical, boolean) or the absolute Spearman correlation (numeric: any monotone recoding).
-    The lower of the score on ``train`` and on ``other`` (the validation split) counts.
-    """
-    (x_train, y_train), (x_other, y_other) = train, other
-    splits = ((x_train, y_train), (x_other, y_other))
-    if kind not in ("categorical", "boolean") and task == "regression":
-        # Any monotone recoding: nothing to learn, the rank correlation on each split.
-        scores = []
-        for x, y in splits:
-            values = pd.to_numeric(x, errors="coerce").to_numpy(dtype=float)
-            known = ~np.isnan(values)
-            if known.sum() < 3 or np.ptp(values[known]) == 0 or np.ptp(y[known]) == 0:
-                return 0.0
-            scores.append(abs(float(stats.spearmanr(values[known], y[known]).statistic)))
-        return min(scores)
-    # Otherwise the rule is learned once, on the training split, then scored on both.
-    if kind in ("categorical", "boolean"):
-        by_value = pd.Series(y_train, index=x_train.index).groupby(x_train.astype(str))
-        if task == "regression":
-            lookup, fallback = by_value.mean(), float(np.mean(y_train))
-        else:
-            lookup = by_value.agg(lambda group: group.value_counts().index[0])
-            fallback = np.bincount(y_train).argmax()
-
-        def guess(x: pd.Series) -> np.ndarray:
-            return x.astype(str).map(lookup).fillna(fallback).to_numpy()
-
-    else:
-        tree = DecisionTreeClassifier(
-            max_leaf_nodes=2 * max(len(np.unique(y_train)), 2), random_state=0
-        ).fit(pd.to_numeric(x_train, errors="coerce").to_numpy(dtype=float)[:, None], y_train)
-
-        def guess(x: pd.Series) -> np.ndarray:
-            return tree.predict(pd.to_numeric(x, errors="coerce").to_numpy(dtype=float)[:, None])
-
-    if task == "regression":
-        return min(float(r2_score(y, guess(x))) if np.ptp(y) > 0 else 0.0 for x, y in splits)
-    return min(float(np.mean(guess(x) == y)) for x, y in splits)
-
-
-def single_feature_fit(feature_set: FeatureSet) -> dict[str, float]:
-    """How exactly each feature alone reproduces the target (see :func:`_rule_fit`).
-
-    1.0 means a copy or a deterministic recoding of the target (an identifier that encodes it,
-    the label under another name): the model would learn nothing that holds at prediction time.
-    """
-    spec = feature_set.spec
-    if len(feature_set.valid) < 2:
-        return {}
-    train = coerce_features(feature_set.inputs("train"), spec)
-    valid = coerce_features(feature_set.inputs("valid"), spec)
-    y_train, y_valid = feature_set.labels("train"), feature_set.labels("valid")
-    return {
-        name: round(
-            _rule_fit(
-                kind,
-                spec.task,
-                (_rule_input(train[name], kind), y_train),
-                (_rule_input(valid[name], kind), y_valid),
-            ),
-            4,
-        )
-        for name, kind in spec.features.items()
-    }
-
-
-def _binary_views(labels: np.ndarray, task: str) -> list[np.ndarray]:
-    """The target as 0/1 arrays a single feature can be ranked against.
-
-    Binary: the labels; multiclass: each class against the rest; regression: above the median.
-    """
-    if task == "binary":
-        return [labels]
-    if task == "multiclass":
-        return [(labels == k).astype(int) for k in np.unique(labels)]
-    return [(labels > np.median(labels)).astype(int)]
-
-
-def single_feature_auc(feature_set: FeatureSet) -> dict[str, float]:
-    """How well each feature alone ranks the training target (max of AUC and 1 - AUC).
-
-    For multiclass targets the mean of the one-vs-rest AUCs counts: a measurement that sets one
-    class apart (petal length and setosa, flipper length and Gentoo penguins) is biology, not
-    leakage; a feature that ranks every class is suspicious. For regression targets, the AUC of
-    separating values above the median from the rest.
-    """
-    coerced = coerce_features(feature_set.inputs("train"), feature_set.spec)
-    views = _binary_views(feature_set.labels("train"), feature_set.spec.task)
-    scores = {}
-    for name in coerced.columns:
-        aucs = []
-        for labels in views:
-            column = coerced[name]
-            if feature_set.spec.features[name] == "categorical":
-                column = column.map(pd.Series(labels, index=coerced.index).groupby(column).mean())
-            column = _rule_input(column, feature_set.spec.features[name])
-            values = pd.to_numeric(column, errors="coerce").astype(float)
-            known = values.notna().to_numpy()
-            if known.sum() < 10 or len(np.unique(labels[known])) < 2:
-                continue
-            auc = roc_auc_score(labels[known], values.to_numpy()[known])
-            aucs.append(float(max(auc, 1 - auc)))
-        if aucs:
-            scores[name] = round(float(np.mean(aucs)), 4)
-    return scores
-
-
-def _absent_from(feature_set: FeatureSet, split: str) -> str | None:
-    """Why ``split`` has no rows of some classes, or ``None`` when it has them all."""
-    spec = feature_set.spec
-    present = set(np.unique(feature_set.labels(split)).tolist())
-    absent = [label for k, label in enumerate(spec.classes) if k not in present]
-    if not absent:
-        return None
-    names = ", ".join(map(str, absent))
-    if not feature_set.time_ordered:
-        return f"{split} has no rows of {names}"
-    column = spec.time_column
-    stamps = pd.to_datetime(getattr(feature_set, split)[column], utc=True, format="mixed")
-    return (
-        f"{split} ({column} {stamps.min():%Y-%m-%d} to {stamps.max():%Y-%m-%d}) has no rows of "
-        f"{names}: a chronological split keeps the newest rows for evaluation and cannot move "
-        "older ones there, so its metrics are over the other classes"
-    )
-
-
 def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
     """Every split is non-empty and varied, training holds every class, and time is in order.
 
@@ -193,10 +57,10 @@ def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
             kind = "value" if spec.task == "regression" else "class"
             problems.append(f"{split} has a single {kind}")
     if spec.is_classification and not problems:
-        missing = _absent_from(feature_set, "train")
+        missing = absent_classes_note(feature_set, "train")
         if missing:
             problems.append(missing.split(":")[0] + ": the model cannot learn them")
-        notes += [note for s in ("valid", "test") if (note := _absent_from(feature_set, s))]
+        notes += [note for s in ("valid", "test") if (note := absent_classes_note(feature_set, s))]
     if feature_set.time_ordered and not problems:
         column = feature_set.spec.time_column
         stamps = {
@@ -267,22 +131,6 @@ def check_dominant_feature(feature_set: FeatureSet, max_auc: float) -> dg.AssetC
     )
 
 
-def _target_balance(feature_set: FeatureSet) -> dict[str, dict[str, float]]:
-    """Per split: class shares (classification) or the target's mean and spread (regression)."""
-    spec, balance = feature_set.spec, {}
-    for split in SPLITS:
-        labels = feature_set.labels(split)
-        if spec.task == "regression":
-            balance[split] = {"mean": float(labels.mean()), "std": float(labels.std())}
-        else:
-            shares = np.bincount(labels, minlength=len(spec.classes)) / max(len(labels), 1)
-            balance[split] = {
-                str(label): round(float(share), 4)
-                for label, share in zip(spec.classes, shares, strict=True)
-            }
-    return balance
-
-
 def _spec_table(spec: FeatureSpec) -> str:
     rows = [f"| {name} | {kind} | used |" for name, kind in spec.features.items()]
     rows += [f"| {name} | - | dropped: {reason} |" for name, reason in spec.dropped.items()]
@@ -330,7 +178,7 @@ def features(
         metadata={
             **{f"{split}_rows": len(getattr(feature_set, split)) for split in SPLITS},
             "task": spec.task,
-            "target_balance": dg.MetadataValue.json(_target_balance(feature_set)),
+            "target_balance": dg.MetadataValue.json(target_balance(feature_set)),
             "split": "chronological by " + spec.time_column
             if spec.time_column
             else f"random, seed {config.seed}"

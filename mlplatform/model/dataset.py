@@ -81,3 +81,38 @@ def split_frame(
         stratify=holdout[spec.target] if stratify else None,
     )
     return train, valid, test
+
+
+def absent_classes_note(feature_set: FeatureSet, split: str) -> str | None:
+    """Why ``split`` has no rows of some classes, or ``None`` when it has them all."""
+    spec = feature_set.spec
+    present = set(np.unique(feature_set.labels(split)).tolist())
+    absent = [label for k, label in enumerate(spec.classes) if k not in present]
+    if not absent:
+        return None
+    names = ", ".join(map(str, absent))
+    if not feature_set.time_ordered:
+        return f"{split} has no rows of {names}"
+    column = spec.time_column
+    stamps = pd.to_datetime(getattr(feature_set, split)[column], utc=True, format="mixed")
+    return (
+        f"{split} ({column} {stamps.min():%Y-%m-%d} to {stamps.max():%Y-%m-%d}) has no rows of "
+        f"{names}: a chronological split keeps the newest rows for evaluation and cannot move "
+        "older ones there, so its metrics are over the other classes"
+    )
+
+
+def target_balance(feature_set: FeatureSet) -> dict[str, dict[str, float]]:
+    """Per split: class shares (classification) or the target's mean and spread (regression)."""
+    spec, balance = feature_set.spec, {}
+    for split in SPLITS:
+        labels = feature_set.labels(split)
+        if spec.task == "regression":
+            balance[split] = {"mean": float(labels.mean()), "std": float(labels.std())}
+        else:
+            shares = np.bincount(labels, minlength=len(spec.classes)) / max(len(labels), 1)
+            balance[split] = {
+                str(label): round(float(share), 4)
+                for label, share in zip(spec.classes, shares, strict=True)
+            }
+    return balance
