@@ -15,9 +15,11 @@ import fsspec
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from pydantic import Field, PrivateAttr
 
 from mlplatform.demo.data import write_demo_source
+from mlplatform.model.registry import version_by_alias
 from mlplatform.model.spec import DataError
 from mlplatform.serving import cluster
 from mlplatform.serving.app import ServingSettings
@@ -211,12 +213,15 @@ class MlflowTracking(dg.ConfigurableResource):
         """A registry/tracking client for the resolved URI."""
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
-    def version_by_alias(self, alias: str) -> Any | None:
-        """The registered model version behind ``alias``, or ``None`` if unset."""
-        try:
-            return self.client().get_model_version_by_alias(self.registered_model_name, alias)
-        except mlflow.exceptions.MlflowException:
-            return None
+    def version_by_alias(self, alias: str) -> ModelVersion | None:
+        """The registered model version behind ``alias``, or ``None`` if the registry has none.
+
+        Raises:
+            RegistryUnavailable: the registry did not answer (retried first); never read as "no
+                alias".
+
+        """
+        return version_by_alias(self.client(), self.registered_model_name, alias)
 
 
 class RayServe(dg.ConfigurableResource):

@@ -1,10 +1,14 @@
 """Registered model versions: how assets name a model, the registry aliases, loading a version."""
 
 import dataclasses
+import itertools
 import re
+import time
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
 from mlplatform.model.pyfunc import TabularModel
 
@@ -54,3 +58,58 @@ def resolve_model_version(model_uri: str, client: MlflowClient) -> tuple[str, st
     if match["version"]:
         return name, match["version"]
     return name, client.get_model_version_by_alias(name, match["alias"]).version
+
+
+class RegistryUnavailable(RuntimeError):
+    """The model registry did not answer (a locked store, a server down): not "no champion"."""
+
+
+def _is_not_found(error: MlflowException) -> bool:
+    """Whether the registry answered that the model or the alias does not exist.
+
+    MLflow reports a missing model as RESOURCE_DOES_NOT_EXIST and a missing alias of an existing
+    model as INVALID_PARAMETER_VALUE ("Registered model alias ... not found").
+    """
+    if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    message = str(error.message).lower()
+    return (
+        error.error_code == "INVALID_PARAMETER_VALUE"
+        and "alias" in message
+        and "not found" in message
+    )
+
+
+def version_by_alias(
+    client: MlflowClient, name: str, alias: str, attempts: int = 3, backoff_s: float = 1.0
+) -> ModelVersion | None:
+    """The version of model ``name`` behind ``alias``; ``None`` only when the registry says none.
+
+    Every other registry error (a SQLite store locked by another writer, a tracking server that
+    does not answer) is retried ``attempts`` times, waiting ``backoff_s``, then twice that, and
+    so on, then raised: reading it as "no alias" would let the gate compare a challenger against
+    nobody and the sensors report "no champion yet" while one serves.
+
+    Raises:
+        RegistryUnavailable: the registry did not answer after ``attempts`` tries.
+
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    for attempt in itertools.count(1):
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException as error:
+            if _is_not_found(error):
+                return None
+            if attempt == attempts:
+                raise RegistryUnavailable(
+                    f"the model registry did not answer for {name}@{alias} after {attempts} "
+                    f"tries ({error.error_code}: {_first_line(str(error.message))}); "
+                    "nothing was changed"
+                ) from error
+        time.sleep(backoff_s * 2 ** (attempt - 1))
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "no message"
