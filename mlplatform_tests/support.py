@@ -1,12 +1,19 @@
-"""Helpers the tests share: free ports, an isolated platform home, sensor ticks, a champion."""
+"""Helpers the tests share: free ports, an isolated platform home, sensor ticks, a champion,
+scored labels and recorded traffic."""
 
+from __future__ import annotations
+
+import json
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 
 import mlplatform.serving  # noqa: F401  (sets Ray's loopback mode before Ray is imported)
@@ -16,6 +23,7 @@ from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.registry import champion_model
 from mlplatform.defs.training import candidate_model
 from mlplatform.demo.data import generate_loans
+from mlplatform.model.spec import FeatureSpec
 from mlplatform.monitoring.profiles import list_traffic_windows
 from mlplatform.resources import DataSource, MlflowTracking
 from mlplatform.settings import PlatformSettings, load_settings
@@ -101,3 +109,58 @@ def train_champion(home: Path, seed: int) -> tuple[PlatformSettings, str]:
         )
         assert result.success
         return load_settings(), result.run_id
+
+
+def scored(
+    n: int, seed: int = 0, signal: float = 1.5, prevalence: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and informative, noisy probabilities (logistic in a Gaussian score)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < prevalence).astype(int)
+    score = signal * labels + rng.normal(0, 1, n) - 1.5
+    return labels, 1 / (1 + np.exp(-score))
+
+
+T0 = 1_767_225_600.0
+"""2026-01-01T00:00:00Z, a multiple of 60 s: windows of a minute start here."""
+
+
+class FakeClock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def inputs(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """The raw input columns, as the endpoint's validation hands them on."""
+    return frame[list(spec.features)]
+
+
+def binary_result(n: int, seed: int = 0) -> pd.DataFrame:
+    """What a binary model's predict_frame returns (the recorder only profiles and logs it)."""
+    probability = np.random.default_rng(seed).random(n)
+    return pd.DataFrame(
+        {"prediction": (probability >= 0.5).astype(int), "probability": probability}
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def sidecars(directory: Path) -> list[dict[str, Any]]:
+    """The JSON sidecars of the traffic windows in ``directory``, by file name."""
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+"""The eight bytes every PNG file starts with."""
