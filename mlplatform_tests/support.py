@@ -1,8 +1,10 @@
 """Helpers the tests share: free ports, an isolated platform home, sensor ticks, a champion,
-scored labels and recorded traffic."""
+scored labels, recorded traffic and decoded pictures."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import socket
 import time
@@ -11,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import matplotlib.image
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgb
 
 import mlplatform.serving  # noqa: F401  (sets Ray's loopback mode before Ray is imported)
 from mlplatform.defs.evaluation import evaluation_report
@@ -164,3 +168,72 @@ def sidecars(directory: Path) -> list[dict[str, Any]]:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 """The eight bytes every PNG file starts with."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Picture:
+    """A decoded PNG, to assert what a plot shows rather than that it is a file.
+
+    Checks go by colour and by position inside the axes frame, so they hold across fonts,
+    antialiasing and small layout changes; no pixel-exact reference images.
+    """
+
+    pixels: np.ndarray
+    """Red, green and blue in [0, 1]; rows top to bottom, columns left to right."""
+
+    @classmethod
+    def of(cls, png: bytes) -> Picture:
+        """Decode PNG bytes (fails for anything that is not a PNG)."""
+        assert png.startswith(PNG_SIGNATURE), png[:16]
+        rgba = matplotlib.image.imread(io.BytesIO(png), format="png")
+        return cls(np.asarray(rgba[..., :3], dtype=float))
+
+    def colour_count(self) -> int:
+        """How many distinct colours the picture has (1 for a blank figure)."""
+        rgb = np.round(self.pixels * 255).astype(np.uint8).reshape(-1, 3)
+        return len(np.unique(rgb, axis=0))
+
+    def where(self, colour: str, tolerance: float = 0.06) -> np.ndarray:
+        """Mask of the pixels within ``tolerance`` of a matplotlib colour ("C0", "tab:red")."""
+        return np.abs(self.pixels - np.array(to_rgb(colour))).max(axis=-1) <= tolerance
+
+    @staticmethod
+    def bars(mask: np.ndarray, min_width: int = 1) -> list[int]:
+        """The widths of the horizontal bars in ``mask``, top to bottom.
+
+        A bar is a run of consecutive rows holding at least ``min_width`` of the mask's pixels
+        (a larger ``min_width`` skips a legend's patch); its width is that of its widest row.
+        """
+        widths = mask.sum(axis=1)
+        rows = np.flatnonzero(widths >= min_width)
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(rows) else []
+        return [int(widths[run].max()) for run in runs]
+
+    def frame(self) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)``: the axes frame, the longest dark rows and columns."""
+        dark = self.pixels.sum(axis=-1) < 0.6
+        rows, columns = dark.sum(axis=1), dark.sum(axis=0)
+        tall = np.flatnonzero(columns > 0.5 * columns.max())
+        wide = np.flatnonzero(rows > 0.5 * rows.max())
+        return int(wide[0]), int(wide[-1]), int(tall[0]), int(tall[-1])
+
+    def window(
+        self, x: tuple[float, float] = (0.0, 1.0), y: tuple[float, float] = (0.0, 1.0)
+    ) -> np.ndarray:
+        """Mask of a window of the axes frame; ``x`` and ``y`` in fractions of the frame, ``y``
+        upwards as on the plot's axis."""
+        top, bottom, left, right = self.frame()
+        rows, columns = np.indices(self.pixels.shape[:2])
+        fx = (columns - left) / (right - left)
+        fy = (bottom - rows) / (bottom - top)
+        return (fx >= x[0]) & (fx <= x[1]) & (fy >= y[0]) & (fy <= y[1])
+
+    def share(
+        self,
+        mask: np.ndarray,
+        x: tuple[float, float] = (0.0, 1.0),
+        y: tuple[float, float] = (0.0, 1.0),
+    ) -> float:
+        """The share of ``mask``'s pixels inside a window of the axes frame (0 for none)."""
+        total = int(mask.sum())
+        return float((mask & self.window(x, y)).sum() / total) if total else 0.0

@@ -21,6 +21,7 @@ from mlplatform.monitoring.drift import (
 )
 from mlplatform.monitoring.profiles import profile_frame, profile_frame_fast
 from mlplatform_tests.monitoring.synthetic import CATEGORICAL, NUMERIC, traffic
+from mlplatform_tests.support import Picture
 
 CONTROL_ROWS = 300_000
 SHIFTED = ["normal_1", "lognormal_2", "poisson_1", "rounded_2"]
@@ -287,7 +288,7 @@ def test_demo_loans_profiled_like_the_reference():
 
 
 def test_table_and_plot(control, drifted_batch):
-    _, _, reference_view, _ = control
+    _, _, reference_view, current_view = control
     result = compare_profiles(reference_view, drifted_batch[1])
 
     table = result.to_frame()
@@ -298,6 +299,17 @@ def test_table_and_plot(control, drifted_batch):
     png = plot_drift(result)
     assert png.startswith(b"\x89PNG")
     assert len(png) > 5_000
+    # One red bar per drifted column, top to bottom in the table's order, as long as its effect
+    # (the legend's red patch is narrower than any of them).
+    picture = Picture.of(png)
+    red_bars = Picture.bars(picture.where("tab:red"), min_width=60)
+    effects = table.loc[table["drifted"], "effect"].to_numpy()
+    assert len(red_bars) == len(effects) == 6
+    assert np.array(red_bars) / effects == pytest.approx(red_bars[0] / effects[0], rel=0.05)
+    # Without drift: no red bar, every column's bar within its bound, in blue.
+    calm = Picture.of(plot_drift(compare_profiles(reference_view, current_view)))
+    assert Picture.bars(calm.where("tab:red"), min_width=60) == []
+    assert calm.where("tab:blue").sum() > picture.where("tab:blue").sum()
 
 
 def test_drift_module_imports_neither_dagster_nor_ray():
