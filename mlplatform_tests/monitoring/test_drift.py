@@ -3,6 +3,7 @@ and picture."""
 
 import subprocess
 import sys
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from mlplatform.model.spec import infer_feature_spec
 from mlplatform.monitoring.drift import (
     ColumnDrift,
     DriftResult,
+    DriftTest,
     DriftThresholds,
     column_kind,
     compare_profiles,
@@ -252,6 +254,8 @@ def test_column_kinds_and_type_change(control):
     by_name = {c.column: c for c in result.columns}
 
     assert by_name["normal_1"].test == "type"
+    assert {c.test for c in result.columns} == {"ks", "chi-square", "type"}
+    assert {c.test for c in result.columns} <= set(get_args(DriftTest))
     assert by_name["normal_1"].drifted
     assert "string" in by_name["normal_1"].reason
     assert result.drifted_columns == ["normal_1"]
