@@ -5,10 +5,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
+import pandas as pd
 import pytest
 
 import mlplatform.serving  # noqa: F401  (sets Ray's loopback mode before Ray is imported)
 from mlplatform.demo.data import generate_loans
+from mlplatform.model.spec import FeatureSpec, infer_feature_spec
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
 from mlplatform.serving.cluster import LocalHead
 from mlplatform.serving.ingress import fast_ingress_environment
@@ -38,6 +41,33 @@ def small_loans_csv(tmp_path: Path) -> Path:
     path = tmp_path / "loans.csv"
     generate_loans(n_rows=1200, seed=3).to_csv(path, index=False)
     return path
+
+
+@pytest.fixture
+def sliced() -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Eight rows in three regions, labels and probabilities, small enough to count by hand.
+
+    Region a: 4 rows, 2 positives (one caught), 2 negatives (one flagged).
+    Region b: 3 rows, 1 positive (caught), 2 negatives (none flagged).
+    Missing region: 1 positive row, missed.
+    """
+    frame = pd.DataFrame(
+        {
+            "region": ["a", "a", "a", "a", "b", "b", "b", None],
+            "amount": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, np.nan],
+        }
+    )
+    labels = np.array([1, 1, 0, 0, 1, 0, 0, 1])
+    probability = np.array([0.9, 0.2, 0.8, 0.1, 0.7, 0.3, 0.4, 0.1])
+    return frame, labels, probability
+
+
+@pytest.fixture(scope="session")
+def recorded_loans() -> tuple[pd.DataFrame, FeatureSpec]:
+    """2,000 demo loans and their feature spec, the traffic the recorder tests send."""
+    frame = generate_loans(n_rows=2000, seed=3)
+    spec = infer_feature_spec(frame, "defaulted")
+    return frame.reset_index(drop=True), spec
 
 
 @pytest.fixture(scope="session")

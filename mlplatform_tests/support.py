@@ -1,13 +1,24 @@
-"""Helpers the tests share: free ports, an isolated platform home, sensor ticks, a champion."""
+"""Helpers the tests share: free ports, an isolated platform home, sensor ticks, a champion,
+scored labels, recorded traffic and decoded pictures."""
 
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import matplotlib.image
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
+from matplotlib.colors import to_rgb
 
 import mlplatform.serving  # noqa: F401  (sets Ray's loopback mode before Ray is imported)
 from mlplatform.defs.evaluation import evaluation_report
@@ -16,6 +27,7 @@ from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.registry import champion_model
 from mlplatform.defs.training import candidate_model
 from mlplatform.demo.data import generate_loans
+from mlplatform.model.spec import FeatureSpec
 from mlplatform.monitoring.profiles import list_traffic_windows
 from mlplatform.resources import DataSource, MlflowTracking
 from mlplatform.settings import PlatformSettings, load_settings
@@ -101,3 +113,127 @@ def train_champion(home: Path, seed: int) -> tuple[PlatformSettings, str]:
         )
         assert result.success
         return load_settings(), result.run_id
+
+
+def scored(
+    n: int, seed: int = 0, signal: float = 1.5, prevalence: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and informative, noisy probabilities (logistic in a Gaussian score)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < prevalence).astype(int)
+    score = signal * labels + rng.normal(0, 1, n) - 1.5
+    return labels, 1 / (1 + np.exp(-score))
+
+
+T0 = 1_767_225_600.0
+"""2026-01-01T00:00:00Z, a multiple of 60 s: windows of a minute start here."""
+
+
+class FakeClock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def inputs(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """The raw input columns, as the endpoint's validation hands them on."""
+    return frame[list(spec.features)]
+
+
+def binary_result(n: int, seed: int = 0) -> pd.DataFrame:
+    """What a binary model's predict_frame returns (the recorder only profiles and logs it)."""
+    probability = np.random.default_rng(seed).random(n)
+    return pd.DataFrame(
+        {"prediction": (probability >= 0.5).astype(int), "probability": probability}
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def sidecars(directory: Path) -> list[dict[str, Any]]:
+    """The JSON sidecars of the traffic windows in ``directory``, by file name."""
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+"""The eight bytes every PNG file starts with."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Picture:
+    """A decoded PNG, to assert what a plot shows rather than that it is a file.
+
+    Checks go by colour and by position inside the axes frame, so they hold across fonts,
+    antialiasing and small layout changes; no pixel-exact reference images.
+    """
+
+    pixels: np.ndarray
+    """Red, green and blue in [0, 1]; rows top to bottom, columns left to right."""
+
+    @classmethod
+    def of(cls, png: bytes) -> Picture:
+        """Decode PNG bytes (fails for anything that is not a PNG)."""
+        assert png.startswith(PNG_SIGNATURE), png[:16]
+        rgba = matplotlib.image.imread(io.BytesIO(png), format="png")
+        return cls(np.asarray(rgba[..., :3], dtype=float))
+
+    def colour_count(self) -> int:
+        """How many distinct colours the picture has (1 for a blank figure)."""
+        rgb = np.round(self.pixels * 255).astype(np.uint8).reshape(-1, 3)
+        return len(np.unique(rgb, axis=0))
+
+    def where(self, colour: str, tolerance: float = 0.06) -> np.ndarray:
+        """Mask of the pixels within ``tolerance`` of a matplotlib colour ("C0", "tab:red")."""
+        return np.abs(self.pixels - np.array(to_rgb(colour))).max(axis=-1) <= tolerance
+
+    @staticmethod
+    def bars(mask: np.ndarray, min_width: int = 1) -> list[int]:
+        """The widths of the horizontal bars in ``mask``, top to bottom.
+
+        A bar is a run of consecutive rows holding at least ``min_width`` of the mask's pixels
+        (a larger ``min_width`` skips a legend's patch); its width is that of its widest row.
+        """
+        widths = mask.sum(axis=1)
+        rows = np.flatnonzero(widths >= min_width)
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(rows) else []
+        return [int(widths[run].max()) for run in runs]
+
+    def frame(self) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)``: the axes frame, the longest dark rows and columns."""
+        dark = self.pixels.sum(axis=-1) < 0.6
+        rows, columns = dark.sum(axis=1), dark.sum(axis=0)
+        tall = np.flatnonzero(columns > 0.5 * columns.max())
+        wide = np.flatnonzero(rows > 0.5 * rows.max())
+        return int(wide[0]), int(wide[-1]), int(tall[0]), int(tall[-1])
+
+    def window(
+        self, x: tuple[float, float] = (0.0, 1.0), y: tuple[float, float] = (0.0, 1.0)
+    ) -> np.ndarray:
+        """Mask of a window of the axes frame; ``x`` and ``y`` in fractions of the frame, ``y``
+        upwards as on the plot's axis."""
+        top, bottom, left, right = self.frame()
+        rows, columns = np.indices(self.pixels.shape[:2])
+        fx = (columns - left) / (right - left)
+        fy = (bottom - rows) / (bottom - top)
+        return (fx >= x[0]) & (fx <= x[1]) & (fy >= y[0]) & (fy <= y[1])
+
+    def share(
+        self,
+        mask: np.ndarray,
+        x: tuple[float, float] = (0.0, 1.0),
+        y: tuple[float, float] = (0.0, 1.0),
+    ) -> float:
+        """The share of ``mask``'s pixels inside a window of the axes frame (0 for none)."""
+        total = int(mask.sum())
+        return float((mask & self.window(x, y)).sum() / total) if total else 0.0

@@ -3,9 +3,10 @@
 There is no Docker engine in the test environment, so the Dockerfiles and the compose file are
 checked statically, for the mistakes that would only show at `docker compose up` (a COPY of a
 missing file, a variable the run launcher forwards but no service sets, a network name that does
-not match). The Dagster instance configuration is checked twice: against Dagster's own schema
-without a database, and for real against a throwaway PostgreSQL server, through which a small
-asset is materialized and read back.
+not match). The Dagster instance configuration is loaded through Dagster's public loaders: without
+a database where that suffices (a missing credential is refused before any connection), and for
+real against a throwaway PostgreSQL server, which the storage, launcher, coordinator and settings
+are built against and through which a small asset is materialized and read back.
 """
 
 import contextlib
@@ -42,6 +43,7 @@ from dagster import (
     materialize,
 )
 from dagster_docker import DockerRunLauncher
+from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 from packaging.requirements import Requirement
 
 from mlplatform.serving.ingress import SERVE_ENVIRONMENT
@@ -234,63 +236,7 @@ def fake_pg_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# deploy/dagster.yaml against Dagster's schema, without a database
-
-
-def load_instance_ref(dagster_home: Path) -> Any:
-    """Validate ``dagster_home/dagster.yaml`` and return its resolved instance reference.
-
-    The public route, ``DagsterInstance.get()``, also constructs the PostgreSQL storage, which
-    connects to the database. Validating the file alone against the instance schema (including
-    the ``storage.postgres`` section) has no public API, hence this one private import. The
-    components it references (run launcher, run coordinator) are then built from it; the
-    real-database tests below load the same file through ``DagsterInstance.get()``.
-    """
-    from dagster._core.instance.ref import InstanceRef
-
-    return InstanceRef.from_dir(str(dagster_home))
-
-
-def test_deploy_dagster_yaml_validates_and_builds_the_docker_launcher(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deploy_config: dict[str, Any]
-) -> None:
-    fake_pg_env(monkeypatch)
-    # Constructing the launcher must not need a Docker engine: point the client at nothing.
-    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
-    shutil.copy(DAGSTER_YAML, tmp_path / "dagster.yaml")
-
-    ref = load_instance_ref(tmp_path)
-
-    assert (ref.storage_data.module_name, ref.storage_data.class_name) == (
-        "dagster_postgres",
-        "DagsterPostgresStorage",
-    )
-    # Every connection setting comes from the environment: no credential in the file.
-    postgres_db = dict(deploy_config["storage"]["postgres"]["postgres_db"])
-    # SQLAlchemy 2.1 reads a bare "postgresql" scheme as psycopg 3, which is not installed.
-    assert postgres_db.pop("scheme") == "postgresql+psycopg2"
-    assert {key: value["env"] for key, value in postgres_db.items()} == {
-        "hostname": "DAGSTER_PG_HOST",
-        "port": "DAGSTER_PG_PORT",
-        "username": "DAGSTER_PG_USER",
-        "password": "DAGSTER_PG_PASSWORD",
-        "db_name": "DAGSTER_PG_DB",
-    }
-
-    launcher = ref.run_launcher
-    assert isinstance(launcher, DockerRunLauncher)
-    assert launcher.networks == ["mlplatform_network"]
-    assert set(launcher.env_vars) >= set(PG_ENV_VARS) | set(PLATFORM_ENV_VARS)
-    assert "mlplatform_data:/var/lib/mlplatform" in launcher.container_kwargs["volumes"]
-
-    coordinator = ref.run_coordinator
-    assert isinstance(coordinator, QueuedRunCoordinator)
-    queue = coordinator.get_run_queue_config()
-    assert queue.max_concurrent_runs > 0
-    assert queue.tag_concurrency_limits, "expected at least one tag concurrency limit"
-
-    assert ref.settings["telemetry"]["enabled"] is False
-    assert ref.settings["run_monitoring"]["enabled"] is True
+# deploy/dagster.yaml without a database
 
 
 def test_deploy_dagster_yaml_requires_the_database_password(
@@ -810,6 +756,60 @@ def test_materialize_through_postgres_storage(
             ]
     finally:
         connection.close()
+
+
+def test_deploy_dagster_yaml_builds_postgres_storage_and_the_docker_launcher(
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    deploy_config: dict[str, Any],
+) -> None:
+    # The production file as Dagster's public loader builds it from a directory, connected to a
+    # real database: the storage, the run launcher and coordinator, and the instance settings.
+    postgres_server.create_database("dagster_components")
+    for name, value in postgres_server.dagster_env("dagster_components").items():
+        monkeypatch.setenv(name, value)
+    # Constructing the launcher must not need a Docker engine: point the client at nothing.
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    shutil.copy(DAGSTER_YAML, tmp_path / "dagster.yaml")
+
+    instance = DagsterInstance.from_config(str(tmp_path))
+    try:
+        # dagster_postgres.DagsterPostgresStorage: runs, event logs and schedules in PostgreSQL.
+        assert isinstance(instance.run_storage, PostgresRunStorage)
+        assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+        assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+
+        launcher = instance.run_launcher
+        assert isinstance(launcher, DockerRunLauncher)
+        assert launcher.networks == ["mlplatform_network"]
+        assert set(launcher.env_vars) >= set(PG_ENV_VARS) | set(PLATFORM_ENV_VARS)
+        assert "mlplatform_data:/var/lib/mlplatform" in launcher.container_kwargs["volumes"]
+
+        coordinator = instance.run_coordinator
+        assert isinstance(coordinator, QueuedRunCoordinator)
+        queue = coordinator.get_run_queue_config()
+        assert queue.max_concurrent_runs > 0
+        assert queue.tag_concurrency_limits, "expected at least one tag concurrency limit"
+
+        assert instance.get_settings("telemetry")["enabled"] is False
+        assert not instance.telemetry_enabled
+        assert instance.get_settings("run_monitoring")["enabled"] is True
+        assert instance.run_monitoring_enabled
+    finally:
+        instance.dispose()
+
+    # Every connection setting comes from the environment: no credential in the file.
+    postgres_db = dict(deploy_config["storage"]["postgres"]["postgres_db"])
+    # SQLAlchemy 2.1 reads a bare "postgresql" scheme as psycopg 3, which is not installed.
+    assert postgres_db.pop("scheme") == "postgresql+psycopg2"
+    assert {key: value["env"] for key, value in postgres_db.items()} == {
+        "hostname": "DAGSTER_PG_HOST",
+        "port": "DAGSTER_PG_PORT",
+        "username": "DAGSTER_PG_USER",
+        "password": "DAGSTER_PG_PASSWORD",
+        "db_name": "DAGSTER_PG_DB",
+    }
 
 
 def test_production_instance_loads_unmodified(

@@ -6,6 +6,7 @@ Markdown and JSON under the platform home, logged to the MLflow run, and shown i
 """
 
 import dataclasses
+from collections.abc import Iterator
 
 import dagster as dg
 
@@ -47,7 +48,7 @@ def evaluation_report(
     features: FeatureSet,
     candidate_model: ModelRef,
     mlflow_tracking: MlflowTracking,
-):
+) -> Iterator[dg.Output[EvaluationReport] | dg.AssetCheckResult]:
     """Challenger vs champion on the test split: intervals, plots, slices, model card, gate."""
     spec = features.spec
     task, profile = spec.task, tasks.PROFILES[spec.task]

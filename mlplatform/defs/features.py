@@ -1,6 +1,7 @@
 """Features: the feature spec, a deterministic train/valid/test split, and the drift baseline."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -152,7 +153,7 @@ def features(
     config: FeaturesConfig,
     raw_data: pd.DataFrame,
     data_source: DataSource,
-):
+) -> Iterator[dg.Output[FeatureSet] | dg.AssetCheckResult]:
     """Feature spec (inferred types, dropped columns) and the train/valid/test split."""
     spec = infer_feature_spec(
         raw_data,

@@ -3,6 +3,7 @@
 import hashlib
 import math
 import warnings
+from collections.abc import Iterator
 
 import dagster as dg
 import pandas as pd
@@ -195,7 +196,9 @@ def _column_schema(frame: pd.DataFrame) -> dg.TableSchema:
         dg.AssetCheckSpec(name, asset="raw_data", blocking=True) for name in RAW_DATA_CHECKS
     ],
 )
-def raw_data(context: dg.AssetExecutionContext, config: RawDataConfig, data_source: DataSource):
+def raw_data(
+    context: dg.AssetExecutionContext, config: RawDataConfig, data_source: DataSource
+) -> Iterator[dg.Output[pd.DataFrame] | dg.AssetCheckResult]:
     """Raw training data read from the configured source (the embedded demo dataset by default)."""
     frame, uri = data_source.load()
     target = data_source.resolved_target()

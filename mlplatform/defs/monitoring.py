@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,9 @@ def assessment_metadata(assessment: TrafficAssessment) -> dict[str, Any]:
     deps=["model_endpoint", "reference_profile"],
     check_specs=[dg.AssetCheckSpec("no_drift", asset="drift_report")],
 )
-def drift_report(context: dg.AssetExecutionContext, mlflow_tracking: MlflowTracking):
+def drift_report(
+    context: dg.AssetExecutionContext, mlflow_tracking: MlflowTracking
+) -> Iterator[dg.Output[dict[str, Any]] | dg.AssetCheckResult]:
     """The champion's live traffic against its training data: drift per feature, live metrics."""
     assessment = assess_traffic(mlflow_tracking, load_settings(), load_monitoring_settings())
     if isinstance(assessment, str):

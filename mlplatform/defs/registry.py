@@ -8,6 +8,7 @@ Decisions are written as MLflow model version tags and Dagster metadata: an audi
 import dataclasses
 import datetime as dt
 from enum import Enum
+from typing import Literal
 
 import dagster as dg
 import mlflow
@@ -41,6 +42,10 @@ class PromotionConfig(dg.Config):
     )
 
 
+PromotionOutcome = Literal["promoted", "kept", "denied", "forced", "rolled_back"]
+"""What a promotion decision did (the ``promotion.decision`` tag and metadata value)."""
+
+
 class StaleEvaluationError(RuntimeError):
     """The champion changed after the evaluation report was made: the comparison no longer holds."""
 
@@ -53,7 +58,7 @@ class PromotionRequestError(ValueError):
 class Decision:
     """One promotion decision: what was decided about which version, and the champion after it."""
 
-    decision: str  # promoted | kept | denied | forced | rolled_back
+    decision: PromotionOutcome
     subject_version: str
     champion_version: str
     reason: str

@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -132,7 +133,7 @@ def model_endpoint(
     champion_model: ModelRef,
     ray_serve: RayServe,
     mlflow_tracking: MlflowTracking,
-):
+) -> Iterator[dg.Output[EndpointInfo] | dg.AssetCheckResult]:
     """The champion live on Ray Serve over HTTP, updated in place (rolling, no downtime)."""
     serving = config.serving_settings(champion_model.uri, mlflow_tracking.tracking_uri)
     started = time.perf_counter()

@@ -48,7 +48,7 @@ class EvaluationReport:
     sensitive_features: tuple[str, ...] = ()
     absent_classes: tuple[str, ...] = ()
     model_card: str = ""
-    task: str = "binary"
+    task: tasks.Task = "binary"
 
 
 class GateParams(BaseModel):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from sklearn.inspection import permutation_importance
 
 from mlplatform.tasks.metrics import as_labels
+
+ImportanceMethod = Literal["gain", "permutation"]
+"""How :func:`feature_importance` measured: split gain of a tree model, or permutation."""
 
 _DATETIME_PARTS = ("month", "dayofweek", "hour")
 # --------------------------------------------------------------------------------------------
@@ -39,7 +42,7 @@ _PERMUTATION_SCORING = {"binary": "roc_auc", "multiclass": "neg_log_loss", "regr
 
 def feature_importance(
     model: Any, frame: pd.DataFrame, labels: np.ndarray, seed: int = 0
-) -> tuple[pd.Series, str]:
+) -> tuple[pd.Series, ImportanceMethod]:
     """How much each input column matters to the model.
 
     For a LightGBM pipeline (the final estimator has ``booster_``), the total split gain of each
@@ -77,7 +80,8 @@ def feature_importance(
             column: float(gains[bounds[i] : bounds[i + 1]].sum())
             for i, (column, _) in enumerate(widths)
         }
-        importance, method = pd.Series(values, dtype=float), "gain"
+        importance = pd.Series(values, dtype=float)
+        method: ImportanceMethod = "gain"
     else:
         inputs = frame[list(model.spec.features)]
         task = getattr(model.spec, "task", "binary")

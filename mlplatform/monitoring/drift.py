@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # whylogs' sketch library, a dependency of whylogs
     from whylogs_sketching import kll_doubles_sketch
 
 ColumnKind = Literal["numeric", "categorical", "unsupported"]
+DriftTest = Literal["ks", "chi-square", "type", "none"]
+"""What decided a column: KS, chi-square, a change of value type, or nothing."""
 
 HISTOGRAM_BINS = 20
 """Bins (at reference quantiles) of the numeric Hellinger distance."""
@@ -126,7 +128,7 @@ class ColumnDrift:
     ks_statistic: float | None
     hellinger: float | None
     p_value: float | None
-    test: str
+    test: DriftTest
     decided: bool
     drifted: bool
     reason: str
@@ -444,7 +446,7 @@ def hellinger_noise_level(effective_rows: float, buckets: int) -> float:
 
 
 def _no_decision(
-    name: str, kind: ColumnKind, reference_rows: int, test: str, reason: str
+    name: str, kind: ColumnKind, reference_rows: int, test: DriftTest, reason: str
 ) -> ColumnDrift:
     return ColumnDrift(
         column=name,

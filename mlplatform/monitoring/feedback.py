@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from mlplatform.model.spec import plain
 from mlplatform.monitoring.profiles import as_utc
+from mlplatform.tasks.strategies import Task
 
 # --- the prediction log and feedback -------------------------------------------------------------
 
@@ -267,7 +268,7 @@ def _binary_positive(labels: np.ndarray, predictions: np.ndarray, positive_class
 
 def live_performance(
     frame: pd.DataFrame,
-    task: Literal["binary", "multiclass", "regression"],
+    task: Task,
     positive_class: Any = None,
 ) -> dict[str, float | int]:
     """Performance of the served model on labelled traffic (a :meth:`FeedbackStore.labelled` frame).

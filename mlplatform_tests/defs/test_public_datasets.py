@@ -11,6 +11,7 @@ sensor fires on a shifted copy of its own training rows and stays quiet on a res
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from vega_datasets import local_data
 
 from mlplatform.definitions import ASSETS
 from mlplatform.defs.monitoring import drift_sensor
+from mlplatform.monitoring.rules import DriftCursor
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
 from mlplatform.settings import load_settings
 from mlplatform_tests.support import FAST_WINDOWS, tick, wait_for_profiled_rows
@@ -229,6 +231,10 @@ def test_public_dataset_end_to_end(case: Case, tmp_path: Path, instance, serve_p
     quiet = tick(drift_sensor, instance)
     assert not quiet.run_requests, quiet.skip_reason.skip_message
     assert quiet.skip_reason.skip_message.startswith("No retrain: 0 of")
+    # The cursor remembers the evidence the tick judged (its observation names it), no retrain.
+    seen = quiet.asset_events[0].metadata["evidence"].value
+    assert seen.startswith("v1-")
+    assert quiet.cursor == DriftCursor(evidence_key=seen).dump()
 
     moved = _shifted(
         train.sample(TRAFFIC_ROWS, replace=True, random_state=3),
@@ -236,8 +242,16 @@ def test_public_dataset_end_to_end(case: Case, tmp_path: Path, instance, serve_p
     )
     _post(endpoint.url, _json_records(moved))
     wait_for_profiled_rows("1", 2 * TRAFFIC_ROWS)
+    before_tick = time.time()
     fired = tick(drift_sensor, instance, cursor=quiet.cursor)
     assert len(fired.run_requests) == 1, fired.skip_reason and fired.skip_reason.skip_message
     drifted = set(fired.asset_events[0].metadata["drifted_columns"].value)
     assert drifted <= set(feature_set.spec.columns_of("numeric"))
     assert drifted
+    # The cursor now holds the new evidence and the retrain requested for v1, with its time.
+    evidence = fired.asset_events[0].metadata["evidence"].value
+    cursor = DriftCursor.parse(fired.cursor)
+    assert evidence != seen
+    assert (cursor.evidence_key, cursor.retrained_version) == (evidence, "1")
+    assert before_tick <= cursor.retrained_at <= time.time()
+    assert fired.run_requests[0].run_key == f"drift-{evidence}"

@@ -1,3 +1,5 @@
+from typing import get_args
+
 import dagster as dg
 import pytest
 from mlflow import MlflowClient
@@ -5,7 +7,13 @@ from mlflow import MlflowClient
 from mlplatform.defs.evaluation import evaluation_report
 from mlplatform.defs.features import features
 from mlplatform.defs.ingest import raw_data
-from mlplatform.defs.registry import PromotionConfig, PromotionRequestError, champion_model, decide
+from mlplatform.defs.registry import (
+    PromotionConfig,
+    PromotionOutcome,
+    PromotionRequestError,
+    champion_model,
+    decide,
+)
 from mlplatform.defs.training import candidate_model
 from mlplatform.evaluation.gate import EvaluationReport, GateDecision
 from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef
@@ -107,6 +115,7 @@ def test_decisions(config, report, current, expected):
     decision = decide(config, report, current)
     assert (decision.decision, decision.subject_version, decision.champion_version) == expected
     assert decision.reason
+    assert decision.decision in get_args(PromotionOutcome)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
+"""Drift per column from whylogs profiles: known shifts flagged, noise not, the verdict's table
+and picture."""
+
 import subprocess
 import sys
+from typing import get_args
 
 import numpy as np
-import pandas as pd
 import pytest
-import whylogs as why
 from scipy import stats
 
 from mlplatform.demo.data import generate_loans
@@ -12,67 +14,20 @@ from mlplatform.model.spec import infer_feature_spec
 from mlplatform.monitoring.drift import (
     ColumnDrift,
     DriftResult,
+    DriftTest,
     DriftThresholds,
     column_kind,
     compare_profiles,
     plot_drift,
     sketch_ks_statistic,
 )
-from mlplatform.monitoring.profiles import merge_profiles, profile_frame, profile_frame_fast
+from mlplatform.monitoring.profiles import profile_frame, profile_frame_fast
+from mlplatform_tests.monitoring.synthetic import CATEGORICAL, NUMERIC, traffic
+from mlplatform_tests.support import Picture
 
 CONTROL_ROWS = 300_000
-
-# Twelve shapes (symmetric, skewed, heavy-tailed, bimodal, bounded, discrete), each at two scales.
-_SHAPES = {
-    "normal": lambda rng, n, s: rng.normal(50, 10 * s, n),
-    "lognormal": lambda rng, n, s: rng.lognormal(10, 0.6 * s, n),
-    "exponential": lambda rng, n, s: rng.exponential(3 * s, n),
-    "gamma": lambda rng, n, s: rng.gamma(2 * s, 2, n),
-    "beta": lambda rng, n, s: rng.beta(2 * s, 5, n),
-    "student_t": lambda rng, n, s: rng.standard_t(2 + s, n),
-    "uniform": lambda rng, n, s: rng.uniform(0, s, n),
-    "weibull": lambda rng, n, s: rng.weibull(1.5 * s, n),
-    "laplace": lambda rng, n, s: rng.laplace(0, 2 * s, n),
-    "mixture": lambda rng, n, s: np.where(
-        rng.random(n) < 0.3, rng.normal(0, s, n), rng.normal(5, 2 * s, n)
-    ),
-    "poisson": lambda rng, n, s: rng.poisson(4 * s, n).astype(float),
-    "rounded": lambda rng, n, s: np.round(rng.normal(700, 50 * s, n)),
-}
-NUMERIC = [f"{shape}_{scale}" for shape in _SHAPES for scale in (1, 2)]
-CITIES = [f"city_{i:02d}" for i in range(40)]
-_CATEGORIES = {
-    "colour": (["red", "green", "blue"], [0.5, 0.3, 0.2]),
-    "plan": (["basic", "premium"], [0.8, 0.2]),
-    "segment": ([f"segment_{i}" for i in range(8)], [0.3, 0.2, 0.15, 0.1, 0.1, 0.07, 0.05, 0.03]),
-    "city": (CITIES, list(np.arange(40, 0, -1) / np.arange(40, 0, -1).sum())),
-}
-CATEGORICAL = list(_CATEGORIES)
 SHIFTED = ["normal_1", "lognormal_2", "poisson_1", "rounded_2"]
 REMIXED = ["colour", "segment"]
-
-
-def traffic(n: int, seed: int, shifted=(), remixed=()) -> pd.DataFrame:
-    """Rows from one fixed distribution, with a few missing values as traffic has.
-
-    ``shifted`` numeric columns move by half a standard deviation (KS D 0.2 or more);
-    ``remixed`` categorical columns get their category shares reversed.
-    """
-    rng = np.random.default_rng(seed)
-    columns = {}
-    for name in NUMERIC:
-        shape, scale = name.rsplit("_", 1)
-        values = _SHAPES[shape](rng, n, int(scale))
-        if name in shifted:
-            values = values + 0.5 * values.std()
-        columns[name] = values
-    columns["flag"] = (rng.random(n) < 0.15).astype(float)
-    for name, (values, shares) in _CATEGORIES.items():
-        columns[name] = rng.choice(values, n, p=shares[::-1] if name in remixed else shares)
-    frame = pd.DataFrame(columns)
-    frame.loc[rng.random(n) < 0.05, "lognormal_1"] = np.nan
-    frame.loc[rng.random(n) < 0.03, "segment"] = None
-    return frame
 
 
 def whylogs_ks_p_value(target, reference) -> float:
@@ -287,51 +242,6 @@ def test_should_retrain_threshold(drifted, undecided, rows, retrain):
         assert f"{drifted} of {10 - undecided} columns drifted" in result.summary()
 
 
-def test_merging_profiles_equals_profiling_the_concatenation():
-    frame = traffic(30_000, seed=6)
-    parts = [
-        profile_frame_fast(frame.iloc[start : start + 10_000]) for start in (0, 10_000, 20_000)
-    ]
-
-    merged = merge_profiles(parts)
-    whole = profile_frame_fast(frame)
-
-    summary, expected = merged.to_pandas(), whole.to_pandas()
-    for name in frame.columns:
-        for metric in ("counts/n", "counts/null", "types/fractional", "types/string"):
-            assert summary.loc[name, metric] == expected.loc[name, metric]
-    assert summary.loc["normal_1", "counts/n"] == 30_000
-    assert compare_profiles(whole, merged).drifted_columns == []
-    assert merge_profiles([]) is None
-
-
-# whylogs' own variance update warns on the infinite values, on both paths.
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_profile_frame_fast_equals_whylogs():
-    rng = np.random.default_rng(7)
-    n = 800  # small enough that the KLL sketches keep every value, so quantiles match exactly
-    frame = pd.DataFrame(
-        {
-            "floats": rng.normal(size=n),
-            "floats_missing": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n)),
-            "floats_inf": np.where(rng.random(n) < 0.01, np.inf, rng.normal(size=n)),
-            "ints": rng.integers(0, 10, n),
-            "strings": rng.choice(["a", "b", "c"], n),
-            "strings_missing": np.where(rng.random(n) < 0.1, None, rng.choice(["x", "y"], n)),
-            "mixed": pd.Series(["text" if r < 0.5 else 1.5 for r in rng.random(n)], dtype=object),
-            "booleans": rng.random(n) < 0.3,
-            "empty": np.full(n, np.nan),
-        }
-    )
-    frame.loc[rng.random(n) < 0.1, "mixed"] = 7
-
-    fast = profile_frame_fast(frame).to_pandas().sort_index()
-    reference = why.log(pandas=frame).profile().view().to_pandas().sort_index()
-
-    assert list(fast.columns) == list(reference.columns)
-    pd.testing.assert_frame_equal(fast.astype(str), reference.astype(str))
-
-
 def test_column_kinds_and_type_change(control):
     _, _, reference_view, _ = control
     assert column_kind(reference_view.get_column("normal_1")) == "numeric"
@@ -344,6 +254,8 @@ def test_column_kinds_and_type_change(control):
     by_name = {c.column: c for c in result.columns}
 
     assert by_name["normal_1"].test == "type"
+    assert {c.test for c in result.columns} == {"ks", "chi-square", "type"}
+    assert {c.test for c in result.columns} <= set(get_args(DriftTest))
     assert by_name["normal_1"].drifted
     assert "string" in by_name["normal_1"].reason
     assert result.drifted_columns == ["normal_1"]
@@ -380,7 +292,7 @@ def test_demo_loans_profiled_like_the_reference():
 
 
 def test_table_and_plot(control, drifted_batch):
-    _, _, reference_view, _ = control
+    _, _, reference_view, current_view = control
     result = compare_profiles(reference_view, drifted_batch[1])
 
     table = result.to_frame()
@@ -391,6 +303,17 @@ def test_table_and_plot(control, drifted_batch):
     png = plot_drift(result)
     assert png.startswith(b"\x89PNG")
     assert len(png) > 5_000
+    # One red bar per drifted column, top to bottom in the table's order, as long as its effect
+    # (the legend's red patch is narrower than any of them).
+    picture = Picture.of(png)
+    red_bars = Picture.bars(picture.where("tab:red"), min_width=60)
+    effects = table.loc[table["drifted"], "effect"].to_numpy()
+    assert len(red_bars) == len(effects) == 6
+    assert np.array(red_bars) / effects == pytest.approx(red_bars[0] / effects[0], rel=0.05)
+    # Without drift: no red bar, every column's bar within its bound, in blue.
+    calm = Picture.of(plot_drift(compare_profiles(reference_view, current_view)))
+    assert Picture.bars(calm.where("tab:red"), min_width=60) == []
+    assert calm.where("tab:blue").sum() > picture.where("tab:blue").sum()
 
 
 def test_drift_module_imports_neither_dagster_nor_ray():

@@ -1,9 +1,13 @@
 """Monitoring decisions as pure functions: drift triggers, cursors, freshness, alerts."""
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -48,10 +52,12 @@ def test_drift_on_new_evidence_fires_once():
     )
     assert first.retrain and first.run_key == f"drift-{evidence.key}"
     assert "1 of 2 columns drifted" in first.reason
+    assert first.cursor == DriftCursor(evidence.key, retrained_version="3", retrained_at=1000.0)
     again = decide_drift(
         evidence, first.cursor, now=1060.0, cooldown_s=600, retrain_in_progress=False
     )
     assert not again.retrain and "No new traffic" in again.reason
+    assert again.cursor == first.cursor
     # The cursor survives its JSON round trip (the sensor stores it as a string).
     assert DriftCursor.parse(first.cursor.dump()) == first.cursor
 
@@ -64,26 +70,34 @@ def test_drift_evidence_key_changes_with_new_windows_only():
 def test_undrifted_traffic_and_too_few_rows_do_not_fire():
     calm = decide_drift(_evidence(drifted=False), DriftCursor(), 0.0, 600, False)
     assert not calm.retrain and calm.new_evidence and calm.reason.startswith("No retrain")
+    assert calm.cursor == DriftCursor(evidence_key=_evidence(drifted=False).key)
     few = decide_drift(_evidence(drifted=True, rows=40), DriftCursor(), 0.0, 600, False)
     assert not few.retrain and "at least 100 rows needed" in few.reason
-    assert few.cursor.evidence_key == _evidence(drifted=True, rows=40).key
+    assert few.cursor == DriftCursor(evidence_key=_evidence(drifted=True, rows=40).key)
 
 
 def test_drift_waits_for_a_running_retrain_and_cools_down_per_version():
     evidence = _evidence(drifted=True)
     busy = decide_drift(evidence, DriftCursor(), 0.0, 600, retrain_in_progress=True)
     assert not busy.retrain and "already queued or running" in busy.reason
+    assert busy.cursor == DriftCursor(evidence_key=evidence.key)  # seen, nothing requested
     fired = decide_drift(evidence, DriftCursor(), 1000.0, 600, False)
     newer = _evidence(drifted=True, windows=("w1", "w2"))
     cooling = decide_drift(newer, fired.cursor, 1300.0, 600, False)
     assert not cooling.retrain and "cooling down for 300 more seconds" in cooling.reason
+    # The new evidence is remembered; the cooldown still counts from the retrain at 1000.
+    assert cooling.cursor == DriftCursor(newer.key, retrained_version="3", retrained_at=1000.0)
     after = decide_drift(newer, fired.cursor, 1700.0, 600, False)
     assert after.retrain
+    assert after.cursor == DriftCursor(newer.key, retrained_version="3", retrained_at=1700.0)
 
 
 def test_no_evidence_says_why():
     decision = decide_drift(None, DriftCursor(), 0.0, 600, False, "no champion yet")
     assert not decision.retrain and decision.reason == "No evaluation: no champion yet."
+    assert decision.cursor == DriftCursor()
+    remembered = DriftCursor("v3-abc", retrained_version="3", retrained_at=5.0)
+    assert decide_drift(None, remembered, 0.0, 600, False).cursor == remembered
     assert DriftCursor.parse("not json") == DriftCursor()
 
 
@@ -120,33 +134,48 @@ def test_monitoring_settings_from_the_environment():
         load_monitoring_settings({"MLPLATFORM_DRIFT_MIN_ROWS": "many"})
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: list = []
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """A webhook receiver on 127.0.0.1 and the JSON bodies POSTed to it, in order."""
 
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Hook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
+    url: str
+    received: list[dict[str, Any]]
 
 
-def test_alerts_post_to_a_real_webhook_and_never_raise():
-    server = HTTPServer(("127.0.0.1", free_port()), _Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+@contextlib.contextmanager
+def running_webhook() -> Iterator[Webhook]:
+    """A real HTTP server that records what it is sent, for one test only (shut down after)."""
+    received: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", free_port()), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        payload = alert_payload("run-1", "retrain_job", "promotion_gate failed", None)
-        assert post_alert(f"http://127.0.0.1:{server.server_port}/hook", payload) is None
-        assert _Hook.received[-1]["run_id"] == "run-1"
-        assert "retrain_job failed: promotion_gate failed" in _Hook.received[-1]["text"]
+        yield Webhook(f"http://127.0.0.1:{server.server_port}/hook", received)
     finally:
         server.shutdown()
         server.server_close()
-    error = post_alert(f"http://127.0.0.1:{server.server_port}/hook", payload, timeout_s=2)
+
+
+def test_alerts_post_to_a_real_webhook_and_never_raise():
+    payload = alert_payload("run-1", "retrain_job", "promotion_gate failed", None)
+    with running_webhook() as hook:
+        assert post_alert(hook.url, payload) is None
+        (alert,) = hook.received
+        assert alert["run_id"] == "run-1"
+        assert "retrain_job failed: promotion_gate failed" in alert["text"]
+    error = post_alert(hook.url, payload, timeout_s=2)
     assert error is not None and "ConnectError" in error
+    assert len(hook.received) == 1
 
 
 def test_run_failure_sensor_posts_the_failed_run(instance, monkeypatch):
@@ -164,10 +193,8 @@ def test_run_failure_sensor_posts_the_failed_run(instance, monkeypatch):
         for event in instance.all_logs(result.run_id)
         if event.dagster_event and event.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
     )
-    server = HTTPServer(("127.0.0.1", free_port()), _Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("MLPLATFORM_ALERT_WEBHOOK", f"http://127.0.0.1:{server.server_port}/hook")
-    try:
+    with running_webhook() as hook:
+        monkeypatch.setenv("MLPLATFORM_ALERT_WEBHOOK", hook.url)
         context = dg.build_run_status_sensor_context(
             sensor_name="run_failure_alert",
             dagster_event=failure.dagster_event,
@@ -175,9 +202,6 @@ def test_run_failure_sensor_posts_the_failed_run(instance, monkeypatch):
             dagster_run=result.dagster_run,
         ).for_run_failure()
         run_failure_alert(context)
-    finally:
-        server.shutdown()
-        server.server_close()
-    alert = _Hook.received[-1]
+    (alert,) = hook.received  # this test's server saw this test's alert, and only that
     assert alert["run_id"] == result.run_id and alert["job_name"] == "broken_job"
     assert "broken_job failed" in alert["text"]

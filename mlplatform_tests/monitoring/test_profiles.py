@@ -1,0 +1,144 @@
+"""Traffic profiles: the same columns and types as the reference, and the window layout on disk
+(one file per window and replica, found by its sidecar, never overwritten).
+
+Real whylogs and the real recorder writing the windows; only the clock is controlled.
+"""
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+import whylogs as why
+
+from mlplatform.monitoring.drift import compare_profiles
+from mlplatform.monitoring.profiles import (
+    list_traffic_windows,
+    load_traffic_profiles,
+    merge_profiles,
+    profile_frame,
+    profile_frame_fast,
+)
+from mlplatform.serving.recorder import TrafficRecorder
+from mlplatform_tests.monitoring.synthetic import traffic
+from mlplatform_tests.support import T0, FakeClock, binary_result, inputs, sidecars, wait_for
+
+
+def test_traffic_profile_columns_and_types_match_the_reference(recorded_loans, tmp_path):
+    frame, spec = recorded_loans
+    reference = profile_frame(frame, spec)
+    with TrafficRecorder(tmp_path, "loans", "1", spec, "r0") as recorder:
+        for i in range(50):
+            recorder.record(f"req-{i}", inputs(frame, spec).iloc[i : i + 1], binary_result(1, i))
+        recorder.record("batch", inputs(frame, spec).iloc[50:200], binary_result(150))
+    view, rows, windows = load_traffic_profiles(tmp_path, "loans", "1")
+
+    assert rows == 200 and len(windows) == 1
+    traffic_columns = set(view.get_columns())
+    assert traffic_columns - {"prediction", "probability"} == set(spec.features)
+    assert set(reference.get_columns()) - {spec.target} == set(spec.features)
+    # Same whylogs types per feature on both sides: datetimes as strings, booleans as 0.0/1.0.
+    type_columns = ["types/integral", "types/fractional", "types/boolean", "types/string"]
+    reference_types = reference.to_pandas()[type_columns].gt(0)
+    traffic_types = view.to_pandas()[type_columns].gt(0)
+    for name in spec.features:
+        assert traffic_types.loc[name].equals(reference_types.loc[name]), name
+    assert view.get_column("probability").get_metric("counts").n.value == 200
+
+
+def test_windows_roll_with_the_clock(recorded_loans, tmp_path):
+    frame, spec = recorded_loans
+    clock = FakeClock(T0 + 5)
+    recorder = TrafficRecorder(
+        tmp_path, "loans", "1", spec, "replica-a", window_s=60, clock=clock, linger_s=0.05
+    )
+    rows = inputs(frame, spec)
+    for i in range(3):
+        recorder.record(f"a{i}", rows.iloc[i : i + 1], binary_result(1, i))
+    # The clock moves on only once the first window holds them: a window whose end has passed
+    # is written at once, and records still queued for it would go to a second file.
+    wait_for(lambda: recorder.stats().profiled_rows == 3)
+    clock.now = T0 + 65
+    recorder.record("b", rows.iloc[10:12], binary_result(2))
+    directory = tmp_path / "loans" / "v1"
+    # The first window is written once the clock has passed its end, without a flush.
+    wait_for(lambda: (directory / "20260101T000000Z-replica-a.json").exists())
+    assert not (directory / "20260101T000100Z-replica-a.json").exists()
+    recorder.close()
+
+    assert sorted(p.name for p in directory.glob("*.bin")) == [
+        "20260101T000000Z-replica-a.bin",
+        "20260101T000100Z-replica-a.bin",
+    ]
+    assert [(m["window_start"], m["rows"]) for m in sidecars(directory)] == [
+        ("2026-01-01T00:00:00+00:00", 3),
+        ("2026-01-01T00:01:00+00:00", 2),
+    ]
+    windows = list_traffic_windows(tmp_path, "loans")
+    assert [w.rows for w in windows] == [3, 2]
+    assert windows[0].end == windows[1].start == datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
+    _, rows_since, since_windows = load_traffic_profiles(
+        tmp_path, "loans", "1", since=datetime(2026, 1, 1, 0, 1, 30)
+    )
+    assert rows_since == 2 and len(since_windows) == 1
+
+
+def test_restart_in_the_same_window_does_not_overwrite(recorded_loans, tmp_path):
+    frame, spec = recorded_loans
+    rows = inputs(frame, spec)
+    for attempt in range(2):  # the replica restarts within the same minute, same id
+        with TrafficRecorder(tmp_path, "loans", "1", spec, "r", clock=FakeClock(T0 + 10)) as rec:
+            rec.record(f"x{attempt}", rows.iloc[: 4 + attempt], binary_result(4 + attempt))
+    directory = tmp_path / "loans" / "v1"
+    assert sorted(p.name for p in directory.glob("*.bin")) == [
+        "20260101T000000Z-r-1.bin",
+        "20260101T000000Z-r.bin",
+    ]
+    _, total, windows = load_traffic_profiles(tmp_path, "loans", "1")
+    assert total == 9 and sorted(w.rows for w in windows) == [4, 5]
+    assert not list(directory.glob(".*")), "temporary files are cleaned up"
+
+
+def test_merging_profiles_equals_profiling_the_concatenation():
+    frame = traffic(30_000, seed=6)
+    parts = [
+        profile_frame_fast(frame.iloc[start : start + 10_000]) for start in (0, 10_000, 20_000)
+    ]
+
+    merged = merge_profiles(parts)
+    whole = profile_frame_fast(frame)
+
+    summary, expected = merged.to_pandas(), whole.to_pandas()
+    for name in frame.columns:
+        for metric in ("counts/n", "counts/null", "types/fractional", "types/string"):
+            assert summary.loc[name, metric] == expected.loc[name, metric]
+    assert summary.loc["normal_1", "counts/n"] == 30_000
+    assert compare_profiles(whole, merged).drifted_columns == []
+    assert merge_profiles([]) is None
+
+
+# whylogs' own variance update warns on the infinite values, on both paths.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_profile_frame_fast_equals_whylogs():
+    rng = np.random.default_rng(7)
+    n = 800  # small enough that the KLL sketches keep every value, so quantiles match exactly
+    frame = pd.DataFrame(
+        {
+            "floats": rng.normal(size=n),
+            "floats_missing": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n)),
+            "floats_inf": np.where(rng.random(n) < 0.01, np.inf, rng.normal(size=n)),
+            "ints": rng.integers(0, 10, n),
+            "strings": rng.choice(["a", "b", "c"], n),
+            "strings_missing": np.where(rng.random(n) < 0.1, None, rng.choice(["x", "y"], n)),
+            "mixed": pd.Series(["text" if r < 0.5 else 1.5 for r in rng.random(n)], dtype=object),
+            "booleans": rng.random(n) < 0.3,
+            "empty": np.full(n, np.nan),
+        }
+    )
+    frame.loc[rng.random(n) < 0.1, "mixed"] = 7
+
+    fast = profile_frame_fast(frame).to_pandas().sort_index()
+    reference = why.log(pandas=frame).profile().view().to_pandas().sort_index()
+
+    assert list(fast.columns) == list(reference.columns)
+    pd.testing.assert_frame_equal(fast.astype(str), reference.astype(str))
