@@ -1,7 +1,6 @@
 """Features: the feature spec, a deterministic train/valid/test split, and the drift baseline."""
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -15,7 +14,11 @@ from mlplatform.defs.ingest import data_version
 from mlplatform.model.dataset import SPLITS, FeatureSet, SplitParams, split_frame
 from mlplatform.model.pipeline import coerce_features
 from mlplatform.model.spec import FeatureSpec, infer_feature_spec
-from mlplatform.monitoring.profiles import profile_frame, reference_sidecar
+from mlplatform.monitoring.profiles import (
+    profile_frame,
+    reference_profile_path,
+    reference_sidecar,
+)
 from mlplatform.resources import DataSource
 from mlplatform.settings import load_settings
 
@@ -348,9 +351,8 @@ def features(
 def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -> str:
     """Whylogs profile of the training split: the baseline that live traffic is compared with."""
     view = profile_frame(features.train, features.spec)
-    directory = load_settings().profiles_dir / "reference"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = Path(directory, f"{features.data_version}.bin")
+    path = reference_profile_path(load_settings().profiles_dir, features.data_version)
+    path.parent.mkdir(parents=True, exist_ok=True)
     view.write(str(path))
     # What drift comparisons need to know about the columns, next to the profile.
     reference_sidecar(path).write_text(

@@ -6,11 +6,13 @@ from pathlib import Path
 import dagster as dg
 import httpx
 import pytest
+from mlflow import MlflowClient
 
 from mlplatform.definitions import ASSETS, defs
 from mlplatform.defs.monitoring import drift_sensor, freshness_sensor
 from mlplatform.demo.simulate import move_demo_source, simulate
 from mlplatform.monitoring.feedback import FeedbackStore
+from mlplatform.resources import MlflowTracking
 from mlplatform.settings import load_settings
 from mlplatform_tests.support import FAST_WINDOWS, tick, wait_for_profiled_rows
 
@@ -119,6 +121,27 @@ def test_freshness_sensor_requests_a_retrain_once_per_stale_materialization(inst
     )
     busy = tick(freshness_sensor, instance)
     assert not busy.run_requests and "already queued" in busy.skip_reason.skip_message
+
+
+def test_drift_sensor_reads_the_registry_of_its_configured_resource(instance, tmp_path):
+    other = f"sqlite:///{tmp_path / 'other-mlflow.db'}"
+    client = MlflowClient(tracking_uri=other, registry_uri=other)
+    client.create_registered_model("mlplatform")
+    version = client.create_model_version("mlplatform", source=str(tmp_path / "model")).version
+    client.set_model_version_tag("mlplatform", version, "data_version", "abc123")
+    client.set_registered_model_alias("mlplatform", "champion", version)
+
+    # The Definitions' resource reads the platform home's registry: no champion there.
+    assert tick(drift_sensor, instance).skip_reason.skip_message == (
+        "No evaluation: no champion yet."
+    )
+    configured = {"mlflow_tracking": MlflowTracking(mlflow_tracking_uri=other)}
+    with dg.build_sensor_context(instance=instance, resources=configured) as context:
+        result = drift_sensor(context)
+    assert result.skip_reason.skip_message == (
+        f"No evaluation: no reference profile for v{version} (data version abc123)."
+    )
+    assert not result.run_requests
 
 
 def test_feedback_endpoint_rejects_malformed_labels(serving):
