@@ -21,7 +21,7 @@ from mlplatform.demo.data import TARGET as DEMO_TARGET
 from mlplatform.demo.data import write_demo_source
 from mlplatform.model.spec import DataError
 from mlplatform.serving import cluster
-from mlplatform.serving.app import ServingSettings
+from mlplatform.serving.settings import ServingSettings
 from mlplatform.settings import (
     DEFAULT_MODEL_NAME,
     DEFAULT_SERVE_HOST,

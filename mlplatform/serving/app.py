@@ -27,59 +27,8 @@ from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.serving.loopback import bind_replica_grpc_to_loopback
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.recording import TrafficSink
+from mlplatform.serving.settings import ServingSettings
 from mlplatform.serving.validation import InvalidRequest, check_records
-
-
-class ServingSettings(BaseModel):
-    """Arguments of the serving application (the Ray Serve app builder's typed args)."""
-
-    model_uri: str = Field(description="models:/<name>/<version> or models:/<name>@<alias>.")
-    tracking_uri: str | None = Field(default=None, description="MLflow tracking/registry URI.")
-    max_records: int = Field(default=10_000, gt=0, description="Largest batch per request.")
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Largest request body.")
-    max_batch_size: int = Field(
-        default=64, gt=0, description="Micro-batch size for single records."
-    )
-    batch_wait_timeout_s: float = Field(
-        default=0.0,
-        ge=0,
-        description="Longest wait for more single records to join a micro-batch. 0: only those "
-        "already waiting (under load they queue while a batch is predicted, so batches form).",
-    )
-    num_replicas: int = Field(
-        default=1,
-        gt=0,
-        description="Serving replicas, each a process answering HTTP itself behind HAProxy. One "
-        "batches every waiting single record into one model call (which costs milliseconds "
-        "whatever its size); more use more cores but split the batches.",
-    )
-    max_ongoing_requests: int = Field(default=128, gt=0, description="Concurrency per replica.")
-    replica_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica.")
-    access_log: bool = Field(
-        default=False,
-        description="Write Ray Serve's access log line per request (replica log files); costs "
-        "about 4% of a replica's time at full load.",
-    )
-    traffic_dir: str | None = Field(
-        default=None, description="Where live-traffic profiles go; None = no traffic profiling."
-    )
-    feedback_db: str | None = Field(
-        default=None, description="Prediction log for POST /feedback; None = no feedback."
-    )
-    traffic_window_s: int = Field(default=60, gt=0, description="Seconds per traffic profile.")
-    traffic_max_queue: int = Field(
-        default=10_000, gt=0, description="Requests waiting to be profiled before new ones drop."
-    )
-    traffic_linger_s: float = Field(
-        default=5.0,
-        gt=0,
-        description="Longest a record waits to be profiled with others: a whylogs call costs "
-        "tens of milliseconds whatever its size, so fewer, larger calls keep profiling cheap "
-        "(windows are still written when they end).",
-    )
-    traffic_batch_rows: int = Field(
-        default=50_000, gt=0, description="Most records profiled in one whylogs call."
-    )
 
 
 class PredictRequest(BaseModel):
@@ -230,6 +179,7 @@ class ModelEndpoint:
         self.model: ServedModel = load_served_model(
             self.settings.model_uri, self.settings.tracking_uri
         )
+        # The batcher's queue is made on its first call, with the values set here.
         self._predict_batched.set_max_batch_size(self.settings.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.feedback = (
@@ -243,13 +193,8 @@ class ModelEndpoint:
                 self.model.version,
                 self.model.spec,
                 serve.get_replica_context().replica_id.unique_id,
+                self.settings,
                 feedback_db=self.settings.feedback_db,
-                max_pending=self.settings.traffic_max_queue,
-                window_s=self.settings.traffic_window_s,
-                max_queue=self.settings.traffic_max_queue,
-                linger_s=self.settings.traffic_linger_s,
-                max_batch_rows=self.settings.traffic_batch_rows,
-                drain_interval_s=0.25,  # under load: one prediction-log transaction per 0.25 s
             )
             self.traffic.ready()
 
@@ -258,7 +203,8 @@ class ModelEndpoint:
         if getattr(self, "traffic", None) is not None:
             self.traffic.close(timeout_s=10)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    # Batch size and wait are set per replica from the settings, in __init__.
+    @serve.batch
     async def _predict_batched(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answer many single-record requests with one model call.
 
@@ -394,7 +340,7 @@ def build_app(args: dict[str, Any]) -> Application:
     """Typed Ray Serve app builder (``serve run mlplatform.serving.app:build_app model_uri=...``).
 
     Args:
-        args: :class:`ServingSettings` fields.
+        args: :class:`~mlplatform.serving.settings.ServingSettings` fields.
 
     Returns:
         The bound application, ready for ``serve.run``.

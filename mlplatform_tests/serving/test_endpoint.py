@@ -9,12 +9,14 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from mlplatform.defs.serving import EndpointConfig
 from mlplatform.demo.data import generate_loans
 from mlplatform.model.registry import resolve_model_version
 from mlplatform.model.spec import infer_feature_spec
 from mlplatform.serving import cluster
-from mlplatform.serving.app import ServingSettings
+from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.serving.validation import InvalidRequest, validate_records
+from mlplatform.settings import load_settings
 from mlplatform_tests.support import train_champion
 
 SPEC = infer_feature_spec(generate_loans(300), "defaulted")
@@ -89,6 +91,28 @@ def test_validation_limits_batch_size_and_rejects_empty():
     with pytest.raises(InvalidRequest) as error:
         validate_records([], SPEC, max_records=10)
     assert error.value.status_code == 422
+
+
+def test_endpoint_config_is_the_serving_knobs_with_their_defaults():
+    config = EndpointConfig()
+    platform = load_settings()
+    assert config.serving_settings("models:/m/1", "sqlite:///x.db") == ServingSettings(
+        model_uri="models:/m/1",
+        tracking_uri="sqlite:///x.db",
+        traffic_dir=str(platform.traffic_dir),
+        feedback_db=str(platform.feedback_db),
+    )
+    tuned = EndpointConfig(traffic_profiling=False, max_batch_size=8, traffic_window_s=2)
+    settings = tuned.serving_settings("models:/m/1", "sqlite:///x.db")
+    assert (settings.max_batch_size, settings.traffic_window_s) == (8, 2)
+    assert settings.traffic_dir is None and settings.feedback_db is None
+    # Every knob is in the Launchpad with the serving app's own default and description.
+    fields = EndpointConfig.to_config_schema().as_field().config_type.fields
+    for name, knob in ServingKnobs.model_fields.items():
+        assert (fields[name].default_value, fields[name].description) == (
+            knob.default,
+            knob.description,
+        )
 
 
 def test_serving_package_imports_no_dagster():

@@ -32,13 +32,13 @@ from mlplatform.model.pipeline import (
 from mlplatform.model.spec import infer_feature_spec
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.serving import cluster
-from mlplatform.serving.app import ServingSettings
 from mlplatform.serving.ingress import (
     SERVE_ENVIRONMENT,
     fast_ingress_environment,
     loopback_haproxy,
 )
 from mlplatform.serving.recorder import TrafficRecorder
+from mlplatform.serving.settings import ServingSettings
 from mlplatform.serving.validation import InvalidRequest, check_records, validate_records
 from mlplatform_tests.support import free_port, train_champion
 

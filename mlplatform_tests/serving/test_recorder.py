@@ -38,6 +38,7 @@ from mlplatform.monitoring.profiles import (
     profile_frame,
 )
 from mlplatform.serving.recorder import TrafficRecorder
+from mlplatform.serving.settings import TrafficKnobs
 
 REPO = Path(__file__).resolve().parents[2]
 # 2026-01-01T00:00:00Z, a multiple of 60 s: windows of a minute start here.
@@ -120,7 +121,7 @@ def test_many_threads_lose_no_rows(loans, tmp_path):
         "3",
         spec,
         "replica-a",
-        max_queue=n_threads * per_thread,
+        TrafficKnobs(traffic_max_queue=n_threads * per_thread),
         feedback=store,
     )
     start = threading.Barrier(n_threads)
@@ -154,7 +155,13 @@ def test_windows_roll_with_the_clock(loans, tmp_path):
     frame, spec = loans
     clock = FakeClock(T0 + 5)
     recorder = TrafficRecorder(
-        tmp_path, "loans", "1", spec, "replica-a", window_s=60, clock=clock, linger_s=0.05
+        tmp_path,
+        "loans",
+        "1",
+        spec,
+        "replica-a",
+        TrafficKnobs(traffic_window_s=60, traffic_linger_s=0.05),
+        clock=clock,
     )
     rows = inputs(frame, spec)
     for i in range(3):
@@ -224,7 +231,9 @@ def test_record_never_blocks_on_a_stuck_writer(loans, tmp_path):
     store = FeedbackStore(tmp_path / "feedback.db")
     blocker = sqlite3.connect(store.path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holds the database: the writer waits
-    recorder = TrafficRecorder(tmp_path, "loans", "1", spec, "r", max_queue=10, feedback=store)
+    recorder = TrafficRecorder(
+        tmp_path, "loans", "1", spec, "r", TrafficKnobs(traffic_max_queue=10), feedback=store
+    )
     try:
         recorder.record("first", one, result)
         wait_for(lambda: recorder.stats().received_requests == 1)  # now stuck on the lock
@@ -244,6 +253,20 @@ def test_record_never_blocks_on_a_stuck_writer(loans, tmp_path):
     stats = recorder.stats()
     assert (stats.profiled_rows, stats.logged_rows, stats.errors) == (11, 11, 0)
     assert store.count() == 11
+
+
+def test_recorder_settings_are_the_serving_defaults_and_must_be_positive():
+    # The values every replica's recorder has run with: one default each, in the settings.
+    assert TrafficKnobs().model_dump() == {
+        "traffic_window_s": 60,
+        "traffic_max_queue": 10_000,
+        "traffic_linger_s": 5.0,
+        "traffic_batch_rows": 50_000,
+        "traffic_drain_interval_s": 0.25,
+    }
+    for field in ("traffic_window_s", "traffic_max_queue", "traffic_batch_rows"):
+        with pytest.raises(ValueError, match=field):
+            TrafficKnobs(**{field: 0})
 
 
 def test_record_checks_lengths_and_drops_after_close(loans, tmp_path):
