@@ -11,8 +11,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import pandas as pd
-
 from mlplatform.model.pipeline import parse_datetime, parse_iso_datetime
 from mlplatform.model.spec import FeatureKind, FeatureSpec
 
@@ -165,27 +163,3 @@ def check_records(records: Any, spec: FeatureSpec, max_records: int) -> list[dic
         if errors:
             raise InvalidRequest(422, errors)
     return records
-
-
-def records_frame(records: list[dict[str, Any]], spec: FeatureSpec) -> pd.DataFrame:
-    """Checked records (see :func:`check_records`) as the model's input frame, spec order."""
-    return pd.DataFrame.from_records(records, columns=list(spec.features))
-
-
-def validate_records(records: Any, spec: FeatureSpec, max_records: int) -> pd.DataFrame:
-    """Check a request's records against ``spec`` and return them as a DataFrame.
-
-    Args:
-        records: the ``records`` member of the request body.
-        spec: the served model's feature spec.
-        max_records: the largest accepted batch.
-
-    Returns:
-        One row per record, columns in the model's input order.
-
-    Raises:
-        InvalidRequest: 422 for a malformed request (naming each bad field), 413 for too many
-            records.
-
-    """
-    return records_frame(check_records(records, spec, max_records), spec)

@@ -39,7 +39,7 @@ from mlplatform.serving.ingress import (
 )
 from mlplatform.serving.recorder import TrafficRecorder
 from mlplatform.serving.settings import ServingSettings
-from mlplatform.serving.validation import InvalidRequest, check_records, validate_records
+from mlplatform.serving.validation import InvalidRequest, check_records
 from mlplatform_tests.support import free_port, train_champion
 
 SPEC = infer_feature_spec(generate_loans(300), "defaulted")
@@ -155,8 +155,12 @@ def test_fast_and_slow_validation_give_the_same_frame():
     records = _records(200, seed=2)
     records[3]["income"] = None
     records[5]["application_date"] = "June 1 2025"  # forces the field-by-field path
-    slow = validate_records(records, SPEC, 1000)
-    fast = validate_records([r for i, r in enumerate(records) if i != 5], SPEC, 1000)
+    others = [r for i, r in enumerate(records) if i != 5]
+    assert check_records(records, SPEC, 1000) is records  # accepted, left as posted
+    assert check_records(others, SPEC, 1000) is others
+    # The model's input frame, as its pipeline reads the records.
+    slow = coerce_features(pd.DataFrame(records), SPEC)
+    fast = coerce_features(pd.DataFrame(others), SPEC)
     pd.testing.assert_frame_equal(fast, slow.drop(index=5).reset_index(drop=True))
 
 
