@@ -6,23 +6,24 @@ from mlplatform.defs.evaluation import evaluation_report
 from mlplatform.defs.features import features, reference_profile
 from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.monitoring import (
-    FRESHNESS_WINDOWS,
     RETRAIN_JOB_NAME,
     SENSORS,
     drift_report,
-    freshness_policy,
+    freshness_policies,
 )
 from mlplatform.defs.registry import champion_model
 from mlplatform.defs.serving import model_endpoint
 from mlplatform.defs.training import candidate_model
+from mlplatform.monitoring.rules import load_monitoring_settings
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
+
+# Freshness windows are part of the assets' definitions: read when the definitions load.
+FRESHNESS_POLICIES = freshness_policies(load_monitoring_settings())
 
 
 def _with_freshness(spec: dg.AssetSpec) -> dg.AssetSpec:
-    name = spec.key.to_user_string()
-    if name not in FRESHNESS_WINDOWS:
-        return spec
-    return spec.replace_attributes(freshness_policy=freshness_policy(name))
+    policy = FRESHNESS_POLICIES.get(spec.key.to_user_string())
+    return spec if policy is None else spec.replace_attributes(freshness_policy=policy)
 
 
 ASSETS = list(

@@ -18,12 +18,18 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from pydantic import Field, PrivateAttr
 
+from mlplatform.demo.data import TARGET as DEMO_TARGET
 from mlplatform.demo.data import write_demo_source
 from mlplatform.model.registry import version_by_alias
 from mlplatform.model.spec import DataError
 from mlplatform.serving import cluster
-from mlplatform.serving.app import ServingSettings
-from mlplatform.settings import DEMO_TARGET, load_settings
+from mlplatform.serving.settings import ServingSettings
+from mlplatform.settings import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_SERVE_HOST,
+    DEFAULT_SERVE_PORT,
+    load_settings,
+)
 
 _READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
 
@@ -160,7 +166,8 @@ class MlflowTracking(dg.ConfigurableResource):
     )
     model_name: str | None = Field(
         default=None,
-        description="Registered model name; default MLPLATFORM_MODEL_NAME or 'mlplatform'.",
+        description="Registered model name; default MLPLATFORM_MODEL_NAME or "
+        f"'{DEFAULT_MODEL_NAME}'.",
     )
     _run: Any = PrivateAttr(default=None)  # dagster_mlflow's MlFlow, once set up
 
@@ -175,7 +182,13 @@ class MlflowTracking(dg.ConfigurableResource):
         return self.model_name or load_settings().model_name
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Point MLflow at the store, ensure the experiment exists, join this run's MLflow run."""
+        """Point MLflow at the store, ensure the experiment exists, join this run's MLflow run.
+
+        Outside a run (a sensor's tick) there is no run to join and nothing to set up: the
+        registry is read through :meth:`client`, which names the store itself.
+        """
+        if context.dagster_run is None:
+            return
         settings = load_settings()
         uri = self.tracking_uri
         if uri.startswith("sqlite:///"):
@@ -231,10 +244,12 @@ class RayServe(dg.ConfigurableResource):
         default=None, description="Ray cluster address; default RAY_ADDRESS, else local."
     )
     host: str | None = Field(
-        default=None, description="HTTP interface; default MLPLATFORM_SERVE_HOST or 127.0.0.1."
+        default=None,
+        description=f"HTTP interface; default MLPLATFORM_SERVE_HOST or {DEFAULT_SERVE_HOST}.",
     )
     port: int | None = Field(
-        default=None, description="HTTP port; default MLPLATFORM_SERVE_PORT or 8000."
+        default=None,
+        description=f"HTTP port; default MLPLATFORM_SERVE_PORT or {DEFAULT_SERVE_PORT}.",
     )
     app_name: str = Field(default="mlplatform", description="Ray Serve application name.")
 

@@ -18,7 +18,6 @@ DEFAULT_MODEL_NAME = "mlplatform"
 DEFAULT_SERVE_HOST = "127.0.0.1"
 DEFAULT_SERVE_PORT = 8000
 DEFAULT_RAY_PORT = 6379
-DEMO_TARGET = "defaulted"
 
 
 @dataclasses.dataclass(frozen=True)

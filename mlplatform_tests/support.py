@@ -66,11 +66,13 @@ def wait_for_profiled_rows(version: str, rows: int, timeout_s: float = 60.0) -> 
 
 
 def tick(sensor: Any, instance: dg.DagsterInstance, cursor: str | None = None) -> Any:
-    """One evaluation of a sensor of the real Definitions on ``instance``."""
+    """One evaluation of a sensor of the real Definitions on ``instance``, with their resources."""
     from mlplatform.definitions import defs
 
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
-    return sensor(context)
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, definitions=defs, resources=defs.resources
+    ) as context:
+        return sensor(context)
 
 
 def free_port() -> int:

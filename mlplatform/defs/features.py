@@ -2,7 +2,6 @@
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -20,7 +19,11 @@ from mlplatform.model.dataset import (
 )
 from mlplatform.model.leakage import single_feature_auc, single_feature_fit
 from mlplatform.model.spec import FeatureSpec, infer_feature_spec
-from mlplatform.monitoring.profiles import profile_frame, reference_sidecar
+from mlplatform.monitoring.profiles import (
+    profile_frame,
+    reference_profile_path,
+    reference_sidecar,
+)
 from mlplatform.resources import DataSource
 from mlplatform.settings import load_settings
 
@@ -197,9 +200,8 @@ def features(
 def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -> str:
     """Whylogs profile of the training split: the baseline that live traffic is compared with."""
     view = profile_frame(features.train, features.spec)
-    directory = load_settings().profiles_dir / "reference"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = Path(directory, f"{features.data_version}.bin")
+    path = reference_profile_path(load_settings().profiles_dir, features.data_version)
+    path.parent.mkdir(parents=True, exist_ok=True)
     view.write(str(path))
     # What drift comparisons need to know about the columns, next to the profile.
     reference_sidecar(path).write_text(

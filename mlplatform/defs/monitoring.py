@@ -13,7 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,11 @@ from whylogs.core import DatasetProfileView
 from mlplatform.model.registry import CHAMPION_ALIAS
 from mlplatform.monitoring import drift
 from mlplatform.monitoring.feedback import FeedbackStore, live_performance
-from mlplatform.monitoring.profiles import load_traffic_profiles, reference_sidecar
+from mlplatform.monitoring.profiles import (
+    load_traffic_profiles,
+    reference_profile_path,
+    reference_sidecar,
+)
 from mlplatform.monitoring.rules import (
     DriftCursor,
     DriftEvidence,
@@ -37,10 +41,6 @@ from mlplatform.monitoring.rules import (
 )
 from mlplatform.resources import MlflowTracking
 from mlplatform.settings import PlatformSettings, load_settings
-
-MONITORING = load_monitoring_settings()
-"""Sensor intervals and the assets' freshness policies are read when the definitions load; the
-sensors re-read thresholds and windows on every tick."""
 
 RETRAIN_JOB_NAME = "retrain_job"
 
@@ -93,8 +93,10 @@ def assess_traffic(
         return "no champion yet"
     version = str(champion.version)
     data_version = champion.tags.get("data_version")
-    reference_path = settings.profiles_dir / "reference" / f"{data_version}.bin"
-    if not data_version or not reference_path.exists():
+    reference_path = (
+        reference_profile_path(settings.profiles_dir, data_version) if data_version else None
+    )
+    if reference_path is None or not reference_path.exists():
         return f"no reference profile for v{version} (data version {data_version})"
     description = json.loads(reference_sidecar(reference_path).read_text())
     promoted = _parse_time(champion.tags.get("promotion.time"))
@@ -216,17 +218,21 @@ def retrain_in_progress(instance: dg.DagsterInstance) -> bool:
     return bool(records)
 
 
+# How often a sensor ticks is part of its definition, so the interval variables are read when
+# the definitions load (a change needs a reload); everything a tick decides on is read by the tick.
 @dg.sensor(
     job_name=RETRAIN_JOB_NAME,
-    minimum_interval_seconds=MONITORING.drift_interval_s,
+    minimum_interval_seconds=load_monitoring_settings().drift_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Compares the champion's live traffic with its training data on every tick and "
     "requests a retrain when enough features drifted (effect size over a bound, enough rows).",
 )
-def drift_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+def drift_sensor(
+    context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking
+) -> dg.SensorResult:
     """Retrain when the champion's traffic drifted; record what each tick saw on drift_report."""
     monitoring = load_monitoring_settings()
-    assessment = assess_traffic(MlflowTracking(), load_settings(), monitoring)
+    assessment = assess_traffic(mlflow_tracking, load_settings(), monitoring)
     evidence = None if isinstance(assessment, str) else assessment.evidence
     decision = decide_drift(
         evidence,
@@ -263,20 +269,23 @@ def freshness_windows(settings: MonitoringSettings) -> dict[str, dt.timedelta]:
     return {"raw_data": settings.raw_data_max_age, "candidate_model": settings.model_max_age}
 
 
-FRESHNESS_WINDOWS = freshness_windows(MONITORING)
-"""The windows when the definitions loaded: the assets' freshness policies in the UI."""
+def freshness_policies(settings: MonitoringSettings) -> dict[str, dg.FreshnessPolicy]:
+    """The watched assets' freshness policies (in the UI): warn at half the window, fail past it.
+
+    A policy is part of its asset's definition: the definitions call this once, when they load.
+    """
+    return {
+        asset: dg.FreshnessPolicy.time_window(fail_window=window, warn_window=window / 2)
+        for asset, window in freshness_windows(settings).items()
+    }
 
 
-def freshness_policy(asset: str) -> dg.FreshnessPolicy:
-    """The asset's freshness policy (shown in the UI): warn at half the window, fail past it."""
-    window = FRESHNESS_WINDOWS[asset]
-    return dg.FreshnessPolicy.time_window(fail_window=window, warn_window=window / 2)
-
-
-def latest_materializations(instance: dg.DagsterInstance) -> dict[str, float | None]:
-    """Epoch seconds of each watched asset's latest materialization (None = never)."""
+def latest_materializations(
+    instance: dg.DagsterInstance, assets: Iterable[str]
+) -> dict[str, float | None]:
+    """Epoch seconds of each of ``assets``' latest materialization (None = never)."""
     latest = {}
-    for asset in FRESHNESS_WINDOWS:
+    for asset in assets:
         event = instance.get_latest_materialization_event(dg.AssetKey(asset))
         latest[asset] = event.timestamp if event else None
     return latest
@@ -284,7 +293,7 @@ def latest_materializations(instance: dg.DagsterInstance) -> dict[str, float | N
 
 @dg.sensor(
     job_name=RETRAIN_JOB_NAME,
-    minimum_interval_seconds=MONITORING.freshness_interval_s,
+    minimum_interval_seconds=load_monitoring_settings().freshness_interval_s,  # see drift_sensor
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Requests a retrain when raw_data or candidate_model is older than its "
     "freshness window.",
@@ -292,7 +301,7 @@ def latest_materializations(instance: dg.DagsterInstance) -> dict[str, float | N
 def freshness_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Retrain from fresh data when the data or the model has gone stale."""
     windows = freshness_windows(load_monitoring_settings())
-    stale = stale_assets(time.time(), latest_materializations(context.instance), windows)
+    stale = stale_assets(time.time(), latest_materializations(context.instance, windows), windows)
     if not stale:
         allowed = ", ".join(f"{asset} {age}" for asset, age in windows.items())
         return dg.SensorResult(skip_reason=f"Everything fresh (allowed ages: {allowed}).")

@@ -14,8 +14,8 @@ from pydantic import Field
 
 from mlplatform.model.registry import ModelRef
 from mlplatform.resources import MlflowTracking, RayServe
-from mlplatform.serving.app import ServingSettings
 from mlplatform.serving.cluster import wait_until_serving
+from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.settings import load_settings
 
 
@@ -37,27 +37,9 @@ class EndpointInfo:
         return f"curl -s -X POST {self.url}/predict -H 'Content-Type: application/json' -d '{body}'"
 
 
-class EndpointConfig(dg.Config):
-    """Deployment knobs."""
+class EndpointConfig(ServingKnobs, dg.Config):
+    """Deployment knobs: the serving app's (with their defaults), and the deployment's checks."""
 
-    num_replicas: int = Field(
-        default=1,
-        description="Serving replicas (processes answering HTTP behind HAProxy). One batches "
-        "all waiting single records into one model call; more use more cores, smaller batches.",
-    )
-    max_ongoing_requests: int = Field(default=128, description="Concurrent requests per replica.")
-    max_batch_size: int = Field(
-        default=64, description="Micro-batch size for single-record requests."
-    )
-    batch_wait_timeout_s: float = Field(
-        default=0.0,
-        description="Longest wait for more single records to join a micro-batch (0: take those "
-        "already waiting; waiting adds its time to every answer at low load).",
-    )
-    replica_cpus: float = Field(default=0.5, description="CPUs reserved per replica.")
-    access_log: bool = Field(
-        default=False, description="Ray Serve's per-request access log in the replica logs."
-    )
     ready_timeout_s: float = Field(
         default=180.0, description="How long to wait for the new version."
     )
@@ -69,7 +51,6 @@ class EndpointConfig(dg.Config):
         description="Profile live traffic with whylogs (for drift) and log predictions (for "
         "POST /feedback) under the platform home.",
     )
-    traffic_window_s: int = Field(default=60, description="Seconds per traffic profile.")
 
     def serving_settings(self, model_uri: str, tracking_uri: str) -> ServingSettings:
         """The serving app's settings for ``model_uri`` under these knobs.
@@ -77,18 +58,12 @@ class EndpointConfig(dg.Config):
         Traffic profiles and the prediction log go under the platform home (``MLPLATFORM_HOME``).
         """
         platform = load_settings()
-        return ServingSettings(
+        return ServingSettings.for_deployment(
+            self,
             model_uri=model_uri,
             tracking_uri=tracking_uri,
-            num_replicas=self.num_replicas,
-            max_ongoing_requests=self.max_ongoing_requests,
-            max_batch_size=self.max_batch_size,
-            batch_wait_timeout_s=self.batch_wait_timeout_s,
-            replica_cpus=self.replica_cpus,
-            access_log=self.access_log,
             traffic_dir=str(platform.traffic_dir) if self.traffic_profiling else None,
             feedback_db=str(platform.feedback_db) if self.traffic_profiling else None,
-            traffic_window_s=self.traffic_window_s,
         )
 
 

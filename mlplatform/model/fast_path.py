@@ -14,7 +14,7 @@ from sklearn.preprocessing import (
     OrdinalEncoder,
 )
 
-from mlplatform.model.pipeline import DatetimeExpander, boolean_value, parse_iso_datetime
+from mlplatform.model.pipeline import DatetimeExpander, boolean_value, parse_datetime
 from mlplatform.model.spec import FeatureSpec
 
 
@@ -138,13 +138,7 @@ def _date_parts(values: list[Any]) -> np.ndarray:
     """Month, day of week and hour (UTC) per value, as :class:`DatetimeExpander` computes them."""
     parts = np.full((len(values), 3), np.nan)
     for row, value in enumerate(values):
-        if value is None:
-            continue
-        stamp = parse_iso_datetime(value) if isinstance(value, str) else None
-        if stamp is None:
-            parsed = pd.to_datetime(value, errors="coerce", utc=True, format="mixed")
-            if pd.isna(parsed):
-                continue
-            stamp = parsed
-        parts[row] = (stamp.month, stamp.weekday(), stamp.hour)
+        stamp = None if value is None else parse_datetime(value)
+        if stamp is not None:
+            parts[row] = (stamp.month, stamp.weekday(), stamp.hour)
     return parts

@@ -53,7 +53,7 @@ _PANDAS_YEARS = range(1678, 2262)  # pd.Timestamp's nanosecond range, whole year
 def parse_iso_datetime(value: str) -> dt.datetime | None:
     """``value`` as a UTC datetime if it is a plain ISO 8601 date (time) pandas would parse.
 
-    ``None`` means "not on the fast path", not "invalid": ask pandas (``coerce_features``).
+    ``None`` means "not on the fast path", not "invalid": :func:`parse_datetime` then asks pandas.
     Naive values are taken as UTC, as the model's coercion does. Cached: validating a request
     and scoring it parse the same values.
     """
@@ -68,6 +68,34 @@ def parse_iso_datetime(value: str) -> dt.datetime | None:
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=dt.UTC)
     return parsed.astimezone(dt.UTC)
+
+
+def _pandas_datetimes(values: Any) -> Any:
+    """Dates as pandas reads them: any format it knows, in UTC; anything else becomes ``NaT``."""
+    return pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
+
+
+def parse_datetime(value: Any) -> dt.datetime | None:
+    """The datetime rule: ``value`` as the UTC moment the model reads, or ``None`` if it is none.
+
+    Plain ISO 8601 strings take the fast path (:func:`parse_iso_datetime`); anything else is
+    read by pandas as :func:`coerce_features` reads a column, so request validation, the fast
+    scoring path and the model's pipeline accept and reject the same values.
+
+    Args:
+        value: a JSON value of a datetime feature (usually a string).
+
+    Returns:
+        The moment in UTC (a ``pd.Timestamp`` when pandas read it), or ``None`` for a missing or
+        unreadable value.
+
+    """
+    if isinstance(value, str):
+        parsed = parse_iso_datetime(value)
+        if parsed is not None:
+            return parsed
+    stamp = _pandas_datetimes(value)
+    return None if pd.isna(stamp) else stamp
 
 
 def coerce_features(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
@@ -93,7 +121,7 @@ def coerce_features(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
         elif kind == "boolean":
             out[name] = _to_boolean(column)
         else:
-            out[name] = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
+            out[name] = _pandas_datetimes(column)
     return pd.DataFrame(out, index=frame.index)
 
 

@@ -300,6 +300,20 @@ def profile_frame(frame: pd.DataFrame, spec: FeatureSpec) -> why.DatasetProfileV
     return profile_frame_fast(coerced)
 
 
+def reference_profile_path(profiles_dir: Path, data_version: str) -> Path:
+    """Where the reference profile of the data with ``data_version`` lives (and is looked for).
+
+    Args:
+        profiles_dir: the platform's profiles directory (``PlatformSettings.profiles_dir``).
+        data_version: the content hash of the ``raw_data`` the model was trained on.
+
+    Returns:
+        ``<profiles_dir>/reference/<data_version>.bin``.
+
+    """
+    return Path(profiles_dir) / "reference" / f"{data_version}.bin"
+
+
 def reference_sidecar(profile_path: Path) -> Path:
     """The reference profile's description (task, classes, feature kinds), beside it as JSON."""
     return profile_path.with_suffix(".json")

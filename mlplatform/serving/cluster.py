@@ -24,8 +24,9 @@ import httpx
 import ray
 from ray import serve
 
-from mlplatform.serving.app import ServingSettings, build_app
+from mlplatform.serving.app import build_app
 from mlplatform.serving.ingress import fast_ingress_environment
+from mlplatform.serving.settings import ServingSettings
 
 LOOPBACK = "127.0.0.1"
 

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import queue
-import re
 import threading
 import time
 import uuid
@@ -31,18 +30,15 @@ from whylogs.core import DatasetProfileView
 from mlplatform.model.spec import FeatureSpec, plain
 from mlplatform.monitoring.feedback import FeedbackStore, PredictionRecord
 from mlplatform.monitoring.profiles import (
+    WINDOW_STAMP,
     coerce_for_profile,
     path_part,
     profile_frame_fast,
     version_directory,
 )
+from mlplatform.serving.settings import TrafficKnobs
 
 logger = logging.getLogger(__name__)
-
-WINDOW_STAMP = "%Y%m%dT%H%M%SZ"
-"""How a window's start (UTC) appears in profile file names."""
-
-_UNSAFE_PATH_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 # --- the recorder --------------------------------------------------------------------------------
 
@@ -140,7 +136,7 @@ class TrafficRecorder:
     drop). A daemon thread drains the queue, logs the predictions to the :class:`FeedbackStore`
     at once (so labels can be joined soon after the response), and profiles the records in
     batches (whylogs costs about 25 ms per call whatever the size, so single records are held for
-    up to ``linger_s`` and profiled together) into the profile of their window. A window is
+    up to ``traffic_linger_s`` and profiled together) into the profile of their window. A window is
     written when the clock passes its end, on :meth:`flush` and on :meth:`close`; a window written
     twice (a flush, a restart within the minute, late records) gets a new file name, never
     overwriting.
@@ -153,14 +149,10 @@ class TrafficRecorder:
         model_version: str,
         spec: FeatureSpec,
         replica_id: str,
-        window_s: int = 60,
-        max_queue: int = 10_000,
+        settings: TrafficKnobs | None = None,
         clock: Callable[[], float] = time.time,
         *,
         feedback: FeedbackStore | None = None,
-        linger_s: float = 1.0,
-        max_batch_rows: int = 5_000,
-        drain_interval_s: float = 0.0,
     ):
         """Start recording (the background thread starts now).
 
@@ -170,37 +162,34 @@ class TrafficRecorder:
             model_version: the served model version.
             spec: the model's feature spec (the records' columns and training dtypes).
             replica_id: this replica's id, part of every file name (any string).
-            window_s: window length in seconds; windows start at multiples of it (UTC epoch).
-            max_queue: requests waiting to be processed before :meth:`record` drops new ones.
+            settings: window length (windows start at multiples of it, UTC epoch), queue bound
+                (requests waiting before :meth:`record` drops new ones), linger and batch size
+                of profiling, and the drain interval (the thread then logs several requests'
+                predictions in one SQLite transaction, each costing a connection and a commit,
+                instead of one per request under load); ``None`` = the serving defaults.
             clock: seconds since the epoch (tests pass a controllable one).
             feedback: where to log predictions; ``None`` = profiles only.
-            linger_s: longest a record waits to be profiled with others (not for the log).
-            max_batch_rows: records profiled in one whylogs call at most.
-            drain_interval_s: shortest time between two takes from the queue: the thread then
-                logs several requests' predictions in one SQLite transaction (each costs a
-                connection and a commit) instead of one transaction per request under load.
 
         Raises:
-            ValueError: for a non-positive window, queue or batch size, or an unusable name.
+            ValueError: for an unusable name.
 
         """
-        if window_s <= 0 or max_queue <= 0 or max_batch_rows <= 0:
-            raise ValueError("window_s, max_queue and max_batch_rows must be positive")
+        settings = TrafficKnobs() if settings is None else settings
         self.model_name = str(model_name)
         self.model_version = str(model_version)
         self.replica_id = str(replica_id)
         self.spec = spec
-        self.window_s = int(window_s)
+        self.window_s = settings.traffic_window_s
         self.directory = version_directory(Path(directory), self.model_name, self.model_version)
         self._file_prefix = path_part(self.replica_id, "replica id")
         self._clock = clock
         self._feedback = feedback
-        self._linger_s = linger_s
-        self._max_batch_rows = max_batch_rows
-        self._drain_interval_s = drain_interval_s
+        self._linger_s = settings.traffic_linger_s
+        self._max_batch_rows = settings.traffic_batch_rows
+        self._drain_interval_s = settings.traffic_drain_interval_s
         self._last_drain = 0.0
         self._feature_columns = list(spec.features)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.traffic_max_queue)
         self._windows: dict[int, _Window] = {}
         self._closing = False
         self._drop_lock = threading.Lock()

@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from mlplatform.model.spec import FeatureSpec
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.serving.recorder import RecorderStats, TrafficRecorder
+from mlplatform.serving.settings import TrafficKnobs
 
 _MAX_CALLS_IN_FLIGHT = 8
 """Hand-overs the recorder process has not taken yet before the next one is dropped."""
@@ -84,12 +85,11 @@ class TrafficSink:
         model_version: str,
         spec: FeatureSpec,
         replica_id: str,
+        settings: TrafficKnobs,
         *,
         feedback_db: str | None,
-        max_pending: int,
         niceness: int = 10,
         flush_interval_s: float = 0.1,
-        **options: Any,
     ):
         """Start the recorder process on this node (:meth:`ready` waits for it).
 
@@ -99,14 +99,13 @@ class TrafficSink:
             model_version: the served model version.
             spec: the model's feature spec.
             replica_id: the replica's id, part of every profile's file name.
+            settings: the recorder's settings; ``traffic_max_queue`` also bounds the requests
+                waiting here to be handed over (more are dropped and counted).
             feedback_db: the prediction log; ``None`` = profiles only.
-            max_pending: requests waiting here to be handed over before new ones are dropped
-                (and counted); the process's own queue is bounded the same way.
             niceness: added to the process's niceness: on a busy machine monitoring yields the
                 CPU to serving, and catches up when there is some to spare (its queue is
                 bounded; what does not fit is dropped and counted).
             flush_interval_s: how often waiting requests are handed over.
-            **options: further :class:`TrafficRecorder` arguments.
 
         """
         self._process = RecorderProcess.options(
@@ -123,10 +122,10 @@ class TrafficSink:
                 "model_version": model_version,
                 "spec": spec,
                 "replica_id": replica_id,
-                **options,
+                "settings": settings,
             },
         )
-        self._max_pending = max_pending
+        self._max_pending = settings.traffic_max_queue
         self._pending: list[tuple[Any, Any, pd.DataFrame]] = []
         self._lock = threading.Lock()
         self._refused_requests = 0
@@ -154,7 +153,7 @@ class TrafficSink:
     ) -> None:
         """Queue one request (or a micro-batch of one-record requests) for the process.
 
-        Never blocks: when ``max_pending`` requests are waiting, the request is dropped and
+        Never blocks: when ``traffic_max_queue`` requests are waiting, the request is dropped and
         counted.
 
         Args:

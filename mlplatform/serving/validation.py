@@ -11,9 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import pandas as pd
-
-from mlplatform.model.pipeline import parse_iso_datetime
+from mlplatform.model.pipeline import parse_datetime, parse_iso_datetime
 from mlplatform.model.spec import FeatureKind, FeatureSpec
 
 # Report at most this many problems: enough to fix a request, bounded for huge bad payloads.
@@ -31,13 +29,6 @@ class InvalidRequest(Exception):
 
 def _error(loc: list[Any], message: str, kind: str) -> dict[str, Any]:
     return {"loc": ["body", *loc], "msg": message, "type": kind}
-
-
-def _parses_as_datetime(value: str) -> bool:
-    """Whether the model's datetime coercion (pandas, ``format="mixed"``) understands ``value``."""
-    if parse_iso_datetime(value) is not None:
-        return True
-    return not pd.isna(pd.to_datetime(value, errors="coerce", utc=True, format="mixed"))
 
 
 def _type_problem(kind: FeatureKind, value: Any) -> str | None:
@@ -58,7 +49,7 @@ def _type_problem(kind: FeatureKind, value: Any) -> str | None:
         )
     if not isinstance(value, str):
         return f"must be a string or null, got {type(value).__name__}"
-    if kind == "datetime" and not _parses_as_datetime(value):
+    if kind == "datetime" and parse_datetime(value) is None:
         return f"must be an ISO 8601 date or datetime, got {value!r}"
     return None
 
@@ -72,7 +63,7 @@ def _column_is_valid(kind: FeatureKind, values: list[Any]) -> bool:
         )
     if kind == "boolean":
         return all(value is None or type(value) is bool for value in values)
-    if kind == "datetime":
+    if kind == "datetime":  # the rule's fast path only: a value it leaves is checked one by one
         return all(
             value is None or (type(value) is str and parse_iso_datetime(value) is not None)
             for value in values
@@ -172,27 +163,3 @@ def check_records(records: Any, spec: FeatureSpec, max_records: int) -> list[dic
         if errors:
             raise InvalidRequest(422, errors)
     return records
-
-
-def records_frame(records: list[dict[str, Any]], spec: FeatureSpec) -> pd.DataFrame:
-    """Checked records (see :func:`check_records`) as the model's input frame, spec order."""
-    return pd.DataFrame.from_records(records, columns=list(spec.features))
-
-
-def validate_records(records: Any, spec: FeatureSpec, max_records: int) -> pd.DataFrame:
-    """Check a request's records against ``spec`` and return them as a DataFrame.
-
-    Args:
-        records: the ``records`` member of the request body.
-        spec: the served model's feature spec.
-        max_records: the largest accepted batch.
-
-    Returns:
-        One row per record, columns in the model's input order.
-
-    Raises:
-        InvalidRequest: 422 for a malformed request (naming each bad field), 413 for too many
-            records.
-
-    """
-    return records_frame(check_records(records, spec, max_records), spec)

@@ -6,11 +6,14 @@ from pathlib import Path
 import dagster as dg
 import httpx
 import pytest
+from mlflow import MlflowClient
 
 from mlplatform.definitions import ASSETS, defs
 from mlplatform.defs.monitoring import drift_sensor, freshness_sensor
 from mlplatform.demo.simulate import move_demo_source, simulate
 from mlplatform.monitoring.feedback import FeedbackStore
+from mlplatform.monitoring.rules import DriftCursor
+from mlplatform.resources import MlflowTracking
 from mlplatform.settings import load_settings
 from mlplatform_tests.support import FAST_WINDOWS, tick, wait_for_profiled_rows
 
@@ -43,6 +46,8 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     assert observation.asset_key == dg.AssetKey("drift_report")
     assert observation.metadata["rows"].value >= calm.records  # plus the deploy smoke test
     assert observation.metadata["live_performance"].value["rows"] == calm.labels_matched
+    # The cursor remembers exactly the evidence this tick evaluated, and no retrain.
+    assert quiet.cursor == DriftCursor(evidence_key=observation.metadata["evidence"].value).dump()
 
     # The world moves: the traffic and the training source both come from the drifted population.
     move_demo_source(small_loans_csv, drift=0.9, n_rows=1200)
@@ -56,6 +61,10 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     assert request.run_key.startswith("drift-v1-")
     assert request.tags["mlplatform/trigger"] == "drift"
     assert len(fired.asset_events[0].metadata["drifted_columns"].value) >= 3
+    fired_cursor = DriftCursor.parse(fired.cursor)
+    assert fired_cursor.evidence_key == fired.asset_events[0].metadata["evidence"].value
+    assert fired_cursor.evidence_key != DriftCursor.parse(quiet.cursor).evidence_key
+    assert fired_cursor.retrained_version == "1" and fired_cursor.retrained_at is not None
     # drift_report shows the same evidence in the UI, with a WARN check naming the columns.
     report = dg.materialize(
         ASSETS, selection=["drift_report"], resources=resources, instance=instance
@@ -72,6 +81,7 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     # The same evidence never fires twice.
     again = tick(drift_sensor, instance, cursor=fired.cursor)
     assert not again.run_requests and "No new traffic" in again.skip_reason.skip_message
+    assert again.cursor == fired.cursor
 
     retrain = dg.materialize(
         ASSETS,
@@ -94,10 +104,15 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     settled = tick(drift_sensor, instance, cursor=fired.cursor)
     assert not settled.run_requests
     assert settled.skip_reason.skip_message.startswith("No retrain")
+    settled_cursor = DriftCursor.parse(settled.cursor)
+    assert settled_cursor.evidence_key.startswith("v2-")
+    assert settled_cursor.retrained_version == "1"  # the last drift retrain, remembered
 
 
 def test_freshness_sensor_requests_a_retrain_once_per_stale_materialization(instance, monkeypatch):
-    assert "Everything fresh" in tick(freshness_sensor, instance).skip_reason.skip_message
+    fresh = tick(freshness_sensor, instance)
+    # The freshness sensor keeps no cursor: the run key (asset and materialization) dedupes.
+    assert "Everything fresh" in fresh.skip_reason.skip_message and fresh.cursor is None
     instance.report_runless_asset_event(dg.AssetMaterialization("raw_data"))
     instance.report_runless_asset_event(dg.AssetMaterialization("candidate_model"))
     assert "Everything fresh" in tick(freshness_sensor, instance).skip_reason.skip_message
@@ -112,6 +127,7 @@ def test_freshness_sensor_requests_a_retrain_once_per_stale_materialization(inst
     assert [r.tags["mlplatform/trigger"] for r in first.run_requests] == ["freshness"]
     second = tick(freshness_sensor, instance)
     assert second.run_requests[0].run_key == first.run_requests[0].run_key
+    assert first.cursor is None and second.cursor is None
 
     # A running retrain holds further requests back: retrains never overlap.
     instance.create_run_for_job(
@@ -119,6 +135,29 @@ def test_freshness_sensor_requests_a_retrain_once_per_stale_materialization(inst
     )
     busy = tick(freshness_sensor, instance)
     assert not busy.run_requests and "already queued" in busy.skip_reason.skip_message
+    assert busy.cursor is None
+
+
+def test_drift_sensor_reads_the_registry_of_its_configured_resource(instance, tmp_path):
+    other = f"sqlite:///{tmp_path / 'other-mlflow.db'}"
+    client = MlflowClient(tracking_uri=other, registry_uri=other)
+    client.create_registered_model("mlplatform")
+    version = client.create_model_version("mlplatform", source=str(tmp_path / "model")).version
+    client.set_model_version_tag("mlplatform", version, "data_version", "abc123")
+    client.set_registered_model_alias("mlplatform", "champion", version)
+
+    # The Definitions' resource reads the platform home's registry: no champion there.
+    assert tick(drift_sensor, instance).skip_reason.skip_message == (
+        "No evaluation: no champion yet."
+    )
+    configured = {"mlflow_tracking": MlflowTracking(mlflow_tracking_uri=other)}
+    with dg.build_sensor_context(instance=instance, resources=configured) as context:
+        result = drift_sensor(context)
+    assert result.skip_reason.skip_message == (
+        f"No evaluation: no reference profile for v{version} (data version abc123)."
+    )
+    assert not result.run_requests
+    assert result.cursor == DriftCursor().dump()  # nothing evaluated: a fresh cursor is kept
 
 
 def test_feedback_endpoint_rejects_malformed_labels(serving):

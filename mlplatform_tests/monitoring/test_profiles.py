@@ -20,6 +20,7 @@ from mlplatform.monitoring.profiles import (
     profile_frame_fast,
 )
 from mlplatform.serving.recorder import TrafficRecorder
+from mlplatform.serving.settings import TrafficKnobs
 from mlplatform_tests.monitoring.synthetic import traffic
 from mlplatform_tests.support import T0, FakeClock, binary_result, inputs, sidecars, wait_for
 
@@ -50,7 +51,13 @@ def test_windows_roll_with_the_clock(recorded_loans, tmp_path):
     frame, spec = recorded_loans
     clock = FakeClock(T0 + 5)
     recorder = TrafficRecorder(
-        tmp_path, "loans", "1", spec, "replica-a", window_s=60, clock=clock, linger_s=0.05
+        tmp_path,
+        "loans",
+        "1",
+        spec,
+        "replica-a",
+        TrafficKnobs(traffic_window_s=60, traffic_linger_s=0.05),
+        clock=clock,
     )
     rows = inputs(frame, spec)
     for i in range(3):

@@ -9,12 +9,20 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from mlplatform.defs.serving import EndpointConfig
 from mlplatform.demo.data import generate_loans
+from mlplatform.model.pipeline import coerce_features
 from mlplatform.model.registry import resolve_model_version
 from mlplatform.model.spec import infer_feature_spec
 from mlplatform.serving import cluster
-from mlplatform.serving.app import ServingSettings
-from mlplatform.serving.validation import InvalidRequest, validate_records
+from mlplatform.serving.settings import ServingKnobs, ServingSettings
+from mlplatform.serving.validation import InvalidRequest, check_records
+from mlplatform.settings import load_settings
+from mlplatform_tests.serving.test_routes import (
+    BAD_BODIES,
+    body_arguments,
+    check_health_card_and_docs,
+)
 from mlplatform_tests.support import train_champion
 
 SPEC = infer_feature_spec(generate_loans(300), "defaulted")
@@ -28,7 +36,9 @@ def _records(n: int, seed: int = 11) -> list[dict]:
 
 
 def test_validation_accepts_good_records():
-    frame = validate_records(_records(3), SPEC, max_records=10)
+    records = _records(3)
+    assert check_records(records, SPEC, max_records=10) is records
+    frame = coerce_features(pd.DataFrame(records), SPEC)  # the model's input, as it reads them
     assert list(frame.columns) == list(SPEC.features)
     assert len(frame) == 3
 
@@ -58,7 +68,7 @@ def test_validation_names_the_bad_field(mutate, status, message):
     records = _records(2)
     mutate(records)
     with pytest.raises(InvalidRequest) as error:
-        validate_records(records, SPEC, max_records=10)
+        check_records(records, SPEC, max_records=10)
     assert error.value.status_code == status
     assert any(message in e["msg"] for e in error.value.errors)
 
@@ -73,27 +83,51 @@ def test_validation_accepts_the_columns_training_ignored_and_only_those():
     assert {"application_id", "defaulted"} <= SPEC.ignored_inputs
     records = _file_records(3)
     assert set(records[0]) - set(SPEC.features) == {"application_id", "defaulted"}
-    frame = validate_records(records, SPEC, max_records=10)
+    assert check_records(records, SPEC, max_records=10) is records
+    frame = coerce_features(pd.DataFrame(records), SPEC)  # the model's input: features only
     assert list(frame.columns) == list(SPEC.features)
     records[1]["applicant_name"] = "Ada"
     with pytest.raises(InvalidRequest) as error:
-        validate_records(records, SPEC, max_records=10)
+        check_records(records, SPEC, max_records=10)
     assert [e["loc"] for e in error.value.errors] == [["body", "records", 1, "applicant_name"]]
     assert "trained on no such column" in error.value.errors[0]["msg"]
 
 
 def test_validation_limits_batch_size_and_rejects_empty():
     with pytest.raises(InvalidRequest) as error:
-        validate_records(_records(11), SPEC, max_records=10)
+        check_records(_records(11), SPEC, max_records=10)
     assert error.value.status_code == 413
     with pytest.raises(InvalidRequest) as error:
-        validate_records([], SPEC, max_records=10)
+        check_records([], SPEC, max_records=10)
     assert error.value.status_code == 422
+
+
+def test_endpoint_config_is_the_serving_knobs_with_their_defaults():
+    config = EndpointConfig()
+    platform = load_settings()
+    assert config.serving_settings("models:/m/1", "sqlite:///x.db") == ServingSettings(
+        model_uri="models:/m/1",
+        tracking_uri="sqlite:///x.db",
+        traffic_dir=str(platform.traffic_dir),
+        feedback_db=str(platform.feedback_db),
+    )
+    tuned = EndpointConfig(traffic_profiling=False, max_batch_size=8, traffic_window_s=2)
+    settings = tuned.serving_settings("models:/m/1", "sqlite:///x.db")
+    assert (settings.max_batch_size, settings.traffic_window_s) == (8, 2)
+    assert settings.traffic_dir is None and settings.feedback_db is None
+    # Every knob is in the Launchpad with the serving app's own default and description.
+    fields = EndpointConfig.to_config_schema().as_field().config_type.fields
+    for name, knob in ServingKnobs.model_fields.items():
+        assert (fields[name].default_value, fields[name].description) == (
+            knob.default,
+            knob.description,
+        )
 
 
 def test_serving_package_imports_no_dagster():
     code = (
-        "import sys, mlplatform.serving.app, mlplatform.serving.cluster, mlplatform.serving.model; "
+        "import sys, mlplatform.serving.app, mlplatform.serving.cluster, mlplatform.serving.model, "
+        "mlplatform.serving.routes, mlplatform.serving.settings; "
         "leaked = sorted(m for m in sys.modules if m.split('.')[0].startswith('dagster')); "
         "print(leaked); sys.exit(bool(leaked))"
     )
@@ -128,29 +162,10 @@ def endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_health_model_card_and_docs(endpoint):
-    url = endpoint["url"]
-    assert httpx.get(f"{url}/healthz").json() == {
-        "status": "ok",
-        "model_name": "mlplatform",
-        "model_version": "1",
-        "traffic": None,  # this test app is deployed without traffic profiling
-    }
-    card = httpx.get(f"{url}/model").json()
-    assert card["model_uri"] == "models:/mlplatform/1"  # the alias was pinned to its version
-    assert card["dagster_run_id"] == endpoint["dagster_run_id"]
-    assert card["mlflow_run_id"]
-    assert len(card["data_version"]) == 16
-    assert 0.5 < card["metrics"]["test_roc_auc"] <= 1
-    assert card["features"]["purpose"] == "categorical"
-    assert set(card["example_record"]) == set(card["features"])
-    model_card = httpx.get(f"{url}/model/card")
-    assert model_card.status_code == 200
-    assert model_card.headers["content-type"].startswith("text/markdown")
-    assert model_card.text.startswith("# Model card: mlplatform v1")
-    assert endpoint["dagster_run_id"] in model_card.text
-    openapi = httpx.get(f"{url}/openapi.json").json()
-    assert "records" in json.dumps(openapi["paths"]["/predict"])
-    assert httpx.get(f"{url}/docs").status_code == 200
+    """The same answers through Ray Serve's ingress as from the app itself (test_routes)."""
+    check_health_card_and_docs(
+        lambda path: httpx.get(f"{endpoint['url']}{path}"), endpoint["dagster_run_id"]
+    )
 
 
 def test_predictions_match_the_registered_model(endpoint):
@@ -181,25 +196,10 @@ def test_records_as_the_file_has_them_are_predicted_like_the_registered_model(en
     assert single["probabilities"][0] == pytest.approx(expected["probability"][0], abs=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "message"),
-    [
-        ({"records": [{"age": 30}]}, 422, "is required"),
-        ({"records": []}, 422, "at least one record"),
-        ({"rows": []}, 422, "body must be an object"),
-        ({"records": [], "debug": True}, 422, "unexpected field 'debug'"),
-        ({"records": "all"}, 422, "must be a list"),
-        (b"{not json", 400, "not valid JSON"),
-        (b"\xff\xfe", 400, "not valid JSON"),
-    ],
-)
+@pytest.mark.parametrize(("body", "status", "message"), BAD_BODIES)
 def test_bad_requests_get_4xx_with_a_reason(endpoint, body, status, message):
-    if isinstance(body, bytes):
-        response = httpx.post(
-            f"{endpoint['url']}/predict", content=body, headers={"content-type": "application/json"}
-        )
-    else:
-        response = httpx.post(f"{endpoint['url']}/predict", json=body)
+    """The same answers through Ray Serve's ingress as from the app itself (test_routes)."""
+    response = httpx.post(f"{endpoint['url']}/predict", **body_arguments(body))
     assert response.status_code == status
     assert message in json.dumps(response.json())
 

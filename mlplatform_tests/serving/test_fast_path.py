@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -17,19 +18,28 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from lightgbm import LGBMClassifier
 
 from mlplatform.demo.data import generate_loans
+from mlplatform.model.fast_path import TreeRecordsPredictor
+from mlplatform.model.pipeline import (
+    DatetimeExpander,
+    build_preprocessor,
+    coerce_features,
+    make_model_pipeline,
+    parse_datetime,
+)
 from mlplatform.model.spec import infer_feature_spec
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.serving import cluster
-from mlplatform.serving.app import ServingSettings
 from mlplatform.serving.ingress import (
     SERVE_ENVIRONMENT,
     fast_ingress_environment,
     loopback_haproxy,
 )
 from mlplatform.serving.recorder import TrafficRecorder
-from mlplatform.serving.validation import InvalidRequest, check_records, validate_records
+from mlplatform.serving.settings import ServingSettings
+from mlplatform.serving.validation import InvalidRequest, check_records
 from mlplatform_tests.support import free_port, train_champion
 
 SPEC = infer_feature_spec(generate_loans(300), "defaulted")
@@ -74,12 +84,83 @@ def test_datetime_check_agrees_with_the_models_parsing(value):
             check_records([record], SPEC, 10)
 
 
+# The same rule against moments written out by hand (UTC): what validation accepts, the model's
+# coercion and the fast scoring path read as that moment; what it refuses, they read as missing.
+READABLE_DATETIMES = {
+    "2025-06-01": datetime(2025, 6, 1, tzinfo=UTC),
+    "2025-06-01T10:00": datetime(2025, 6, 1, 10, tzinfo=UTC),
+    "2025-06-01 10:00:00": datetime(2025, 6, 1, 10, tzinfo=UTC),
+    "2025-06-01T10:00:00.123456": datetime(2025, 6, 1, 10, 0, 0, 123456, tzinfo=UTC),
+    "2025-06-01T10:00:00Z": datetime(2025, 6, 1, 10, tzinfo=UTC),
+    "2025-06-01T10:00:00+02:00": datetime(2025, 6, 1, 8, tzinfo=UTC),
+    "2025-06-01T10:00:00-0530": datetime(2025, 6, 1, 15, 30, tzinfo=UTC),
+    "2025-06-01 10:00 PM": datetime(2025, 6, 1, 22, tzinfo=UTC),
+    "June 1 2025": datetime(2025, 6, 1, tzinfo=UTC),
+    "Sun, 01 Jun 2025 10:00:00 GMT": datetime(2025, 6, 1, 10, tzinfo=UTC),
+    "2025/06/01": datetime(2025, 6, 1, tzinfo=UTC),
+    "1/2/2025": datetime(2025, 1, 2, tzinfo=UTC),  # month first
+    "20250601": datetime(2025, 6, 1, tzinfo=UTC),
+    "2025-06": datetime(2025, 6, 1, tzinfo=UTC),
+    "1677-12-31": datetime(1677, 12, 31, tzinfo=UTC),  # early in pandas' timestamp range
+    "2262-04-11": datetime(2262, 4, 11, tzinfo=UTC),  # its last whole day
+}
+UNREADABLE_DATETIMES = [
+    "2025-02-30",
+    "2025-13-01",
+    "2025-06-01T25:00:00",
+    "2025-06-01T10:00:00+25:00",
+    "1600-01-01",
+    "2262-04-12",
+    "yesterday",
+    "NaT",
+    "nan",
+    "1e9",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tree_pipeline():
+    """A fitted LightGBM pipeline on the demo loans, and its fast scoring path."""
+    frame = generate_loans(300)
+    pipeline = make_model_pipeline(
+        SPEC, build_preprocessor(SPEC, for_trees=True), LGBMClassifier(n_estimators=5, verbose=-1)
+    ).fit(frame, frame["defaulted"])
+    return pipeline, TreeRecordsPredictor.from_pipeline(pipeline, SPEC)
+
+
+@pytest.mark.parametrize("value", [*READABLE_DATETIMES, *UNREADABLE_DATETIMES])
+def test_datetime_rule_on_values_written_out_by_hand(value, tree_pipeline):
+    expected = READABLE_DATETIMES.get(value)
+    record = _records(1, seed=1)[0] | {"application_date": value}
+    assert parse_datetime(value) == expected
+    if expected is None:
+        with pytest.raises(InvalidRequest, match="ISO 8601"):
+            check_records([record], SPEC, 10)
+    else:
+        assert check_records([record], SPEC, 10) == [record]
+    coerced = coerce_features(pd.DataFrame([record]), SPEC)["application_date"].iloc[0]
+    assert pd.isna(coerced) if expected is None else coerced == expected
+    pipeline, fast_path = tree_pipeline
+    names = list(pipeline.named_steps["preprocess"].get_feature_names_out())
+    row = fast_path.matrix([record])[0]
+    parts = [row[names.index(f"datetime__application_date_{p}")] for p in DatetimeExpander.parts]
+    if expected is None:
+        assert np.isnan(parts).all()
+    else:
+        assert parts == [expected.month, expected.weekday(), expected.hour]
+
+
 def test_fast_and_slow_validation_give_the_same_frame():
     records = _records(200, seed=2)
     records[3]["income"] = None
     records[5]["application_date"] = "June 1 2025"  # forces the field-by-field path
-    slow = validate_records(records, SPEC, 1000)
-    fast = validate_records([r for i, r in enumerate(records) if i != 5], SPEC, 1000)
+    others = [r for i, r in enumerate(records) if i != 5]
+    assert check_records(records, SPEC, 1000) is records  # accepted, left as posted
+    assert check_records(others, SPEC, 1000) is others
+    # The model's input frame, as its pipeline reads the records.
+    slow = coerce_features(pd.DataFrame(records), SPEC)
+    fast = coerce_features(pd.DataFrame(others), SPEC)
     pd.testing.assert_frame_equal(fast, slow.drop(index=5).reset_index(drop=True))
 
 

@@ -15,6 +15,7 @@ import pytest
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.monitoring.profiles import load_traffic_profiles
 from mlplatform.serving.recorder import TrafficRecorder
+from mlplatform.serving.settings import TrafficKnobs
 from mlplatform_tests.support import T0, FakeClock, binary_result, inputs, sidecars, wait_for
 
 
@@ -30,7 +31,7 @@ def test_many_threads_lose_no_rows(recorded_loans, tmp_path):
         "3",
         spec,
         "replica-a",
-        max_queue=n_threads * per_thread,
+        TrafficKnobs(traffic_max_queue=n_threads * per_thread),
         feedback=store,
     )
     start = threading.Barrier(n_threads)
@@ -81,7 +82,9 @@ def test_record_never_blocks_on_a_stuck_writer(recorded_loans, tmp_path):
     store = FeedbackStore(tmp_path / "feedback.db")
     blocker = sqlite3.connect(store.path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holds the database: the writer waits
-    recorder = TrafficRecorder(tmp_path, "loans", "1", spec, "r", max_queue=10, feedback=store)
+    recorder = TrafficRecorder(
+        tmp_path, "loans", "1", spec, "r", TrafficKnobs(traffic_max_queue=10), feedback=store
+    )
     try:
         recorder.record("first", one, result)
         wait_for(lambda: recorder.stats().received_requests == 1)  # now stuck on the lock
@@ -101,6 +104,20 @@ def test_record_never_blocks_on_a_stuck_writer(recorded_loans, tmp_path):
     stats = recorder.stats()
     assert (stats.profiled_rows, stats.logged_rows, stats.errors) == (11, 11, 0)
     assert store.count() == 11
+
+
+def test_recorder_settings_are_the_serving_defaults_and_must_be_positive():
+    # The values every replica's recorder has run with: one default each, in the settings.
+    assert TrafficKnobs().model_dump() == {
+        "traffic_window_s": 60,
+        "traffic_max_queue": 10_000,
+        "traffic_linger_s": 5.0,
+        "traffic_batch_rows": 50_000,
+        "traffic_drain_interval_s": 0.25,
+    }
+    for field in ("traffic_window_s", "traffic_max_queue", "traffic_batch_rows"):
+        with pytest.raises(ValueError, match=field):
+            TrafficKnobs(**{field: 0})
 
 
 def test_record_checks_lengths_and_drops_after_close(recorded_loans, tmp_path):
