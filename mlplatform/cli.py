@@ -1,12 +1,14 @@
-"""Command line: ``python -m mlplatform run | stop | rollback | lineage``.
+"""Command line: ``python -m mlplatform run | stop | status | rollback | lineage | simulate``.
 
 ``run`` materializes the whole asset graph (``retrain_job``) on the Dagster instance in
 ``DAGSTER_HOME`` (default: under the platform home), so the run appears in the web UI, and prints
 the live endpoint with a request to paste. ``stop`` shuts the local Ray head and the endpoint
-down. ``rollback --to VERSION --reason TEXT`` runs ``rollback_job`` on the same instance: the
-``champion`` alias goes back to an earlier version, the decision is recorded, and the endpoint
-serves that version. ``lineage --version N`` traces a model version back to the exact ``raw_data``
-materialization it was trained on.
+down. ``status [--json]`` shows the champion, the version the endpoint serves and its traffic
+counters, the last drift verdict and the last decisions (exit code 1 when the endpoint does not
+serve the champion). ``rollback --to VERSION --reason TEXT`` runs ``rollback_job`` on the same
+instance: the ``champion`` alias goes back to an earlier version, the decision is recorded, and
+the endpoint serves that version. ``lineage --version N`` traces a model version back to the
+exact ``raw_data`` materialization it was trained on.
 """
 
 import argparse
@@ -240,6 +242,20 @@ def stop_endpoint() -> int:
     return 0
 
 
+def show_status(as_json: bool = False) -> int:
+    """Print the champion, what the endpoint serves, drift and decisions; 0 when in sync."""
+    from mlflow import MlflowClient
+
+    from mlplatform.status import collect_status
+
+    settings = load_settings()
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    with dagster_instance() as instance:
+        status = collect_status(instance, client, settings.model_name, settings.endpoint_url)
+    print(json.dumps(status.to_dict(), indent=2, default=str) if as_json else status.to_text())
+    return 0 if status.in_sync else 1
+
+
 def _version(value: str) -> str:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"a model version is a number, got {value!r}")
@@ -252,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="materialize the full asset graph, ending with a live endpoint")
     commands.add_parser("stop", help="stop the local Ray head and the endpoint")
+    status = commands.add_parser(
+        "status", help="the champion, what the endpoint serves, drift and the last decisions"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
     back = commands.add_parser(
         "rollback", help="point `champion` back at an earlier version and serve it"
     )
@@ -292,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_pipeline()
     if args.command == "rollback":
         return rollback(args.version, args.reason)
+    if args.command == "status":
+        return show_status(args.json)
     if args.command == "lineage":
         return show_lineage(args.model or load_settings().model_name, args.version, args.json)
     return stop_endpoint()

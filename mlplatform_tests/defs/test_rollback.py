@@ -173,3 +173,16 @@ def test_rollback_from_the_command_line_serves_the_earlier_version(platform, cap
     assert lineage["raw_data"]["run_id"] == platform.first_run_id
     assert lineage["data_version"] == card["data_version"]
     assert lineage["model_tags"]["promotion.decision"] == "rolled_back"
+
+
+def test_status_shows_the_champion_the_endpoint_serves_and_the_decisions(platform, capsys):
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    champion = _champion()
+    assert status["champion"] == champion == status["served_version"] == _served(platform.url)
+    assert status["in_sync"] is True and status["endpoint"]["status"] == "ok"
+    # Newest first: the latest decision is the one that made the current champion.
+    assert status["decisions"][0]["champion_version"] == champion
+    assert main(["status"]) == 0
+    text = capsys.readouterr().out
+    assert f"Champion:  v{champion}" in text and f"v{champion} at {platform.url} (in sync)" in text

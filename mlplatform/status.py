@@ -1,0 +1,154 @@
+"""What the platform is doing now: the champion, what the endpoint serves, drift and decisions.
+
+Gathered from the three places that know (the MLflow registry, the endpoint's ``/healthz`` and
+the Dagster instance), each asked on its own: one that does not answer is reported as such and
+never hides what the others say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import dagster as dg
+import httpx
+from mlflow import MlflowClient
+
+from mlplatform.model.registry import CHAMPION_ALIAS, RegistryUnavailable, version_by_alias
+
+_DRIFT_FIELDS = ("model_version", "summary", "should_retrain", "drifted_share", "rows", "window")
+_DECISION_FIELDS = ("decision", "decided_version", "champion_version", "reason")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlatformStatus:
+    """One look at the platform.
+
+    Attributes:
+        model_name: the registered model.
+        champion: the version the ``champion`` alias names (``None``: none yet).
+        registry_error: why the registry could not be read, if it could not.
+        endpoint_url: where the endpoint is expected.
+        endpoint: the endpoint's ``/healthz`` answer (served version, traffic counters).
+        endpoint_error: why the endpoint did not answer, if it did not.
+        last_drift: the latest drift verdict (from a sensor tick or a drift_report run).
+        decisions: the latest champion decisions, newest first.
+
+    """
+
+    model_name: str
+    champion: str | None
+    registry_error: str | None
+    endpoint_url: str
+    endpoint: dict[str, Any] | None
+    endpoint_error: str | None
+    last_drift: dict[str, Any] | None
+    decisions: list[dict[str, Any]]
+
+    @property
+    def served_version(self) -> str | None:
+        """The version the endpoint answers with, if it answers."""
+        return str(self.endpoint["model_version"]) if self.endpoint else None
+
+    @property
+    def in_sync(self) -> bool:
+        """Whether the endpoint serves exactly the registry's champion."""
+        return self.champion is not None and self.served_version == self.champion
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status as JSON-ready values (``status --json``)."""
+        return dataclasses.asdict(self) | {
+            "served_version": self.served_version,
+            "in_sync": self.in_sync,
+        }
+
+    def to_text(self) -> str:
+        """The status as a person reads it."""
+        champion = (
+            f"v{self.champion}"
+            if self.champion
+            else f"unknown ({self.registry_error})"
+            if self.registry_error
+            else "none yet (run `make run`)"
+        )
+        if self.endpoint is None:
+            serving = f"down at {self.endpoint_url} ({self.endpoint_error})"
+        else:
+            agreement = "in sync" if self.in_sync else "NOT the champion"
+            serving = f"v{self.served_version} at {self.endpoint_url} ({agreement})"
+        lines = [f"Model:     {self.model_name}", f"Champion:  {champion}", f"Endpoint:  {serving}"]
+        traffic = (self.endpoint or {}).get("traffic")
+        if traffic:
+            counters = ", ".join(f"{name} {value}" for name, value in traffic.items())
+            lines.append(f"Traffic:   {counters}")
+        if self.last_drift:
+            drift = self.last_drift
+            lines.append(f"Drift:     {drift.get('summary', '?')} ({drift.get('recorded_at')})")
+        else:
+            lines.append("Drift:     no verdict yet")
+        lines.append("Decisions:" if self.decisions else "Decisions: none yet")
+        lines += [
+            f"  {d['recorded_at']}  {d.get('decision')} v{d.get('decided_version')}: "
+            f"{d.get('reason')}"
+            for d in self.decisions
+        ]
+        return "\n".join(lines)
+
+
+def _metadata(record: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """Selected metadata values of an event record, with the time it was recorded."""
+    event = record.asset_materialization or record.asset_observation
+    metadata = event.metadata if event is not None else {}
+    values = {name: metadata[name].value for name in fields if name in metadata}
+    stamp = dt.datetime.fromtimestamp(record.timestamp, dt.UTC)
+    return values | {"recorded_at": stamp.isoformat(timespec="seconds")}
+
+
+def _last_drift(instance: dg.DagsterInstance) -> dict[str, Any] | None:
+    """The newest drift verdict: a drift_report run or a drift sensor tick, whichever is later."""
+    key = dg.AssetKey("drift_report")
+    candidates = [
+        *instance.fetch_materializations(key, limit=1).records,
+        *instance.fetch_observations(key, limit=1).records,
+    ]
+    if not candidates:
+        return None
+    return _metadata(max(candidates, key=lambda record: record.timestamp), _DRIFT_FIELDS)
+
+
+def collect_status(
+    instance: dg.DagsterInstance,
+    client: MlflowClient,
+    model_name: str,
+    endpoint_url: str,
+    decisions: int = 5,
+    timeout_s: float = 5.0,
+) -> PlatformStatus:
+    """Ask the registry, the endpoint and the Dagster instance what they know now."""
+    champion, registry_error = None, None
+    try:
+        version = version_by_alias(client, model_name, CHAMPION_ALIAS, attempts=1)
+        champion = str(version.version) if version is not None else None
+    except RegistryUnavailable as error:
+        registry_error = str(error)
+    endpoint, endpoint_error = None, None
+    try:
+        response = httpx.get(f"{endpoint_url}/healthz", timeout=timeout_s)
+        if response.status_code == 200:
+            endpoint = response.json()
+        else:
+            endpoint_error = f"/healthz answered HTTP {response.status_code}"
+    except httpx.HTTPError as error:
+        endpoint_error = f"no answer: {type(error).__name__}"
+    records = instance.fetch_materializations(dg.AssetKey("champion_model"), limit=decisions)
+    return PlatformStatus(
+        model_name=model_name,
+        champion=champion,
+        registry_error=registry_error,
+        endpoint_url=endpoint_url,
+        endpoint=endpoint,
+        endpoint_error=endpoint_error,
+        last_drift=_last_drift(instance),
+        decisions=[_metadata(record, _DECISION_FIELDS) for record in records.records],
+    )

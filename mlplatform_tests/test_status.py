@@ -1,0 +1,67 @@
+import dagster as dg
+from mlflow import MlflowClient
+
+from mlplatform.defs.evaluation import evaluation_report
+from mlplatform.defs.features import features
+from mlplatform.defs.ingest import raw_data
+from mlplatform.defs.registry import champion_model
+from mlplatform.defs.training import candidate_model
+from mlplatform.resources import DataSource, MlflowTracking
+from mlplatform.settings import load_settings
+from mlplatform.status import collect_status
+from mlplatform_tests.support import free_port
+
+
+def test_status_reports_each_source_on_its_own(instance, small_loans_csv):
+    result = dg.materialize(
+        [raw_data, features, candidate_model, evaluation_report, champion_model],
+        resources={
+            "data_source": DataSource(uri=str(small_loans_csv), target="defaulted"),
+            "mlflow_tracking": MlflowTracking(),
+        },
+        instance=instance,
+    )
+    assert result.success
+    uri = load_settings().tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing serves there
+
+    status = collect_status(instance, client, "mlplatform", down, timeout_s=2)
+
+    assert status.champion == "1" and status.registry_error is None
+    assert status.endpoint is None and status.endpoint_error == "no answer: ConnectError"
+    assert not status.in_sync and status.served_version is None
+    assert [(d["decision"], d["decided_version"]) for d in status.decisions] == [("promoted", "1")]
+    assert status.decisions[0]["reason"].startswith("test roc_auc")
+    assert status.last_drift is None
+    text = status.to_text()
+    assert "Champion:  v1" in text and f"Endpoint:  down at {down}" in text
+    assert "Drift:     no verdict yet" in text and "promoted v1: test roc_auc" in text
+    document = status.to_dict()
+    assert document["in_sync"] is False and document["champion"] == "1"
+
+    # A drift sensor tick records its verdict as an observation: the newest verdict is shown.
+    instance.report_runless_asset_event(
+        dg.AssetObservation(
+            "drift_report",
+            metadata={"summary": "2 of 9 columns drifted", "should_retrain": False, "rows": 500},
+        )
+    )
+    drift = collect_status(instance, client, "mlplatform", down, timeout_s=2).last_drift
+    assert drift["summary"] == "2 of 9 columns drifted" and drift["rows"] == 500
+    assert drift["should_retrain"] is False and drift["recorded_at"]
+
+
+def test_an_unreachable_registry_is_reported_not_read_as_no_champion(instance, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    registry = f"http://127.0.0.1:{free_port()}"
+    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    down = f"http://127.0.0.1:{free_port()}"
+
+    status = collect_status(instance, client, "mlplatform", down, timeout_s=2)
+
+    assert status.champion is None
+    assert "the model registry did not answer for mlplatform@champion" in status.registry_error
+    assert "Champion:  unknown (the model registry did not answer" in status.to_text()
+    assert status.decisions == [] and "Decisions: none yet" in status.to_text()
