@@ -23,7 +23,6 @@ from mlplatform.model.registry import (
 from mlplatform.model.spec import DataError
 from mlplatform.model.training import code_lineage
 from mlplatform.resources import MlflowTracking
-from mlplatform.tasks import strategies as tasks
 from mlplatform.tasks.metrics import Interval
 from mlplatform.tasks.slices import fairness_gaps
 
@@ -50,8 +49,7 @@ def evaluation_report(
     mlflow_tracking: MlflowTracking,
 ) -> Iterator[dg.Output[EvaluationReport] | dg.AssetCheckResult]:
     """Challenger vs champion on the test split: intervals, plots, slices, model card, gate."""
-    spec = features.spec
-    task, profile = spec.task, tasks.PROFILES[spec.task]
+    spec, strategy = features.spec, features.spec.strategy
     labels, inputs = features.labels("test"), features.inputs("test")
     challenger = load_tabular_model(candidate_model)
     scores = challenger.scores(inputs)
@@ -69,7 +67,8 @@ def evaluation_report(
             algorithm=champion_version.tags.get("algorithm", "unknown"),
         )
         serving_model = load_tabular_model(champion)
-        if serving_model.spec.task != task or serving_model.spec.classes != spec.classes:
+        # A champion of another task, or of other classes, cannot be compared on these labels.
+        if (serving_model.spec.task, serving_model.spec.classes) != (spec.task, spec.classes):
             note = (
                 f"champion v{champion.version} answers a different task "
                 f"({serving_model.spec.task}, classes {list(serving_model.spec.classes)})"
@@ -86,8 +85,7 @@ def evaluation_report(
 
     # Numeric sensitive features (age) are sliced in quartiles unless configured otherwise.
     sensitive_bins = {name: 4 for name in spec.sensitive if spec.features[name] == "numeric"}
-    slices = tasks.task_slices(
-        task,
+    slices = strategy.slices(
         inputs,
         labels,
         scores,
@@ -95,36 +93,30 @@ def evaluation_report(
         categorical=spec.columns_of("categorical") + spec.columns_of("boolean"),
         numeric_bins=sensitive_bins | config.slice_numeric_bins,
         min_rows=config.min_slice_rows,
+        min_positives=config.min_slice_positives,
     )
-    if task == "binary":
-        # A rate over a handful of positives is noise, not a fairness signal: such slices are
-        # only listed (and flagged in the card), like slices with few rows.
-        positives = slices["count"] * slices["positive_rate"]
-        slices["small"] = slices["small"] | (positives.round() < config.min_slice_positives)
-    fairness_metric = config.fairness_metric or profile.fairness_metric
+    fairness_metric = config.fairness_metric or strategy.fairness_metric
     gaps = fairness_gaps(slices, fairness_metric)
     compared = champion_scores is not None
     report = EvaluationReport(
         challenger=candidate_model,
-        challenger_metrics=tasks.task_metrics(task, labels, scores, threshold),
+        challenger_metrics=strategy.metrics(labels, scores, threshold),
         champion=champion,
-        champion_metrics=tasks.task_metrics(task, labels, champion_scores, champion_threshold)
+        champion_metrics=strategy.metrics(labels, champion_scores, champion_threshold)
         if compared
         else None,
         champion_note=note,
         test_rows=len(labels),
         threshold=threshold,
-        challenger_intervals=_intervals(
-            tasks.task_bootstrap(task, labels, scores, threshold, **boot)
-        ),
+        challenger_intervals=_intervals(strategy.bootstrap(labels, scores, threshold, **boot)),
         champion_intervals=_intervals(
-            tasks.task_bootstrap(task, labels, champion_scores, champion_threshold, **boot)
+            strategy.bootstrap(labels, champion_scores, champion_threshold, **boot)
         )
         if compared
         else None,
         difference=_intervals(
-            tasks.task_paired_difference(
-                task, labels, scores, champion_scores, threshold, champion_threshold, **boot
+            strategy.paired_difference(
+                labels, scores, champion_scores, threshold, champion_threshold, **boot
             )
         )
         if compared
@@ -132,10 +124,8 @@ def evaluation_report(
         fairness_gaps=gaps,
         fairness_metric=fairness_metric,
         sensitive_features=spec.sensitive,
-        absent_classes=tuple(map(str, tasks.absent_classes(labels, spec.classes)))
-        if spec.is_classification
-        else (),
-        task=task,
+        absent_classes=tuple(map(str, strategy.absent_classes(labels, spec.classes))),
+        task=spec.task,
     )
     report = dataclasses.replace(report, gate=decide_promotion(report, config))
 
@@ -143,13 +133,8 @@ def evaluation_report(
     curves = {f"challenger v{candidate_model.version}": scores}
     if compared and champion:
         curves[f"champion v{champion.version}"] = champion_scores
-    plots = tasks.task_plots(
-        task,
-        labels,
-        curves,
-        tasks.predicted_classes(task, scores, threshold) if spec.is_classification else None,
-        [str(label) for label in spec.classes],
-        importance,
+    plots = strategy.plots(
+        labels, curves, threshold, [str(label) for label in spec.classes], importance
     )
     lineage = {
         "dagster_run_id": context.run_id,
@@ -174,7 +159,7 @@ def evaluation_report(
             "challenger_version": candidate_model.version,
             "champion_version": champion.version if champion else "none",
             "test_rows": len(labels),
-            "task": task,
+            "task": spec.task,
             "threshold": round(threshold, 4) if threshold is not None else "n/a",
             **{f"test_{k}": round(v, 4) for k, v in report.challenger_metrics.items()},
             "metrics": dg.MetadataValue.md(metrics_table(report)),

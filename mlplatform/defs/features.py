@@ -58,9 +58,9 @@ def check_split(feature_set: FeatureSet) -> dg.AssetCheckResult:
         if len(labels) == 0:
             problems.append(f"{split} is empty")
         elif len(np.unique(labels)) < 2:
-            kind = "value" if spec.task == "regression" else "class"
-            problems.append(f"{split} has a single {kind}")
-    if spec.is_classification and not problems:
+            problems.append(f"{split} has a single {spec.strategy.target_kind}")
+    # Without classes (regression) no class can be absent: the notes are empty.
+    if not problems:
         missing = absent_classes_note(feature_set, "train")
         if missing:
             problems.append(missing.split(":")[0] + ": the model cannot learn them")
@@ -90,7 +90,7 @@ def check_leakage(feature_set: FeatureSet, exactness: float) -> dg.AssetCheckRes
     fits = single_feature_fit(feature_set)
     leaking = {name: fit for name, fit in fits.items() if fit >= exactness}
     best = max(fits.items(), key=lambda item: item[1], default=("none", 0.0))
-    measure = "accuracy" if feature_set.spec.is_classification else "fit"
+    measure = feature_set.spec.strategy.leakage_measure
     return dg.AssetCheckResult(
         check_name="no_target_leakage",
         passed=not leaking,
@@ -186,7 +186,7 @@ def features(
             "split": "chronological by " + spec.time_column
             if spec.time_column
             else f"random, seed {config.seed}"
-            + (", stratified by the target" if spec.is_classification else ""),
+            + (", stratified by the target" if spec.strategy.stratify else ""),
             "features": dg.MetadataValue.md(_spec_table(spec)),
             "data_version": feature_set.data_version,
         },

@@ -15,14 +15,11 @@ from mlplatform.model.training import (
     TrainingParams,
     code_lineage,
     example_record,
-    linear_algorithm_name,
     select_best,
     train_lightgbm,
     train_linear,
 )
 from mlplatform.resources import MlflowTracking
-from mlplatform.tasks import strategies as tasks
-from mlplatform.tasks.metrics import choose_threshold
 
 
 class TrainingConfig(TrainingParams, dg.Config):
@@ -42,8 +39,9 @@ def candidate_model(
     mlflow_tracking: MlflowTracking,
 ) -> dg.Output[ModelRef]:
     """The better of LightGBM and a scikit-learn baseline on validation, alias `challenger`."""
-    spec = features.spec
-    trial_metric = f"valid_{tuning.OBJECTIVES[spec.task].metric}"
+    spec, strategy = features.spec, features.spec.strategy
+    # The search optimises the task's own selection metric, whatever the config selects by.
+    trial_metric = f"valid_{strategy.selection_metric}"
 
     def log_trial(trial: tuning.TrialResult) -> None:
         """Each tuning trial is a nested MLflow run under this Dagster run's MLflow run."""
@@ -55,7 +53,7 @@ def candidate_model(
 
     pipelines = {
         "lightgbm": train_lightgbm(features, config, on_trial=log_trial),
-        linear_algorithm_name(features): train_linear(features, config),
+        strategy.linear_algorithm: train_linear(features, config),
     }
     labels = features.labels("valid")
     scores: dict[str, dict[str, float]] = {}
@@ -65,16 +63,13 @@ def candidate_model(
             pipeline, spec, example_record=example_record(features.inputs("train"))
         )
         valid_scores = model.scores(features.inputs("valid"))
-        if spec.task == "binary":
-            model.threshold = choose_threshold(labels, valid_scores)
-        scores[algorithm] = tasks.task_metrics(spec.task, labels, valid_scores, model.threshold)
+        model.threshold = strategy.choose_threshold(labels, valid_scores)
+        scores[algorithm] = strategy.metrics(labels, valid_scores, model.threshold)
         if model.threshold is not None:
             scores[algorithm]["threshold"] = model.threshold
         models[algorithm] = model
         context.log.info(f"{algorithm}: validation {scores[algorithm]}")
-    best = select_best(
-        scores, config.selection_metric or tasks.PROFILES[spec.task].selection_metric
-    )
+    best = select_best(scores, config.selection_metric or strategy.selection_metric)
     model = models[best]
     # The signature keeps the data's own dtypes: integer columns without gaps stay integers, as
     # clients send them; the pipeline's FrameCoercer converts to training dtypes either way.

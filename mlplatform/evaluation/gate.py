@@ -9,8 +9,8 @@ import dataclasses
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlplatform.model.registry import ModelRef
-from mlplatform.tasks import strategies as tasks
-from mlplatform.tasks.metrics import LOWER_IS_BETTER
+from mlplatform.tasks.base import Task
+from mlplatform.tasks.strategies import strategy_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ class EvaluationReport:
     sensitive_features: tuple[str, ...] = ()
     absent_classes: tuple[str, ...] = ()
     model_card: str = ""
-    task: tasks.Task = "binary"
+    task: Task = "binary"
 
 
 class GateParams(BaseModel):
@@ -106,14 +106,14 @@ def decide_promotion(report: EvaluationReport, config: GateParams) -> GateDecisi
     unless it is credibly worse than the champion by more than the tolerance. Without a paired
     interval (no comparable champion) only the floor and the fairness bound apply.
     """
-    profile = tasks.PROFILES[report.task]
-    metric = config.gate_metric or profile.gate_metric
+    strategy = strategy_for(report.task)
+    metric = config.gate_metric or strategy.gate_metric
     if metric not in report.challenger_metrics:
         known = sorted(report.challenger_metrics)
         raise ValueError(f"unknown gate metric '{metric}'; choose one of {known}")
-    lower_is_better = metric in LOWER_IS_BETTER
-    floor = profile.gate_floor if config.min_score is None else config.min_score
-    if config.gate_metric and config.min_score is None and metric != profile.gate_metric:
+    lower_is_better = metric in strategy.lower_is_better
+    floor = strategy.gate_floor if config.min_score is None else config.min_score
+    if config.gate_metric and config.min_score is None and metric != strategy.gate_metric:
         raise ValueError(f"set min_score for the gate metric '{metric}'")
     score = report.challenger_metrics[metric]
     champion_score = report.champion_metrics[metric] if report.champion_metrics else None

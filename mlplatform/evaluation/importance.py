@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.inspection import permutation_importance
 
-from mlplatform.tasks.metrics import as_labels
+from mlplatform.tasks.strategies import strategy_for
 
 ImportanceMethod = Literal["gain", "permutation"]
 """How :func:`feature_importance` measured: split gain of a tree model, or permutation."""
@@ -35,9 +35,6 @@ def _tree_output_widths(preprocess: Any, spec: Any) -> list[tuple[str, int]]:
             expands = parts is not None or kinds.get(column) == "datetime"
             widths.append((str(column), len(parts or _DATETIME_PARTS) if expands else 1))
     return widths
-
-
-_PERMUTATION_SCORING = {"binary": "roc_auc", "multiclass": "neg_log_loss", "regression": "r2"}
 
 
 def feature_importance(
@@ -84,12 +81,12 @@ def feature_importance(
         method: ImportanceMethod = "gain"
     else:
         inputs = frame[list(model.spec.features)]
-        task = getattr(model.spec, "task", "binary")
+        strategy = strategy_for(getattr(model.spec, "task", "binary"))
         result = permutation_importance(
             pipeline,
             inputs,
-            np.asarray(labels, dtype=float) if task == "regression" else as_labels(labels),
-            scoring=_PERMUTATION_SCORING[task],
+            strategy.scoring_targets(labels),
+            scoring=strategy.permutation_scoring,
             n_repeats=5,
             random_state=seed,
         )

@@ -5,7 +5,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from mlplatform.evaluation.card import render_model_card
@@ -50,45 +49,6 @@ def _time_range(feature_set: FeatureSet) -> str | None:
     return f"{stamps.min():%Y-%m-%d} to {stamps.max():%Y-%m-%d}"
 
 
-def _task_description(feature_set: FeatureSet, threshold: float | None) -> tuple[str, str]:
-    """``(task, intended use)`` sentences for the model card."""
-    spec = feature_set.spec
-    scope = "Not for populations or periods the training data does not cover."
-    if spec.task == "binary":
-        return (
-            f"binary classification of '{spec.target}' (positive class: {spec.positive_class})",
-            f"Scores the probability that '{spec.target}' is {spec.positive_class} for records "
-            f"shaped like the training data; predictions at the decision threshold "
-            f"{threshold:.3f}. {scope}",
-        )
-    if spec.task == "multiclass":
-        classes = ", ".join(map(str, spec.classes))
-        return (
-            f"multiclass classification of '{spec.target}' ({len(spec.classes)} classes: "
-            f"{classes})",
-            f"Gives the probability of each class of '{spec.target}' for records shaped like the "
-            f"training data; the prediction is the most probable class. {scope}",
-        )
-    return (
-        f"regression of '{spec.target}'",
-        f"Predicts the value of '{spec.target}' for records shaped like the training data. {scope}",
-    )
-
-
-def _target_summary(feature_set: FeatureSet) -> dict[str, float]:
-    """Class shares of the training labels, or the target's distribution for regression."""
-    spec, labels = feature_set.spec, feature_set.labels("train")
-    if spec.task == "regression":
-        return {
-            "mean": float(np.mean(labels)),
-            "std": float(np.std(labels)),
-            "min": float(np.min(labels)),
-            "max": float(np.max(labels)),
-        }
-    shares = np.bincount(labels, minlength=len(spec.classes)) / max(len(labels), 1)
-    return {str(label): float(share) for label, share in zip(spec.classes, shares, strict=True)}
-
-
 def build_model_card(
     report: EvaluationReport,
     feature_set: FeatureSet,
@@ -97,7 +57,7 @@ def build_model_card(
     lineage: dict[str, str],
 ) -> str:
     """The challenger's model card (Markdown): data, features, metrics, slices, lineage."""
-    spec = feature_set.spec
+    spec, strategy = feature_set.spec, feature_set.spec.strategy
     limitations = known_limitations(slices, report.fairness_gaps, config.fairness_flag)
     if report.absent_classes:
         limitations.append(
@@ -108,7 +68,7 @@ def build_model_card(
         limitations.append(
             "Evaluated on the most recent rows; accuracy on older or future periods may differ."
         )
-    task, intended_use = _task_description(feature_set, report.threshold)
+    task, intended_use = strategy.describe(spec.target, spec.classes, report.threshold)
     return render_model_card(
         {
             "model_name": report.challenger.name,
@@ -120,8 +80,8 @@ def build_model_card(
                 "data_version": feature_set.data_version,
                 "rows": len(feature_set.train),
                 "time_range": _time_range(feature_set),
-                "class_balance" if spec.is_classification else "target": _target_summary(
-                    feature_set
+                strategy.target_summary_name: strategy.target_summary(
+                    feature_set.labels("train"), spec.classes
                 ),
             },
             "features": dict(spec.features),

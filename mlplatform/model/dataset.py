@@ -67,7 +67,7 @@ def split_frame(
         train_end = round(n * (1 - n_holdout))
         valid_end = round(n * (1 - params.test_fraction))
         return ordered.iloc[:train_end], ordered.iloc[train_end:valid_end], ordered.iloc[valid_end:]
-    stratify = spec.is_classification
+    stratify = spec.strategy.stratify
     train, holdout = train_test_split(
         frame,
         test_size=n_holdout,
@@ -86,8 +86,7 @@ def split_frame(
 def absent_classes_note(feature_set: FeatureSet, split: str) -> str | None:
     """Why ``split`` has no rows of some classes, or ``None`` when it has them all."""
     spec = feature_set.spec
-    present = set(np.unique(feature_set.labels(split)).tolist())
-    absent = [label for k, label in enumerate(spec.classes) if k not in present]
+    absent = spec.strategy.absent_classes(feature_set.labels(split), spec.classes)
     if not absent:
         return None
     names = ", ".join(map(str, absent))
@@ -104,15 +103,8 @@ def absent_classes_note(feature_set: FeatureSet, split: str) -> str | None:
 
 def target_balance(feature_set: FeatureSet) -> dict[str, dict[str, float]]:
     """Per split: class shares (classification) or the target's mean and spread (regression)."""
-    spec, balance = feature_set.spec, {}
-    for split in SPLITS:
-        labels = feature_set.labels(split)
-        if spec.task == "regression":
-            balance[split] = {"mean": float(labels.mean()), "std": float(labels.std())}
-        else:
-            shares = np.bincount(labels, minlength=len(spec.classes)) / max(len(labels), 1)
-            balance[split] = {
-                str(label): round(float(share), 4)
-                for label, share in zip(spec.classes, shares, strict=True)
-            }
-    return balance
+    spec = feature_set.spec
+    return {
+        split: spec.strategy.target_balance(feature_set.labels(split), spec.classes)
+        for split in SPLITS
+    }

@@ -15,7 +15,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from mlplatform.tasks.strategies import TASKS, Task
+from mlplatform.tasks.base import DataError, Task, TaskStrategy
+from mlplatform.tasks.base import plain as plain  # serving and monitoring import it from here
+from mlplatform.tasks.strategies import TASKS, strategy_for
 
 FeatureKind = Literal["numeric", "categorical", "boolean", "datetime"]
 SLICEABLE_KINDS = ("categorical", "boolean", "numeric")
@@ -32,11 +34,6 @@ _IDENTIFIER_UNIQUE_SHARE = 0.5
 _IDENTIFIER_MIN_UNIQUE = 50
 _ID_NAME = re.compile(r"(^id$|_id$|^id_|uuid|guid|^key$|_key$)", re.IGNORECASE)
 BOOLEAN_STRINGS = {"true": True, "false": False}
-_POSITIVE_TOKENS = ("1", "true", "yes", "y", "positive", "pos")
-
-
-class DataError(ValueError):
-    """Raised when a dataset cannot be used for training, with a message saying why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +63,9 @@ class FeatureSpec:
     sensitive: tuple[str, ...] = ()
 
     @property
-    def positive_class(self) -> Any:
-        """The class whose probability a binary model reports."""
-        return self.classes[-1]
-
-    @property
-    def is_classification(self) -> bool:
-        """Whether the target is a class label (binary or multiclass) rather than a value."""
-        return self.task != "regression"
+    def strategy(self) -> TaskStrategy:
+        """The task's strategy: what the task's models learn, answer and are judged on."""
+        return strategy_for(self.task)
 
     @property
     def ignored_inputs(self) -> frozenset[str]:
@@ -140,13 +132,6 @@ def infer_feature_kind(name: str, column: pd.Series) -> tuple[FeatureKind | None
     return "categorical", f"{n_unique} categories"
 
 
-def _sorted_labels(labels: Sequence[Any]) -> list[Any]:
-    """Labels in a stable order: numerically when all are numbers, otherwise as text."""
-    if all(isinstance(label, int | float | np.integer | np.floating) for label in labels):
-        return sorted(labels)
-    return sorted(labels, key=str)
-
-
 def _whole_numbers(values: pd.Series) -> bool:
     numbers = values.to_numpy(dtype=float)
     return bool(np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers)))
@@ -209,24 +194,7 @@ def infer_classes(target: pd.Series, task: Task = "binary") -> tuple[Any, ...]:
         DataError: if the target does not suit the task (see :func:`infer_task`).
 
     """
-    task = infer_task(target, task)
-    if task == "regression":
-        return ()
-    counts = target.value_counts()
-    labels = list(counts.index)
-    if task == "multiclass":
-        return tuple(plain(label) for label in _sorted_labels(labels))
-    positive = next(
-        (label for label in labels if str(label).strip().lower() in _POSITIVE_TOKENS),
-        counts.idxmin(),
-    )
-    negative = next(label for label in labels if label != positive)
-    return (plain(negative), plain(positive))
-
-
-def plain(value: Any) -> Any:
-    """Numpy scalars -> Python scalars, so specs serialise to JSON cleanly."""
-    return value.item() if isinstance(value, np.generic) else value
+    return strategy_for(infer_task(target, task)).classes_of(target)
 
 
 def infer_feature_spec(

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 
 from mlplatform.model import tuning
@@ -76,7 +75,6 @@ def train_lightgbm(
     budget = tuning.TuningBudget(
         trials=params.tuning_trials, timeout_s=params.tuning_timeout_s, seed=params.seed
     )
-    task = spec.task
     best_params, _ = tuning.tune_lightgbm(
         train_matrix,
         feature_set.labels("train"),
@@ -86,10 +84,10 @@ def train_lightgbm(
         base_params,
         early_stopping_rounds=params.early_stopping_rounds,
         on_trial=on_trial,
-        task=task,
+        task=spec.task,
     )
     # One thread per prediction call: serving predicts small batches, where threads add overhead.
-    estimator = tuning.lightgbm_estimator(task, best_params | {"verbose": -1, "n_jobs": 1})
+    estimator = spec.strategy.lightgbm_estimator(best_params | {"verbose": -1, "n_jobs": 1})
     estimator.fit(train_matrix, feature_set.labels("train"))
     return make_model_pipeline(spec, preprocessor, estimator)
 
@@ -101,19 +99,9 @@ def train_linear(feature_set: FeatureSet, params: TrainingParams) -> Pipeline:
     for values.
     """
     spec = feature_set.spec
-    if spec.is_classification:
-        estimator: Any = LogisticRegression(
-            C=1.0 / params.linear_regularization, max_iter=2000, random_state=params.seed
-        )
-    else:
-        estimator = Ridge(alpha=params.linear_regularization)
+    estimator = spec.strategy.linear_estimator(params.linear_regularization, params.seed)
     pipeline = make_model_pipeline(spec, build_preprocessor(spec, for_trees=False), estimator)
     return pipeline.fit(feature_set.inputs("train"), feature_set.labels("train"))
-
-
-def linear_algorithm_name(feature_set: FeatureSet) -> str:
-    """The baseline's name in the registry tags: sklearn_logistic or sklearn_ridge."""
-    return "sklearn_logistic" if feature_set.spec.is_classification else "sklearn_ridge"
 
 
 def select_best(scores: dict[str, dict[str, float]], metric: str) -> str:

@@ -1,7 +1,7 @@
 """Bounded hyperparameter search for LightGBM with Optuna, scored on the validation split.
 
 The score is the task's selection metric: ROC AUC for binary classification, log loss for
-multiclass and RMSE for regression (see :data:`OBJECTIVES`).
+multiclass and RMSE for regression (see ``TaskStrategy.selection_metric`` and ``tuning_score``).
 
 The search is bounded twice (a number of trials and a wall-clock timeout) so it fits in a
 training run, and its first trial always evaluates the caller's base parameters, so the winner is
@@ -19,9 +19,9 @@ from typing import Any
 import lightgbm
 import numpy as np
 import optuna
-from sklearn.metrics import log_loss, mean_squared_error, roc_auc_score
 
-from mlplatform.tasks.strategies import Task
+from mlplatform.tasks.base import Task
+from mlplatform.tasks.strategies import strategy_for
 
 # Trials marked with this user attribute evaluate the base parameters unchanged.
 _BASELINE_ATTR = "baseline"
@@ -43,54 +43,6 @@ SEARCHED_PARAMS = (*_FLOAT_SPACE, *_INT_SPACE)
 
 # LightGBM's own default number of boosting rounds, the upper bound when none is given.
 _LIGHTGBM_DEFAULT_ROUNDS = 100
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What a task's search optimises.
-
-    Attributes:
-        metric: the platform's metric name (as in evaluation reports).
-        lightgbm_metric: LightGBM's name of the same metric, which decides early stopping.
-        maximize: whether larger is better.
-        score: ``score(labels, estimator, matrix, best_iteration) -> float``.
-
-    """
-
-    metric: str
-    lightgbm_metric: str
-    maximize: bool
-    score: Callable[[np.ndarray, Any, Any, int], float]
-
-
-def _roc_auc(labels: np.ndarray, estimator: Any, matrix: Any, iteration: int) -> float:
-    probability = estimator.predict_proba(matrix, num_iteration=iteration)[:, 1]
-    return float(roc_auc_score(labels, probability))
-
-
-def _log_loss(labels: np.ndarray, estimator: Any, matrix: Any, iteration: int) -> float:
-    probability = estimator.predict_proba(matrix, num_iteration=iteration)
-    return float(log_loss(labels, probability, labels=list(estimator.classes_)))
-
-
-def _rmse(labels: np.ndarray, estimator: Any, matrix: Any, iteration: int) -> float:
-    predicted = estimator.predict(matrix, num_iteration=iteration)
-    return float(np.sqrt(mean_squared_error(labels, predicted)))
-
-
-OBJECTIVES: dict[str, Objective] = {
-    "binary": Objective("roc_auc", "auc", True, _roc_auc),
-    "multiclass": Objective("log_loss", "multi_logloss", False, _log_loss),
-    "regression": Objective("rmse", "rmse", False, _rmse),
-}
-"""The search objective of each task."""
-
-
-def lightgbm_estimator(task: Task, params: dict[str, Any]) -> Any:
-    """An unfitted LightGBM estimator for the task (classifier or regressor)."""
-    if task == "regression":
-        return lightgbm.LGBMRegressor(**params)
-    return lightgbm.LGBMClassifier(**params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,14 +119,6 @@ def _suggest(trial: optuna.Trial, names: tuple[str, ...]) -> dict[str, Any]:
     return suggested
 
 
-def _check_labels(labels: np.ndarray, split: str, task: Task) -> None:
-    distinct = len(np.unique(labels))
-    if task == "binary" and distinct != 2:
-        raise ValueError(f"{split} labels must hold both classes for ROC AUC")
-    if distinct < 2:
-        raise ValueError(f"{split} labels must hold at least two distinct values")
-
-
 def tune_lightgbm(
     train_matrix: Any,
     train_labels: np.ndarray,
@@ -189,7 +133,7 @@ def tune_lightgbm(
     """Search LightGBM hyperparameters for the best validation score within a budget.
 
     Every trial fits the task's LightGBM estimator on the training matrix with early stopping on
-    the validation matrix, and is scored by the task's :data:`OBJECTIVES` metric. The first
+    the validation matrix, and is scored by the task's selection metric. The first
     trial fits ``base_params`` exactly as given; later trials
     replace learning_rate, num_leaves, min_child_samples, subsample (with ``subsample_freq=1``),
     colsample_bytree and reg_lambda with values from a TPE sampler seeded by ``budget.seed``.
@@ -225,9 +169,10 @@ def tune_lightgbm(
     if early_stopping_rounds < 1:
         raise ValueError(f"early_stopping_rounds must be at least 1, got {early_stopping_rounds}")
     train_labels, valid_labels = np.asarray(train_labels), np.asarray(valid_labels)
-    _check_labels(train_labels, "training", task)
-    _check_labels(valid_labels, "validation", task)
-    objective_spec = OBJECTIVES[task]
+    strategy = strategy_for(task)
+    strategy.check_tuning_labels(train_labels, "training")
+    strategy.check_tuning_labels(valid_labels, "validation")
+    maximize = strategy.selection_metric not in strategy.lower_is_better
     baseline = _baseline_values(base_params)
     results: dict[int, TrialResult] = {}
 
@@ -242,14 +187,14 @@ def tune_lightgbm(
         # One thread per fit: trials are small, and on few cores LightGBM's threads fight each
         # other (and the caller), making a trial many times slower. verbose=-1 only mutes
         # LightGBM's per-fit warnings; neither changes the parameters reported for the trial.
-        estimator = lightgbm_estimator(task, params | {"n_jobs": 1, "verbose": -1})
+        estimator = strategy.lightgbm_estimator(params | {"n_jobs": 1, "verbose": -1})
         started = time.perf_counter()
         estimator.fit(
             train_matrix,
             train_labels,
             eval_X=(valid_matrix,),
             eval_y=(valid_labels,),
-            eval_metric=objective_spec.lightgbm_metric,
+            eval_metric=strategy.lightgbm_metric,
             # The objective's metric is listed first, and only it decides stopping, so the kept
             # iteration is the one with the best validation score on that metric.
             callbacks=[
@@ -263,7 +208,7 @@ def tune_lightgbm(
         )
         # Scored as the candidate comparison scores models (scikit-learn's metric at the best
         # iteration), so the numbers agree across the platform.
-        valid_score = objective_spec.score(valid_labels, estimator, valid_matrix, best_iteration)
+        valid_score = strategy.tuning_score(valid_labels, estimator, valid_matrix, best_iteration)
         results[trial.number] = TrialResult(
             number=trial.number,
             params=dict(params),
@@ -287,7 +232,7 @@ def tune_lightgbm(
     # other users of Optuna in the process keep their setting.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        direction = "maximize" if objective_spec.maximize else "minimize"
+        direction = "maximize" if maximize else "minimize"
         study = optuna.create_study(direction=direction, sampler=sampler)
         study.enqueue_trial(baseline, user_attrs={_BASELINE_ATTR: True})
         study.optimize(
@@ -298,6 +243,6 @@ def tune_lightgbm(
 
     ordered = [results[number] for number in sorted(results)]
     # max()/min() keep the first of equal scores, so a tie never displaces the base parameters.
-    pick = max if objective_spec.maximize else min
+    pick = max if maximize else min
     best = pick(ordered, key=lambda result: result.valid_score)
     return best.params | {"n_estimators": best.best_iteration}, ordered

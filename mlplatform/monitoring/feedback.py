@@ -17,13 +17,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from mlplatform.model.spec import plain
 from mlplatform.monitoring.profiles import as_utc
-from mlplatform.tasks.strategies import Task
+from mlplatform.tasks.base import Task
+from mlplatform.tasks.strategies import strategy_for
 
 # --- the prediction log and feedback -------------------------------------------------------------
 
@@ -254,18 +253,6 @@ class FeedbackStore:
             return int(connection.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
 
 
-def _binary_positive(labels: np.ndarray, predictions: np.ndarray, positive_class: Any) -> Any:
-    if positive_class is not None:
-        return positive_class
-    values = set(labels.tolist()) | set(predictions.tolist())
-    if values <= {0, 1}:  # also 0.0/1.0 and False/True, which hash and compare equal
-        return 1
-    raise ValueError(
-        f"binary labels are not 0/1 ({sorted(map(str, values))[:5]}); "
-        "pass positive_class (the model spec's positive class)"
-    )
-
-
 def live_performance(
     frame: pd.DataFrame,
     task: Task,
@@ -273,7 +260,8 @@ def live_performance(
 ) -> dict[str, float | int]:
     """Performance of the served model on labelled traffic (a :meth:`FeedbackStore.labelled` frame).
 
-    Labels and predictions are compared as given (``1 == 1.0``, ``"1" != 1``).
+    Labels and predictions are compared as given (``1 == 1.0``, ``"1" != 1``); the metrics are
+    the task's own (``TaskStrategy.live_metrics``).
 
     Args:
         frame: columns ``prediction``, ``label`` and, for ``roc_auc``, ``score``.
@@ -290,34 +278,8 @@ def live_performance(
             not 0/1 without ``positive_class``.
 
     """
-    if task not in ("binary", "multiclass", "regression"):
-        raise ValueError(f"task must be binary, multiclass or regression, got {task!r}")
+    strategy = strategy_for(task)
     rows = len(frame)
     if rows == 0:
         return {"rows": 0}
-    labels = frame["label"].to_numpy(dtype=object)
-    predictions = frame["prediction"].to_numpy(dtype=object)
-    if task == "regression":
-        try:
-            errors = predictions.astype(float) - labels.astype(float)
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"regression labels and predictions must be numbers: {error}"
-            ) from None
-        return {
-            "rows": rows,
-            "mae": float(np.mean(np.abs(errors))),
-            "rmse": float(np.sqrt(np.mean(errors**2))),
-        }
-    metrics: dict[str, float | int] = {
-        "rows": rows,
-        "accuracy": float(np.mean(predictions == labels)),
-    }
-    if task == "binary":
-        positive = _binary_positive(labels, predictions, positive_class)
-        scores = frame["score"].to_numpy(dtype=float)
-        known = ~np.isnan(scores)
-        truth = (labels == positive)[known].astype(int)
-        if len(np.unique(truth)) == 2:
-            metrics["roc_auc"] = float(roc_auc_score(truth, scores[known]))
-    return metrics
+    return {"rows": rows} | strategy.live_metrics(frame, positive_class)

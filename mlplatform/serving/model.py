@@ -12,7 +12,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from mlplatform.model.fast_path import TreeRecordsPredictor
-from mlplatform.model.pyfunc import PROBABILITY_PREFIX, TabularModel
+from mlplatform.model.pyfunc import TabularModel
 from mlplatform.model.registry import MODEL_CARD_ARTIFACT, resolve_model_version
 from mlplatform.model.spec import FeatureSpec
 
@@ -58,17 +58,7 @@ class ServedModel:
         Binary: the positive-class probability per record; multiclass: ``{class: probability}``
         per record; regression: no probabilities (``None``).
         """
-        predictions = result["prediction"].tolist()
-        if self.spec.task == "binary":
-            return {"predictions": predictions, "probabilities": result["probability"].tolist()}
-        if self.spec.task == "multiclass":
-            columns = [f"{PROBABILITY_PREFIX}{label}" for label in self.spec.classes]
-            names = [str(label) for label in self.spec.classes]
-            probabilities = [
-                dict(zip(names, row, strict=True)) for row in result[columns].to_numpy().tolist()
-            ]
-            return {"predictions": predictions, "probabilities": probabilities}
-        return {"predictions": predictions, "probabilities": None}
+        return self.spec.strategy.response_fields(result, self.spec.classes)
 
     def predict(self, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         """Predictions (and probabilities for classifiers) for validated records, row for row.

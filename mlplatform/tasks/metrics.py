@@ -70,6 +70,12 @@ def has_both_classes(labels: np.ndarray) -> bool:
     return bool(labels.size) and 0 < int(labels.sum()) < labels.size
 
 
+def roc_auc(labels: np.ndarray, probability: np.ndarray) -> float:
+    """ROC AUC of positive-class probabilities; NaN when the labels hold a single class."""
+    y, p = as_labels(labels), as_probability(probability)
+    return float(roc_auc_score(y, p)) if has_both_classes(y) else math.nan
+
+
 def classification_metrics(
     labels: np.ndarray, probability: np.ndarray, threshold: float
 ) -> dict[str, float]:
@@ -92,7 +98,7 @@ def classification_metrics(
     both = has_both_classes(y)
     clipped = np.clip(p, PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
     return {
-        "roc_auc": float(roc_auc_score(y, p)) if both else math.nan,
+        "roc_auc": roc_auc(y, p),
         "pr_auc": float(average_precision_score(y, p)) if both else math.nan,
         "log_loss": float(log_loss(y, clipped, labels=[0, 1])),
         "brier": float(brier_score_loss(y, p, pos_label=1)),

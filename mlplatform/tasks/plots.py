@@ -204,3 +204,30 @@ def plot_feature_importance(importance: pd.Series, top: int = 20) -> bytes:
     title = f"Feature importance ({importance.name})" if importance.name else "Feature importance"
     axes.set(xlabel="Importance", title=title)
     return png(figure)
+
+
+def plot_predicted_vs_actual(values: np.ndarray, curves: Mapping[str, np.ndarray]) -> bytes:
+    """Scatter of predicted against true values per model, with the identity line (PNG)."""
+    y = np.asarray(values, dtype=float)
+    figure = new_figure()
+    axes = figure.add_subplot()
+    low, high = float(np.min(y)), float(np.max(y))
+    axes.plot([low, high], [low, high], linestyle="--", color="grey", linewidth=1, label="ideal")
+    for name, predicted in curves.items():
+        axes.scatter(y, np.asarray(predicted, dtype=float), s=6, alpha=0.5, label=name)
+    axes.set(xlabel="Actual", ylabel="Predicted", title="Predicted vs actual")
+    axes.legend(loc="upper left", fontsize="small")
+    return png(figure)
+
+
+def plot_residuals(values: np.ndarray, curves: Mapping[str, np.ndarray], bins: int = 40) -> bytes:
+    """Histogram of residuals (predicted - actual) per model (PNG)."""
+    y = np.asarray(values, dtype=float)
+    figure = new_figure()
+    axes = figure.add_subplot()
+    for name, predicted in curves.items():
+        axes.hist(np.asarray(predicted, dtype=float) - y, bins=bins, alpha=0.5, label=name)
+    axes.axvline(0, linestyle="--", color="grey", linewidth=1)
+    axes.set(xlabel="Residual (predicted - actual)", ylabel="Rows", title="Residuals")
+    axes.legend(loc="upper right", fontsize="small")
+    return png(figure)

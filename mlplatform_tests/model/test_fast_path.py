@@ -12,7 +12,6 @@ from mlplatform.model.fast_path import TreeRecordsPredictor
 from mlplatform.model.pipeline import build_preprocessor, make_model_pipeline
 from mlplatform.model.pyfunc import TabularModel, encode_target
 from mlplatform.model.spec import infer_feature_spec
-from mlplatform.model.tuning import lightgbm_estimator
 
 
 def _loans_for(task: str) -> tuple[pd.DataFrame, str]:
@@ -56,7 +55,7 @@ def test_tree_fast_path_scores_exactly_as_the_pipeline(task):
     pipeline = make_model_pipeline(
         spec,
         build_preprocessor(spec, for_trees=True),
-        lightgbm_estimator(task, {"n_estimators": 30, "verbose": -1, "n_jobs": 1}),
+        spec.strategy.lightgbm_estimator({"n_estimators": 30, "verbose": -1, "n_jobs": 1}),
     )
     pipeline.fit(inputs, encode_target(frame[target], spec))
     model = TabularModel(pipeline, spec)
