@@ -12,6 +12,7 @@ from pydantic import Field
 from mlplatform.model.dataset import HOLDOUT_SHARE
 from mlplatform.model.spec import DataError, infer_task
 from mlplatform.resources import DataSource
+from mlplatform.tasks.strategies import strategy_for
 
 RAW_DATA_CHECKS = ("schema", "no_empty_columns", "target_is_usable", "enough_rows")
 
@@ -114,7 +115,7 @@ def check_target_is_usable(
         problems.append(str(error))
     counts = labels.value_counts()
     metadata: dict = {"task": resolved or "none"}
-    if resolved == "regression":
+    if resolved is not None and not strategy_for(resolved).has_classes:
         metadata["target_summary"] = dg.MetadataValue.json(
             {k: float(v) for k, v in labels.describe().items()}
         )
@@ -149,7 +150,7 @@ def check_enough_rows(
     except DataError:
         resolved = None  # target_is_usable says why
     rows = len(frame)
-    if resolved in ("binary", "multiclass"):
+    if resolved is not None and strategy_for(resolved).has_classes:
         needed = math.ceil(min_eval_class_rows / HOLDOUT_SHARE)
         counts = frame[target].value_counts()
         short = counts[counts < needed]

@@ -41,6 +41,7 @@ from mlplatform.monitoring.rules import (
 )
 from mlplatform.resources import MlflowTracking
 from mlplatform.settings import PlatformSettings, load_settings
+from mlplatform.tasks.strategies import strategy_for
 
 RETRAIN_JOB_NAME = "retrain_job"
 
@@ -123,8 +124,9 @@ def assess_traffic(
     )
     performance = None
     if not labelled.empty:
-        positive = description["classes"][-1] if description["task"] == "binary" else None
-        performance = live_performance(labelled, description["task"], positive_class=positive)
+        strategy = strategy_for(description["task"])
+        positive = strategy.positive_class(description["classes"])
+        performance = live_performance(labelled, strategy.name, positive_class=positive)
     return TrafficAssessment(
         evidence=DriftEvidence(
             model_version=version,

@@ -67,7 +67,7 @@ def split_frame(
         train_end = round(n * (1 - n_holdout))
         valid_end = round(n * (1 - params.test_fraction))
         return ordered.iloc[:train_end], ordered.iloc[train_end:valid_end], ordered.iloc[valid_end:]
-    stratify = spec.strategy.stratify
+    stratify = spec.strategy.has_classes
     train, holdout = train_test_split(
         frame,
         test_size=n_holdout,

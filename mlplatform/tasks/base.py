@@ -71,7 +71,8 @@ class TaskStrategy(abc.ABC):
         permutation_scoring: scikit-learn's scorer for permutation importance.
         lightgbm_metric: LightGBM's name of the selection metric (it decides early stopping).
         linear_algorithm: the linear baseline's name in the registry tags.
-        stratify: whether random splits are stratified by the target.
+        has_classes: whether the target is class labels: random splits are stratified by it and
+            the data checks count rows per class.
         target_kind: what one distinct target value is called in messages.
         leakage_measure: what :meth:`rule_fit` measures, in messages.
         target_summary_name: the model card's name of :meth:`target_summary`.
@@ -88,13 +89,17 @@ class TaskStrategy(abc.ABC):
     permutation_scoring: ClassVar[str]
     lightgbm_metric: ClassVar[str]
     linear_algorithm: ClassVar[str]
-    stratify: ClassVar[bool]
+    has_classes: ClassVar[bool]
     target_kind: ClassVar[str]
     leakage_measure: ClassVar[str]
     target_summary_name: ClassVar[str]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+    def positive_class(self, classes: Sequence[Any]) -> Any:
+        """The class a score is the probability of; ``None`` when scores are not one class's."""
+        return None
 
     @property
     def lower_is_better(self) -> frozenset[str]:

@@ -61,9 +61,13 @@ class BinaryTask(ClassificationTask):
         negative = next(label for label in labels if label != positive)
         return (plain(negative), plain(positive))
 
+    def positive_class(self, classes: Sequence[Any]) -> Any:
+        """The last of ``classes``: the scores are its probability."""
+        return classes[-1]
+
     def encode_target(self, target: pd.Series, classes: Sequence[Any]) -> np.ndarray:
         """1 for the positive class (the last of ``classes``), 0 for anything else."""
-        return (target == classes[-1]).astype(int).to_numpy()
+        return (target == self.positive_class(classes)).astype(int).to_numpy()
 
     def describe(
         self, target: str, classes: Sequence[Any], threshold: float | None

@@ -43,7 +43,7 @@ class ClassificationTask(TaskStrategy):
     """A target of class labels: classifiers, stratified splits, class shares, accuracy."""
 
     linear_algorithm = "sklearn_logistic"
-    stratify = True
+    has_classes = True
     target_kind = "class"
     leakage_measure = "accuracy"
     target_summary_name = "class_balance"

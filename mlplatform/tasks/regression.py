@@ -67,7 +67,7 @@ class RegressionTask(ResampledIntervals):
     permutation_scoring = "r2"
     lightgbm_metric = "rmse"
     linear_algorithm = "sklearn_ridge"
-    stratify = False
+    has_classes = False
     target_kind = "value"
     leakage_measure = "fit"
     target_summary_name = "target"

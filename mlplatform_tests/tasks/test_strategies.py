@@ -215,7 +215,7 @@ def test_each_task_has_its_own_defaults():
             s.permutation_scoring,
             s.lightgbm_metric,
             s.linear_algorithm,
-            s.stratify,
+            s.has_classes,
             sorted(s.lower_is_better),
         )
         for name, s in TASKS.items()
@@ -639,3 +639,9 @@ def test_regression_end_to_end_with_a_champion_to_beat(task_resources, instance)
     gate = _report(second)["gate"]
     assert gate["metric"] == "r2" and gate["champion_score"] is not None
     assert "paired interval" in gate["reason"]
+
+
+def test_only_binary_scores_are_one_class_probability():
+    assert TASKS["binary"].positive_class(("no", "yes")) == "yes"
+    assert TASKS["multiclass"].positive_class(("a", "b", "c")) is None
+    assert TASKS["regression"].positive_class(()) is None
