@@ -186,7 +186,7 @@ def features(
             "split": "chronological by " + spec.time_column
             if spec.time_column
             else f"random, seed {config.seed}"
-            + (", stratified by the target" if spec.strategy.stratify else ""),
+            + (", stratified by the target" if spec.strategy.has_classes else ""),
             "features": dg.MetadataValue.md(_spec_table(spec)),
             "data_version": feature_set.data_version,
         },
