@@ -14,10 +14,11 @@ restarts it (``max_restarts``), and the replica recreates it if Ray gives up; me
 are answered as ever, wait in the replica (up to ``traffic_max_queue``) and ``/healthz`` reports
 the recorder down.
 
-Nothing answered goes uncounted. Every hand-over is numbered; the process reports which ones its
-recorder has finished with (:class:`ProcessStats`) and how many of their records it could not
-log. Hand-overs a process took with it when it died are looked up in the prediction log (a
-request is logged whole or not at all), so that for every replica::
+Nothing answered goes uncounted, and little is lost. Every hand-over is numbered and kept by the
+replica until the process reports that its recorder has finished with it (:class:`ProcessStats`,
+with how many of its records could not be logged). The hand-overs a process took with it when it
+died are sent again to its successor, which skips the requests already in the prediction log (a
+request is logged whole or not at all). So for every replica::
 
     answered rows = logged rows + dropped rows + unsettled rows (on their way, 0 once idle)
 
@@ -135,7 +136,7 @@ class _Ledger:
     def _settle(self, items: SettledItems, logged: bool) -> None:
         with self._lock:
             for tag, requests, rows in items:
-                entry = self._open.get(tag)  # type: ignore[arg-type]
+                entry = self._open.get(tag)
                 if entry is None:
                     continue
                 entry[0] -= 1
@@ -168,20 +169,32 @@ class RecorderProcess:
         os.nice(niceness)
         self.incarnation = uuid.uuid4().hex
         self.ledger = _Ledger()
-        feedback = FeedbackStore(Path(feedback_db)) if feedback_db else None
+        self.feedback = FeedbackStore(Path(feedback_db)) if feedback_db else None
         self.recorder = TrafficRecorder(
-            **recorder_args, feedback=feedback, on_settled=self.ledger.settle
+            **recorder_args, feedback=self.feedback, on_settled=self.ledger.settle
         )
 
-    def record_many(self, handover: int, requests: list[tuple[Any, Any, pd.DataFrame]]) -> None:
+    def record_many(
+        self, handover: int, requests: list[tuple[Any, Any, pd.DataFrame]], resent: bool = False
+    ) -> None:
         """:meth:`TrafficRecorder.record` each ``(request_id, records, result)`` of a hand-over.
 
         ``records`` as bytes are a validated ``/predict`` body (parsed here, off serving). A
         request that cannot be recorded is logged and counted as dropped.
+
+        Args:
+            handover: the replica's number for this hand-over.
+            requests: what it holds.
+            resent: sent before to a process that died: requests already in the prediction log
+                are skipped (they were recorded).
+
         """
         self.ledger.start(handover)
         try:
+            logged = self._already_logged(requests) if resent else set()
             for request_id, records, result in requests:
+                if (request_id if isinstance(request_id, str) else request_id[0]) in logged:
+                    continue
                 self.ledger.expect(handover)
                 try:
                     rows = from_json(records)["records"] if isinstance(records, bytes) else records
@@ -194,6 +207,17 @@ class RecorderProcess:
                     self.ledger.refused(handover, requests_count, len(result))
         finally:
             self.ledger.finish(handover)
+
+    def _already_logged(self, requests: list[tuple[Any, Any, pd.DataFrame]]) -> set[str]:
+        """Requests of a resent hand-over that are in the prediction log (logged whole)."""
+        if self.feedback is None:
+            return set()
+        ids = [rid if isinstance(rid, str) else rid[0] for rid, _, _ in requests]
+        try:
+            return self.feedback.logged_requests(ids)
+        except Exception:  # then they are recorded again: the log ignores duplicates
+            logger.exception("traffic recorder: the prediction log could not be read")
+            return set()
 
     def stats(self, boundary: int | None = None) -> ProcessStats:
         """The recorder's counters and how far the hand-overs are settled.
@@ -252,8 +276,16 @@ class _HandOver:
     """What the replica sent in one call, kept until the recorder reports it settled."""
 
     number: int
-    requests: list[tuple[str, int]]  # (request id, records)
+    payload: list[tuple[Any, Any, pd.DataFrame]]  # (request id(s), records, result)
     rows: int
+
+    def requests(self) -> list[tuple[str, int]]:
+        """``(request id, records)`` of every request in it."""
+        return [
+            each
+            for request_id, _, result in self.payload
+            for each in _requests_of(request_id, result)
+        ]
 
 
 def _requests_of(request_id: str | list[str], result: pd.DataFrame) -> list[tuple[str, int]]:
@@ -342,6 +374,7 @@ class TrafficSink:
         self._pending: list[tuple[Any, Any, pd.DataFrame]] = []
         self._pending_rows = 0
         self._unsettled: collections.deque[_HandOver] = collections.deque()
+        self._to_resend: collections.deque[_HandOver] = collections.deque()
         self._unsettled_rows = 0
         self._next_handover = 0
         self._answered_requests = 0
@@ -456,35 +489,39 @@ class TrafficSink:
     def _flush(self) -> None:
         """Hand everything waiting over in one actor call (dropped if the process lags).
 
-        While the process is down, requests keep waiting here (up to ``traffic_max_queue``).
+        Hand-overs a dead process took with it go first, again. While the process is down,
+        requests keep waiting here (up to ``traffic_max_queue``).
         """
         if self._down_reason is not None:
             return
+        while self._to_resend:
+            if not self._hand_over(self._to_resend[0].payload, resent=True):
+                return  # the process lags: again on the next round
+            with self._lock:
+                self._unsettled_rows -= self._to_resend.popleft().rows
         with self._lock:
             requests, self._pending = self._pending, []
             rows, self._pending_rows = self._pending_rows, 0
-        if not requests:
-            return
-        handover = _HandOver(
-            self._next_handover,
-            [
-                each
-                for request_id, _, result in requests
-                for each in _requests_of(request_id, result)
-            ],
-            rows,
-        )
-        try:
-            self._process.record_many.remote(handover.number, requests)
-        except PendingCallsLimitExceeded:
+        if requests and not self._hand_over(requests, resent=False):
             with self._lock:
-                self._dropped_requests += len(handover.requests)
+                self._dropped_requests += sum(
+                    1 if isinstance(request_id, str) else len(request_id)
+                    for request_id, _, _ in requests
+                )
                 self._dropped_rows += rows
-            return
+
+    def _hand_over(self, payload: list[tuple[Any, Any, pd.DataFrame]], resent: bool) -> bool:
+        """One actor call; whether it was made (not if the process has too many waiting)."""
+        handover = _HandOver(self._next_handover, payload, sum(len(r) for _, _, r in payload))
+        try:
+            self._process.record_many.remote(handover.number, payload, resent)
+        except PendingCallsLimitExceeded:
+            return False
         self._next_handover += 1
         with self._lock:
             self._unsettled.append(handover)
-            self._unsettled_rows += rows
+            self._unsettled_rows += handover.rows
+        return True
 
     def _check_process(self) -> None:
         """Ask the process how far it got (one question at a time); act on its answer."""
@@ -533,30 +570,24 @@ class TrafficSink:
             self._current = answer
             self._down_reason = None
             first = answer.first_handover
-            abandoned = []
             while self._unsettled and first is not None:
                 handover = self._unsettled[0]
                 if handover.number >= first and handover.number > answer.settled_through:
                     break
                 self._unsettled.popleft()
-                if handover.number < first:
-                    abandoned.append(handover)
+                if handover.number < first:  # went to a previous process: send it again
+                    self._to_resend.append(handover)
                 else:
                     self._unsettled_rows -= handover.rows
-        if abandoned:
-            self._settle_lost(abandoned)
 
     def _settle_lost(self, handovers: list[_HandOver]) -> None:
-        """Count the requests of hand-overs a dead process took with it that are not logged."""
-        requests = [each for handover in handovers for each in handover.requests]
+        """Count the requests of hand-overs no process will record that are not logged."""
+        requests = [each for handover in handovers for each in handover.requests()]
         try:
             logged = self._logged({request_id for request_id, _ in requests})
-        except Exception:
-            # The prediction log cannot tell now: keep them, and ask again on the next answer.
+        except Exception:  # the log cannot tell: none of them is known to be logged
             logger.exception("traffic sink: the prediction log could not be read")
-            with self._lock:
-                self._unsettled.extendleft(reversed(handovers))
-            return
+            logged = set()
         lost = [(request_id, rows) for request_id, rows in requests if request_id not in logged]
         with self._lock:
             self._unsettled_rows -= sum(handover.rows for handover in handovers)
@@ -579,8 +610,9 @@ class TrafficSink:
     def _settle_abandoned(self) -> None:
         """After the process stopped: whatever is still unsettled or waiting is settled now."""
         with self._lock:
-            handovers = list(self._unsettled)
+            handovers = [*self._to_resend, *self._unsettled]
             self._unsettled.clear()
+            self._to_resend.clear()
             if self._current is not None:  # final, as the process is gone
                 self._dropped_requests += self._current.settled_dropped_requests
                 self._dropped_rows += self._current.settled_dropped_rows
