@@ -5,7 +5,6 @@ Real Ray Serve over HTTP, a real actor killed as if it crashed (Ray restarts it)
 (the replica starts a new one), real SQLite.
 """
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -14,8 +13,6 @@ import httpx
 import pytest
 import ray
 
-from mlplatform.demo.data import generate_loans
-from mlplatform.model.spec import infer_feature_spec
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.monitoring.profiles import (
     list_traffic_windows,
@@ -25,15 +22,9 @@ from mlplatform.monitoring.profiles import (
 from mlplatform.serving import cluster
 from mlplatform.serving.recording import RECORDER_NAMESPACE, recorder_name
 from mlplatform.serving.settings import ServingSettings
-from mlplatform_tests.support import train_champion, wait_for
+from mlplatform_tests.support import loan_records, train_champion, wait_for
 
-SPEC = infer_feature_spec(generate_loans(300), "defaulted")
 PREFIX = "/faults"
-
-
-def _records(n: int, seed: int) -> list[dict]:
-    frame = generate_loans(n, seed=seed)[list(SPEC.features)].astype(object)
-    return json.loads(frame.where(frame.notna(), None).to_json(orient="records"))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,7 @@ class _Traffic:
 
     def __init__(self, url: str):
         self.url = url
-        self.records = _records(200, seed=3)
+        self.records = loan_records(200, seed=3)
         self.answers: list[tuple[int, int]] = []  # (HTTP status, records)
         self.health: list[tuple[float, int, str | None]] = []  # (when, HTTP status, recorder)
         self.stop = threading.Event()
