@@ -55,7 +55,7 @@ from mlplatform.serving.settings import TrafficKnobs
 logger = logging.getLogger(__name__)
 
 _MAX_CALLS_IN_FLIGHT = 8
-"""Hand-overs the recorder process has not taken yet before the next one is dropped."""
+"""Hand-overs the recorder process has not taken yet before the next one waits in the replica."""
 
 RECORDER_NAMESPACE = "mlplatform-traffic"
 """The Ray namespace of the recorder processes (see :func:`recorder_name`)."""
@@ -487,10 +487,11 @@ class TrafficSink:
                 logger.exception("traffic sink: bookkeeping failed")
 
     def _flush(self) -> None:
-        """Hand everything waiting over in one actor call (dropped if the process lags).
+        """Hand everything waiting over in one actor call.
 
-        Hand-overs a dead process took with it go first, again. While the process is down,
-        requests keep waiting here (up to ``traffic_max_queue``).
+        Hand-overs a dead process took with it go first, again. While the process is down, or
+        lags (too many calls it has not taken yet), requests keep waiting here: new ones are
+        dropped and counted once ``traffic_max_queue`` are waiting.
         """
         if self._down_reason is not None:
             return
@@ -503,12 +504,9 @@ class TrafficSink:
             requests, self._pending = self._pending, []
             rows, self._pending_rows = self._pending_rows, 0
         if requests and not self._hand_over(requests, resent=False):
-            with self._lock:
-                self._dropped_requests += sum(
-                    1 if isinstance(request_id, str) else len(request_id)
-                    for request_id, _, _ in requests
-                )
-                self._dropped_rows += rows
+            with self._lock:  # back in front of what came meanwhile, for the next round
+                self._pending[:0] = requests
+                self._pending_rows += rows
 
     def _hand_over(self, payload: list[tuple[Any, Any, pd.DataFrame]], resent: bool) -> bool:
         """One actor call; whether it was made (not if the process has too many waiting)."""
