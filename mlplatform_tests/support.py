@@ -27,7 +27,7 @@ from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.registry import champion_model
 from mlplatform.defs.training import candidate_model
 from mlplatform.demo.data import generate_loans
-from mlplatform.model.spec import FeatureSpec
+from mlplatform.model.spec import FeatureSpec, infer_feature_spec
 from mlplatform.monitoring.profiles import list_traffic_windows
 from mlplatform.resources import DataSource, MlflowTracking
 from mlplatform.settings import PlatformSettings, load_settings
@@ -239,3 +239,10 @@ class Picture:
         """The share of ``mask``'s pixels inside a window of the axes frame (0 for none)."""
         total = int(mask.sum())
         return float((mask & self.window(x, y)).sum() / total) if total else 0.0
+
+
+def loan_records(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` demo loans as a client posts them to ``/predict``: the features, JSON nulls."""
+    features = list(infer_feature_spec(generate_loans(300), "defaulted").features)
+    frame = generate_loans(n, seed=seed)[features].astype(object)
+    return json.loads(frame.where(frame.notna(), None).to_json(orient="records"))

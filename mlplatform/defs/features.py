@@ -19,6 +19,7 @@ from mlplatform.model.dataset import (
 )
 from mlplatform.model.leakage import single_feature_auc, single_feature_fit
 from mlplatform.model.spec import FeatureSpec, infer_feature_spec
+from mlplatform.monitoring.durable import write_atomically
 from mlplatform.monitoring.profiles import (
     profile_frame,
     reference_profile_path,
@@ -201,10 +202,11 @@ def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -
     """Whylogs profile of the training split: the baseline that live traffic is compared with."""
     view = profile_frame(features.train, features.spec)
     path = reference_profile_path(load_settings().profiles_dir, features.data_version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    view.write(str(path))
+    # Written whole and durably: a drift report never reads half a baseline.
+    write_atomically(path, view.serialize())
     # What drift comparisons need to know about the columns, next to the profile.
-    reference_sidecar(path).write_text(
+    write_atomically(
+        reference_sidecar(path),
         json.dumps(
             {
                 "task": features.spec.task,
@@ -212,7 +214,7 @@ def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -
                 "target": features.spec.target,
                 "features": dict(features.spec.features),
             }
-        )
+        ).encode(),
     )
     summary = view.to_pandas()
     context.add_output_metadata(

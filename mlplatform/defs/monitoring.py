@@ -24,6 +24,7 @@ from mlplatform.model.registry import CHAMPION_ALIAS
 from mlplatform.monitoring import drift
 from mlplatform.monitoring.feedback import FeedbackStore, live_performance
 from mlplatform.monitoring.profiles import (
+    SkippedFile,
     load_traffic_profiles,
     reference_profile_path,
     reference_sidecar,
@@ -57,6 +58,7 @@ class TrafficAssessment:
         window_end: the end of the newest traffic window merged.
         traffic: the merged traffic profile.
         live_performance: metrics on traffic rows with ground-truth labels, if any.
+        skipped: traffic window files left out because they could not be read.
 
     """
 
@@ -66,6 +68,7 @@ class TrafficAssessment:
     window_end: dt.datetime
     traffic: DatasetProfileView
     live_performance: dict[str, Any] | None
+    skipped: tuple[SkippedFile, ...]
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -107,7 +110,8 @@ def assess_traffic(
         settings.traffic_dir, tracking.registered_model_name, version=version, since=since
     )
     if traffic.view is None:
-        return f"no traffic profiles for v{version} since {since:%Y-%m-%d %H:%M:%S} UTC"
+        unreadable = f" ({_skipped_summary(traffic.skipped)})" if traffic.skipped else ""
+        return f"no traffic profiles for v{version} since {since:%Y-%m-%d %H:%M:%S} UTC{unreadable}"
     result = drift.compare_profiles(
         DatasetProfileView.read(str(reference_path)),
         traffic.view,
@@ -138,7 +142,14 @@ def assess_traffic(
         window_end=max(window.end for window in traffic.windows),
         traffic=traffic.view,
         live_performance=performance,
+        skipped=tuple(traffic.skipped),
     )
+
+
+def _skipped_summary(skipped: list[SkippedFile]) -> str:
+    names = ", ".join(file.path.name for file in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    return f"{len(skipped)} unreadable window files skipped: {names}{more}"
 
 
 def assessment_metadata(assessment: TrafficAssessment) -> dict[str, Any]:
@@ -160,6 +171,10 @@ def assessment_metadata(assessment: TrafficAssessment) -> dict[str, Any]:
         "should_retrain": result.should_retrain,
         "reference_profile": dg.MetadataValue.path(str(assessment.reference_path)),
         "live_performance": dg.MetadataValue.json(assessment.live_performance or {}),
+        # Truncated or corrupt window files the comparison had to leave out, and why.
+        "skipped_files": dg.MetadataValue.json(
+            [{"file": str(file.path), "reason": file.reason} for file in assessment.skipped]
+        ),
         "columns": dg.MetadataValue.md(result.to_frame().round(4).to_markdown(index=False)),
         "plot": dg.MetadataValue.md(
             f"![drift](data:image/png;base64,{base64.b64encode(png).decode()})"

@@ -247,6 +247,56 @@ class FeedbackStore:
         frame["score"] = frame["score"].astype(float)
         return frame
 
+    def prune(self, before: datetime, model_name: str | None = None) -> int:
+        """Delete the predictions made before ``before`` (the retention), labelled or not.
+
+        Args:
+            before: the cutoff (naive = UTC); predictions at or after it are kept.
+            model_name: only this model's predictions; ``None`` = every model's.
+
+        Returns:
+            The number of predictions deleted.
+
+        """
+        clauses, parameters = ["predicted_at < ?"], [as_utc(before).timestamp()]
+        if model_name is not None:
+            clauses.append("model_name = ?")
+            parameters.append(model_name)
+        with self._transaction() as connection:
+            return connection.execute(
+                "DELETE FROM predictions WHERE " + " AND ".join(clauses), parameters
+            ).rowcount
+
+    def logged_requests(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of these requests have their predictions in the log.
+
+        A request's records are logged in one transaction, so a request is either logged
+        whole or not at all: this settles what became of requests whose recorder died.
+
+        Args:
+            request_ids: the requests' ids.
+
+        Returns:
+            The ids found.
+
+        """
+        ids = list(dict.fromkeys(request_ids))
+        per_query = 500  # SQLite bounds the parameters of one statement
+        found: set[str] = set()
+        with self._connection() as connection:
+            for start in range(0, len(ids), per_query):
+                chunk = ids[start : start + per_query]
+                found.update(
+                    row[0]
+                    for row in connection.execute(
+                        "SELECT DISTINCT request_id FROM predictions WHERE request_id IN ("
+                        + ",".join("?" * len(chunk))
+                        + ")",
+                        chunk,
+                    )
+                )
+        return found
+
     def count(self) -> int:
         """Logged predictions (labelled or not)."""
         with self._connection() as connection:

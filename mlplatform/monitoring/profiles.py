@@ -4,17 +4,25 @@ Live traffic is profiled per replica into one profile per time window, written a
 
     <directory>/<model_name>/v<version>/<window start %Y%m%dT%H%M%SZ>-<replica_id>[-<n>].bin
     <directory>/<model_name>/v<version>/<same name>.json    # rows, window, model, replica
+    <directory>/<model_name>/v<version>/replicas/<replica_id>.json    # the replica's counters
 
-The JSON sidecar is written after the profile and marks it complete; readers
-(:func:`list_traffic_windows`, :func:`load_traffic_profiles`) go by the sidecars and never see a
-half-written window. Both sides of a drift comparison are profiled in the training dtypes
-(:func:`coerce_for_profile`), so they compare. Nothing here imports Dagster or Ray.
+Every file is written whole and durably (:mod:`mlplatform.monitoring.durable`), the JSON sidecar
+after the profile: it marks the window complete. Readers (:func:`list_traffic_windows`,
+:func:`load_traffic_profiles`) go by the sidecars, select recent windows by file name (names
+start with the window's start, so they sort in time), and skip, log and report a file they
+cannot read instead of failing. :func:`prune_traffic_windows` applies the retention. Both sides
+of a drift comparison are profiled in the training dtypes (:func:`coerce_for_profile`), so they
+compare. Nothing here imports Dagster or Ray.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
 import json
+import logging
+import os
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -25,11 +33,15 @@ import numpy as np
 import pandas as pd
 import whylogs as why
 from whylogs.core import DatasetProfile, DatasetProfileView, DatasetSchema
+from whylogs.core.errors import Error as WhylogsError
 from whylogs.core.preprocessing import ColumnProperties
 
 from mlplatform.model.pipeline import coerce_features
 from mlplatform.model.pyfunc import encode_target
 from mlplatform.model.spec import FeatureSpec
+from mlplatform.monitoring.durable import write_atomically
+
+logger = logging.getLogger(__name__)
 
 WINDOW_STAMP = "%Y%m%dT%H%M%SZ"
 """How a window's start (UTC) appears in profile file names."""
@@ -90,6 +102,11 @@ def as_utc(moment: datetime) -> datetime:
 
 # --- reading profiles back -------------------------------------------------------------------
 
+_WINDOW_NAME = re.compile(r"^\d{8}T\d{6}Z-")
+"""A window file's name: its start (:data:`WINDOW_STAMP`, 16 characters) then the replica id."""
+
+_STAMP_LENGTH = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class TrafficWindow:
@@ -115,12 +132,39 @@ class TrafficWindow:
     path: Path
 
 
+@dataclasses.dataclass(frozen=True)
+class SkippedFile:
+    """A window file a reader left out because it could not be read (truncated, corrupt).
+
+    Attributes:
+        path: the file.
+        reason: why it was skipped.
+
+    """
+
+    path: Path
+    reason: str
+
+
+class TrafficWindows(list[TrafficWindow]):
+    """The windows a reader found, a plain list, with the files it skipped as ``skipped``."""
+
+    def __init__(self, windows: Iterable[TrafficWindow] = (), skipped: Iterable[SkippedFile] = ()):
+        super().__init__(windows)
+        self.skipped: list[SkippedFile] = list(skipped)
+
+
 class TrafficProfiles(NamedTuple):
     """What :func:`load_traffic_profiles` returns (unpacks as ``view, rows, windows``)."""
 
     view: DatasetProfileView | None
     rows: int
-    windows: list[TrafficWindow]
+    windows: TrafficWindows
+
+    @property
+    def skipped(self) -> list[SkippedFile]:
+        """Window files left out because they could not be read (sidecars and profiles)."""
+        return self.windows.skipped
 
 
 def _read_sidecar(path: Path) -> TrafficWindow:
@@ -140,13 +184,65 @@ def _read_sidecar(path: Path) -> TrafficWindow:
         raise ValueError(f"unreadable traffic window sidecar {path}: {error}") from error
 
 
+def _skip(skipped: list[SkippedFile], path: Path, reason: str) -> None:
+    logger.warning("skipping traffic window file %s: %s", path, reason)
+    skipped.append(SkippedFile(path, reason))
+
+
+def _version_windows(
+    directory: Path, cutoff: datetime | None, skipped: list[SkippedFile]
+) -> list[TrafficWindow]:
+    """One version directory's windows ending after ``cutoff``, reading only their sidecars.
+
+    The file names start with the window's start, so a sorted listing finds the windows that
+    start at or after the cutoff without opening anything. Windows start at multiples of their
+    length, so of the older ones only those with the latest start can contain the cutoff: their
+    sidecars are read too, and no older file is touched.
+    """
+    if not directory.is_dir():
+        return []
+    names = sorted(
+        entry.name
+        for entry in os.scandir(directory)
+        if entry.name.endswith(".json") and not entry.name.startswith(".") and entry.is_file()
+    )
+    for name in names:
+        if not _WINDOW_NAME.match(name):
+            _skip(skipped, directory / name, "not a traffic window file name")
+    names = [name for name in names if _WINDOW_NAME.match(name)]
+    if cutoff is None:
+        return _read_sidecars(directory, names, skipped)
+    first = bisect.bisect_left(names, cutoff.strftime(WINDOW_STAMP))
+    windows = _read_sidecars(directory, names[first:], skipped)
+    if first:
+        latest = names[first - 1][:_STAMP_LENGTH]
+        containing = [name for name in names[:first] if name.startswith(latest)]
+        windows += [w for w in _read_sidecars(directory, containing, skipped) if w.end > cutoff]
+    return windows
+
+
+def _read_sidecars(
+    directory: Path, names: list[str], skipped: list[SkippedFile]
+) -> list[TrafficWindow]:
+    windows = []
+    for name in names:
+        try:
+            windows.append(_read_sidecar(directory / name))
+        except ValueError as error:
+            _skip(skipped, directory / name, str(error))
+    return windows
+
+
 def list_traffic_windows(
     directory: Path,
     model_name: str,
     version: str | None = None,
     since: datetime | None = None,
-) -> list[TrafficWindow]:
+) -> TrafficWindows:
     """The written traffic windows of a model, oldest first, without opening any profile.
+
+    With ``since``, only the sidecars of the recent windows are read (selected by file name):
+    the cost does not grow with the history kept.
 
     Args:
         directory: the traffic profiles root the recorders wrote to.
@@ -156,10 +252,9 @@ def list_traffic_windows(
             ``since`` is kept whole.
 
     Returns:
-        The windows, sorted by start then replica. Empty when nothing was recorded yet.
-
-    Raises:
-        ValueError: if a sidecar is corrupt (delete it and its profile to skip it).
+        The windows, sorted by start then replica (empty when nothing was recorded yet), with
+        the sidecars that could not be read (truncated, corrupt) in ``skipped``, each also
+        logged as a warning.
 
     """
     model_directory = _model_directory(directory, model_name)
@@ -168,13 +263,13 @@ def list_traffic_windows(
     else:
         version_directories = [version_directory(directory, model_name, str(version))]
     cutoff = as_utc(since) if since is not None else None
+    skipped: list[SkippedFile] = []
     windows = [
-        window
-        for version_directory in version_directories
-        for window in map(_read_sidecar, sorted(version_directory.glob("*.json")))
-        if cutoff is None or window.end > cutoff
+        window for each in version_directories for window in _version_windows(each, cutoff, skipped)
     ]
-    return sorted(windows, key=lambda w: (w.start, w.replica_id, w.path.name))
+    return TrafficWindows(
+        sorted(windows, key=lambda w: (w.start, w.replica_id, w.path.name)), skipped
+    )
 
 
 def load_traffic_profiles(
@@ -185,6 +280,10 @@ def load_traffic_profiles(
 ) -> TrafficProfiles:
     """Merge a model's traffic profiles (e.g. every window since the champion was deployed).
 
+    A window whose sidecar or profile cannot be read (a truncated or corrupt file) is left out,
+    logged as a warning and named in the result's ``skipped``: one bad file never stops a
+    drift report.
+
     Args:
         directory: the traffic profiles root the recorders wrote to.
         model_name: the registered model's name.
@@ -193,19 +292,134 @@ def load_traffic_profiles(
 
     Returns:
         ``(view, rows, windows)``: the merged profile (``None`` when there is no traffic), the
-        records it covers and the windows merged.
-
-    Raises:
-        ValueError: if a sidecar is corrupt.
-        OSError: if a profile listed by a sidecar cannot be read.
+        records it covers and the windows merged; ``skipped`` names the files left out.
 
     """
-    windows = list_traffic_windows(directory, model_name, version, since)
+    listed = list_traffic_windows(directory, model_name, version, since)
+    merged = TrafficWindows(skipped=listed.skipped)
     view: DatasetProfileView | None = None
-    for window in windows:
-        part = DatasetProfileView.deserialize(window.path.read_bytes())
+    for window in listed:
+        try:
+            part = DatasetProfileView.deserialize(window.path.read_bytes())
+        except (OSError, ValueError, WhylogsError) as error:
+            _skip(merged.skipped, window.path, f"unreadable profile: {error}")
+            continue
         view = part if view is None else view.merge(part)
-    return TrafficProfiles(view, sum(w.rows for w in windows), windows)
+        merged.append(window)
+    return TrafficProfiles(view, sum(w.rows for w in merged), merged)
+
+
+# --- retention -------------------------------------------------------------------------------
+
+
+def prune_traffic_windows(directory: Path, model_name: str, before: datetime) -> int:
+    """Delete a model's traffic windows that started before ``before`` (every version).
+
+    Goes by the file names (each starts with its window's start), so nothing is opened;
+    leftovers of interrupted writes and replica counters last updated before ``before`` go too,
+    and version directories left empty are removed.
+
+    Args:
+        directory: the traffic profiles root.
+        model_name: the registered model's name.
+        before: the retention cutoff (naive = UTC).
+
+    Returns:
+        The number of profiles (windows) deleted.
+
+    """
+    cutoff = as_utc(before)
+    stamp = cutoff.strftime(WINDOW_STAMP)
+    pruned = 0
+    model_directory = _model_directory(directory, model_name)
+    for version in sorted(p for p in model_directory.glob("v*") if p.is_dir()):
+        for entry in list(os.scandir(version)):
+            name = entry.name.lstrip(".")
+            if entry.is_file() and _WINDOW_NAME.match(name) and name[:_STAMP_LENGTH] < stamp:
+                Path(entry.path).unlink(missing_ok=True)
+                pruned += name.endswith(".bin")
+        counters = version / _COUNTERS_DIRECTORY
+        for path in counters.glob("*.json") if counters.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff.timestamp():
+                    path.unlink(missing_ok=True)
+        for emptied in (counters, version):
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                emptied.rmdir()
+    return pruned
+
+
+# --- a replica's traffic counters ------------------------------------------------------------
+
+_COUNTERS_DIRECTORY = "replicas"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaCounters:
+    """What one replica answered and what of it never reached the prediction log.
+
+    ``answered_rows = logged + dropped_rows + unsettled_rows``: every answered record is logged,
+    counted as dropped, or still on its way (its fate not known yet).
+
+    Attributes:
+        model_name: the served model's registered name.
+        model_version: the served model version.
+        replica_id: the replica.
+        answered_requests: requests answered (and handed to the recorder's side).
+        answered_rows: their records.
+        dropped_requests: requests not logged (recorder down or lagging, its queue full, an
+            error, or lost with a recorder process that died).
+        dropped_rows: their records.
+        unsettled_rows: records handed to the recorder whose outcome is not known yet.
+        recorder_restarts: times the recorder process was found restarted or was recreated.
+        updated_at: when these counts were written (UTC, ISO 8601).
+
+    """
+
+    model_name: str
+    model_version: str
+    replica_id: str
+    answered_requests: int
+    answered_rows: int
+    dropped_requests: int
+    dropped_rows: int
+    unsettled_rows: int
+    recorder_restarts: int
+    updated_at: str
+
+
+def replica_counters_path(directory: Path, model_name: str, version: str, replica_id: str) -> Path:
+    """Where a replica's :class:`ReplicaCounters` are kept (beside its version's windows)."""
+    return (
+        version_directory(directory, model_name, version)
+        / _COUNTERS_DIRECTORY
+        / f"{path_part(replica_id, 'replica id')}.json"
+    )
+
+
+def write_replica_counters(directory: Path, counters: ReplicaCounters) -> Path:
+    """Write a replica's counters (atomically, durably), replacing its previous ones."""
+    path = replica_counters_path(
+        directory, counters.model_name, counters.model_version, counters.replica_id
+    )
+    return write_atomically(path, json.dumps(dataclasses.asdict(counters), indent=1).encode())
+
+
+def read_replica_counters(directory: Path, model_name: str, version: str) -> list[ReplicaCounters]:
+    """Every replica's last written counters for one model version, by replica id.
+
+    Raises:
+        ValueError: if a counters file is corrupt.
+
+    """
+    counters_directory = version_directory(directory, model_name, version) / _COUNTERS_DIRECTORY
+    found = []
+    for path in sorted(counters_directory.glob("*.json")):
+        try:
+            found.append(ReplicaCounters(**json.loads(path.read_text(encoding="utf-8"))))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"unreadable replica counters {path}: {error}") from error
+    return found
 
 
 def merge_profiles(views: Iterable[DatasetProfileView]) -> DatasetProfileView | None:

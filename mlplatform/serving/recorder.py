@@ -2,8 +2,9 @@
 
 One :class:`TrafficRecorder` per replica takes each request's records and predictions off the
 request path (a bounded queue drained by a background thread), profiles them with whylogs in the
-training dtypes into one profile per time window (see :mod:`mlplatform.monitoring.profiles`), and
-logs every prediction into a :class:`~mlplatform.monitoring.feedback.FeedbackStore`.
+training dtypes into one profile per time window (see :mod:`mlplatform.monitoring.profiles`),
+logs every prediction into a :class:`~mlplatform.monitoring.feedback.FeedbackStore`, and deletes
+windows and predictions older than the retention.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import itertools
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,30 @@ import pandas as pd
 from whylogs.core import DatasetProfileView
 
 from mlplatform.model.spec import FeatureSpec, plain
+from mlplatform.monitoring.durable import write_atomically, write_new
 from mlplatform.monitoring.feedback import FeedbackStore, PredictionRecord
 from mlplatform.monitoring.profiles import (
     WINDOW_STAMP,
     coerce_for_profile,
     path_part,
     profile_frame_fast,
+    prune_traffic_windows,
     version_directory,
 )
 from mlplatform.serving.settings import TrafficKnobs
 
 logger = logging.getLogger(__name__)
+
+PRUNE_INTERVAL_S = 3600.0
+"""Shortest time between two retention passes of a recorder (checked when a window is written).
+
+Windows close every minute, but the retention is counted in days: pruning hourly overshoots it
+by at most an hour, and keeps the cost of deleting from the prediction log (a scan of the table,
+which has no index on the time of unlabelled rows) negligible.
+"""
+
+SettledItems = list[tuple[Hashable, int, int]]
+"""``(tag, requests, rows)`` of each recorded item a :class:`TrafficRecorder` has finished with."""
 
 # --- the recorder --------------------------------------------------------------------------------
 
@@ -57,6 +69,8 @@ class RecorderStats:
         logged_rows: predictions inserted into the prediction log.
         windows_written: profile files written.
         errors: failures of the background thread (logged with their traceback).
+        pruned_windows: profiles deleted because they were older than the retention.
+        pruned_predictions: logged predictions deleted for the same reason.
 
     """
 
@@ -69,6 +83,8 @@ class RecorderStats:
     logged_rows: int
     windows_written: int
     errors: int
+    pruned_windows: int
+    pruned_predictions: int
 
 
 @dataclasses.dataclass
@@ -86,6 +102,7 @@ class _Batch:
     timestamps: np.ndarray
     request_ids: list[str]
     indices: list[int]
+    items: SettledItems
 
 
 @dataclasses.dataclass
@@ -137,9 +154,11 @@ class TrafficRecorder:
     at once (so labels can be joined soon after the response), and profiles the records in
     batches (whylogs costs about 25 ms per call whatever the size, so single records are held for
     up to ``traffic_linger_s`` and profiled together) into the profile of their window. A window is
-    written when the clock passes its end, on :meth:`flush` and on :meth:`close`; a window written
-    twice (a flush, a restart within the minute, late records) gets a new file name, never
-    overwriting.
+    written when the clock passes its end, on :meth:`flush` and on :meth:`close`, durably and
+    whole (:mod:`mlplatform.monitoring.durable`); a window written twice (a flush, a restart
+    within the minute, late records) gets a new file name, never overwriting. When a window is
+    written, at most every :data:`PRUNE_INTERVAL_S`, windows and logged predictions of the model
+    older than ``traffic_retention_days`` are deleted.
     """
 
     def __init__(
@@ -153,6 +172,7 @@ class TrafficRecorder:
         clock: Callable[[], float] = time.time,
         *,
         feedback: FeedbackStore | None = None,
+        on_settled: Callable[[SettledItems, bool], None] | None = None,
     ):
         """Start recording (the background thread starts now).
 
@@ -166,9 +186,14 @@ class TrafficRecorder:
                 (requests waiting before :meth:`record` drops new ones), linger and batch size
                 of profiling, and the drain interval (the thread then logs several requests'
                 predictions in one SQLite transaction, each costing a connection and a commit,
-                instead of one per request under load); ``None`` = the serving defaults.
+                instead of one per request under load), and the retention; ``None`` = the
+                serving defaults.
             clock: seconds since the epoch (tests pass a controllable one).
             feedback: where to log predictions; ``None`` = profiles only.
+            on_settled: called from the background thread once it has finished with recorded
+                items: their ``(tag, requests, rows)`` (tags as given to :meth:`record`), and
+                whether their predictions are in the log (``False``: an error lost them).
+                Lets a caller account for every record it handed over.
 
         Raises:
             ValueError: for an unusable name.
@@ -180,10 +205,14 @@ class TrafficRecorder:
         self.replica_id = str(replica_id)
         self.spec = spec
         self.window_s = settings.traffic_window_s
-        self.directory = version_directory(Path(directory), self.model_name, self.model_version)
+        self._root = Path(directory)
+        self.directory = version_directory(self._root, self.model_name, self.model_version)
         self._file_prefix = path_part(self.replica_id, "replica id")
         self._clock = clock
         self._feedback = feedback
+        self._on_settled = on_settled
+        self._retention_s = settings.traffic_retention_days * 86_400
+        self._next_prune = 0.0
         self._linger_s = settings.traffic_linger_s
         self._max_batch_rows = settings.traffic_batch_rows
         self._drain_interval_s = settings.traffic_drain_interval_s
@@ -201,6 +230,8 @@ class TrafficRecorder:
         self._logged_rows = 0
         self._windows_written = 0
         self._errors = 0
+        self._pruned_windows = 0
+        self._pruned_predictions = 0
         self._thread = threading.Thread(
             target=self._run, name=f"traffic-recorder-{self._file_prefix}", daemon=True
         )
@@ -213,6 +244,8 @@ class TrafficRecorder:
         request_id: str | Sequence[str],
         frame: pd.DataFrame | Sequence[Mapping[str, Any]],
         result: pd.DataFrame,
+        *,
+        tag: Hashable = None,
     ) -> bool:
         """Queue one request's records and predictions (or many one-record requests'); never blocks.
 
@@ -226,6 +259,7 @@ class TrafficRecorder:
                 a frame in the background, together with the other requests' records).
             result: the model's output for them, row for row (``prediction``, and ``probability``
                 or per-class probability columns for classifiers).
+            tag: handed back to ``on_settled`` with this item once it is processed.
 
         Returns:
             Whether the request(s) were queued (``False``: dropped and counted).
@@ -240,7 +274,7 @@ class TrafficRecorder:
             raise ValueError(f"{len(frame)} records but {len(request_id)} request ids")
         if not self._closing:
             try:
-                self._queue.put_nowait((self._clock(), request_id, frame, result))
+                self._queue.put_nowait((self._clock(), request_id, frame, result, tag))
                 return True
             except queue.Full:
                 pass
@@ -261,6 +295,8 @@ class TrafficRecorder:
             logged_rows=self._logged_rows,
             windows_written=self._windows_written,
             errors=self._errors,
+            pruned_windows=self._pruned_windows,
+            pruned_predictions=self._pruned_predictions,
         )
 
     def flush(self, timeout: float | None = 60.0) -> None:
@@ -331,7 +367,7 @@ class TrafficRecorder:
                 timeout = idle_poll_s
             marker, batch = self._drain(timeout)
             if batch is not None:
-                self._guarded(self._log_predictions, batch)
+                self._settle(batch.items, self._guarded(self._log_predictions, batch))
                 if not pending:
                     pending_since = time.monotonic()
                 pending.append(batch)
@@ -345,9 +381,12 @@ class TrafficRecorder:
             ):
                 self._guarded(self._profile, pending)
                 pending, pending_rows = [], 0
+            written = 0
             for start in sorted(self._windows):
                 if marker is not None or start + self.window_s <= now:
-                    self._guarded(self._write_window, start)
+                    written += self._guarded(self._write_window, start)
+            if written and self._clock() >= self._next_prune:
+                self._guarded(self._prune)
             if marker is not None:
                 marker.done.set()
                 if marker.stop:
@@ -355,7 +394,7 @@ class TrafficRecorder:
 
     def _drain(self, timeout: float) -> tuple[_Marker | None, _Batch | None]:
         """Wait up to ``timeout`` for a request, then take what is queued, up to a marker."""
-        items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame]] = []
+        items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame, Hashable]] = []
         marker, rows = None, 0
         try:
             item = self._queue.get(timeout=timeout)
@@ -384,13 +423,16 @@ class TrafficRecorder:
         except Exception:
             self._errors += 1
             logger.exception("traffic recorder: %d requests could not be read", len(items))
+            self._settle(_settled_items(items), logged=False)
             return marker, None
 
-    def _to_batch(self, items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame]]) -> _Batch:
+    def _to_batch(
+        self, items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame, Hashable]]
+    ) -> _Batch:
         lengths = np.fromiter((len(item[2]) for item in items), dtype=np.int64, count=len(items))
         request_ids: list[str] = []
         indices: list[int] = []
-        for _, ids, frame, _ in items:
+        for _, ids, frame, _, _ in items:
             if isinstance(ids, str):  # one request, its records 0..n-1
                 request_ids.extend(itertools.repeat(ids, len(frame)))
                 indices.extend(range(len(frame)))
@@ -403,15 +445,27 @@ class TrafficRecorder:
             timestamps=np.repeat([item[0] for item in items], lengths),
             request_ids=request_ids,
             indices=indices,
+            items=_settled_items(items),
         )
 
-    def _guarded(self, step: Callable[..., Any], *args: Any) -> None:
-        """Run a step of the thread; an error is logged and counted, and the thread goes on."""
+    def _guarded(self, step: Callable[..., Any], *args: Any) -> bool:
+        """Run a step of the thread; an error is logged and counted, and the thread goes on.
+
+        Returns:
+            Whether the step succeeded.
+
+        """
         try:
             step(*args)
         except Exception:
             self._errors += 1
             logger.exception("traffic recorder: %s failed", step.__name__)
+            return False
+        return True
+
+    def _settle(self, items: SettledItems, logged: bool) -> None:
+        if self._on_settled is not None:
+            self._guarded(self._on_settled, items, logged)
 
     def _log_predictions(self, batch: _Batch) -> None:
         if self._feedback is None:
@@ -455,15 +509,9 @@ class TrafficRecorder:
         window = self._windows.pop(start)
         if window.rows == 0:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         moment = datetime.fromtimestamp(start, UTC)
         stem = f"{moment.strftime(WINDOW_STAMP)}-{self._file_prefix}"
-        temporary = self.directory / f".{stem}.{uuid.uuid4().hex}.tmp"
-        temporary.write_bytes(window.view.serialize())
-        try:
-            profile_path = _claim_unique(temporary, self.directory, stem)
-        finally:
-            temporary.unlink(missing_ok=True)
+        profile_path = write_new(self.directory, stem, ".bin", window.view.serialize())
         sidecar = {
             "model_name": self.model_name,
             "model_version": self.model_version,
@@ -474,30 +522,24 @@ class TrafficRecorder:
             "profile": profile_path.name,
             "written_at": datetime.fromtimestamp(self._clock(), UTC).isoformat(),
         }
-        temporary_sidecar = self.directory / f".{profile_path.stem}.{uuid.uuid4().hex}.tmp"
-        temporary_sidecar.write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
-        os.replace(temporary_sidecar, profile_path.with_suffix(".json"))
+        write_atomically(profile_path.with_suffix(".json"), json.dumps(sidecar, indent=1).encode())
         self._windows_written += 1
 
+    def _prune(self) -> None:
+        """Delete this model's windows and logged predictions older than the retention."""
+        now = self._clock()
+        self._next_prune = now + PRUNE_INTERVAL_S  # also after a failure: retried in an hour
+        cutoff = datetime.fromtimestamp(now - self._retention_s, UTC)
+        self._pruned_windows += prune_traffic_windows(self._root, self.model_name, cutoff)
+        if self._feedback is not None:
+            self._pruned_predictions += self._feedback.prune(cutoff, self.model_name)
 
-def _claim_unique(source: Path, directory: Path, stem: str) -> Path:
-    """Give ``source`` the first free name ``<stem>.bin``, ``<stem>-1.bin``, ... atomically.
 
-    A hard link fails if the name exists, so two writers (a replica and its restarted self) can
-    never overwrite each other's window.
-    """
-    for n in itertools.count():
-        target = directory / (f"{stem}.bin" if n == 0 else f"{stem}-{n}.bin")
-        try:
-            os.link(source, target)
-            return target
-        except FileExistsError:
-            continue
-        except OSError:
-            # No hard links on this file system: check then rename (racy only between two
-            # writers with the same replica id in the same second).
-            if target.exists():
-                continue
-            os.replace(source, target)
-            return target
-    raise AssertionError("unreachable")
+def _settled_items(
+    items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame, Hashable]],
+) -> SettledItems:
+    """``(tag, requests, rows)`` of queued items (a list of ids is that many requests)."""
+    return [
+        (tag, 1 if isinstance(ids, str) else len(ids), len(frame))
+        for _, ids, frame, _, tag in items
+    ]

@@ -35,6 +35,12 @@ class TrafficKnobs(BaseModel):
         description="Shortest time between two takes from the recorder's queue: under load, one "
         "prediction-log transaction per interval instead of one per request.",
     )
+    traffic_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Days traffic profiles and logged predictions are kept; older ones are "
+        "deleted by the replicas' recorders (checked at most hourly, when a window is written).",
+    )
 
 
 class ServingKnobs(TrafficKnobs):

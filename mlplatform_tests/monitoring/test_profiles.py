@@ -1,9 +1,11 @@
 """Traffic profiles: the same columns and types as the reference, and the window layout on disk
-(one file per window and replica, found by its sidecar, never overwritten).
+(one file per window and replica, found by its sidecar, never overwritten; unreadable files
+skipped and named; recent windows found by name, without reading the history).
 
 Real whylogs and the real recorder writing the windows; only the clock is controlled.
 """
 
+import logging
 from datetime import UTC, datetime
 
 import numpy as np
@@ -149,3 +151,63 @@ def test_profile_frame_fast_equals_whylogs():
 
     assert list(fast.columns) == list(reference.columns)
     pd.testing.assert_frame_equal(fast.astype(str), reference.astype(str))
+
+
+def _record_window(root, recorded_loans, replica: str, at: float, rows: int) -> None:
+    """One window of ``rows`` records from ``replica``, written by the real recorder at ``at``."""
+    frame, spec = recorded_loans
+    with TrafficRecorder(root, "loans", "1", spec, replica, clock=FakeClock(at)) as recorder:
+        recorder.record(f"{replica}-{at}", inputs(frame, spec).iloc[:rows], binary_result(rows))
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_unreadable_windows_are_skipped_named_and_the_rest_merged(recorded_loans, tmp_path, caplog):
+    for minute, replica, rows in [(0, "a", 3), (0, "b", 4), (1, "a", 5), (2, "a", 6)]:
+        _record_window(tmp_path, recorded_loans, replica, T0 + 60 * minute + 1, rows)
+    directory = tmp_path / "loans" / "v1"
+    _truncate(directory / "20260101T000000Z-b.json")  # a sidecar cut short
+    _truncate(directory / "20260101T000100Z-a.bin")  # a profile cut short
+
+    with caplog.at_level(logging.WARNING, logger="mlplatform.monitoring.profiles"):
+        profiles = load_traffic_profiles(tmp_path, "loans", "1")
+
+    view, rows, windows = profiles
+    assert rows == 3 + 6
+    assert [w.path.name for w in windows] == ["20260101T000000Z-a.bin", "20260101T000200Z-a.bin"]
+    assert view.get_column("age").get_metric("counts").n.value == 9
+    assert [f.path.name for f in profiles.skipped] == [
+        "20260101T000000Z-b.json",
+        "20260101T000100Z-a.bin",
+    ]
+    assert profiles.skipped[0].reason.startswith("unreadable traffic window sidecar")
+    assert profiles.skipped[1].reason.startswith("unreadable profile")
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "20260101T000000Z-b.json" in warned and "20260101T000100Z-a.bin" in warned
+    # Listing opens no profile: only the bad sidecar is skipped there.
+    listed = list_traffic_windows(tmp_path, "loans", "1")
+    assert [w.rows for w in listed] == [3, 5, 6]
+    assert [f.path.name for f in listed.skipped] == ["20260101T000000Z-b.json"]
+
+
+def test_since_reads_only_the_sidecars_of_the_recent_windows(recorded_loans, tmp_path):
+    for minute in range(6):
+        _record_window(tmp_path, recorded_loans, "a", T0 + 60 * minute + 1, rows=minute + 1)
+    directory = tmp_path / "loans" / "v1"
+    # The old history is unreadable: a reader that opened it would have to skip and name it.
+    for minute in range(3):
+        (directory / f"20260101T00{minute:02d}00Z-a.json").write_text("{ not json")
+    since = datetime(2026, 1, 1, 0, 3, 30)  # inside the window of minute 3
+
+    recent = list_traffic_windows(tmp_path, "loans", "1", since=since)
+    _, rows, merged = load_traffic_profiles(tmp_path, "loans", since=since)
+
+    assert [w.rows for w in recent] == [4, 5, 6]  # the window containing `since`, kept whole
+    assert recent.skipped == [] and merged.skipped == []  # the old sidecars were never opened
+    assert rows == 4 + 5 + 6
+    everything = list_traffic_windows(tmp_path, "loans", "1")
+    assert [w.rows for w in everything] == [4, 5, 6]
+    assert len(everything.skipped) == 3

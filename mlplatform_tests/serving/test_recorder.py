@@ -114,8 +114,14 @@ def test_recorder_settings_are_the_serving_defaults_and_must_be_positive():
         "traffic_linger_s": 5.0,
         "traffic_batch_rows": 50_000,
         "traffic_drain_interval_s": 0.25,
+        "traffic_retention_days": 30.0,
     }
-    for field in ("traffic_window_s", "traffic_max_queue", "traffic_batch_rows"):
+    for field in (
+        "traffic_window_s",
+        "traffic_max_queue",
+        "traffic_batch_rows",
+        "traffic_retention_days",
+    ):
         with pytest.raises(ValueError, match=field):
             TrafficKnobs(**{field: 0})
 
@@ -156,3 +162,31 @@ def test_multiclass_and_regression_outputs_are_profiled_and_scored(recorded_loan
     )
     scores = store.labelled().set_index("request_id")["score"]
     assert np.isnan(scores["m"]) and scores["g"] == 12.5
+
+
+def test_every_recorded_item_is_settled_with_its_tag_and_outcome(recorded_loans, tmp_path):
+    frame, spec = recorded_loans
+    rows = inputs(frame, spec)
+    store = FeedbackStore(tmp_path / "feedback.db")
+    settled = []
+    recorder = TrafficRecorder(
+        tmp_path,
+        "loans",
+        "1",
+        spec,
+        "r",
+        TrafficKnobs(traffic_max_queue=3),
+        feedback=store,
+        on_settled=lambda items, logged: settled.extend((*item, logged) for item in items),
+    )
+    assert recorder.record("a", rows.iloc[:2], binary_result(2), tag=0)
+    assert recorder.record(["b", "c"], rows.iloc[2:4], binary_result(2), tag=1)
+    recorder.flush()
+    # The prediction log breaks: the next items are settled as not logged.
+    with sqlite3.connect(store.path) as connection:
+        connection.execute("DROP TABLE predictions")
+    assert recorder.record("d", rows.iloc[4:7], binary_result(3), tag=2)
+    recorder.close()
+
+    assert settled == [(0, 1, 2, True), (1, 2, 2, True), (2, 1, 3, False)]
+    assert recorder.stats().errors == 1
