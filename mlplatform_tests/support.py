@@ -1,14 +1,17 @@
 """Helpers the tests share: free ports, an isolated platform home, sensor ticks, a champion,
-scored labels, recorded traffic and decoded pictures."""
+scored labels, recorded traffic, decoded pictures and a disk to fill up."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import os
 import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +249,53 @@ def loan_records(n: int, seed: int) -> list[dict[str, Any]]:
     features = list(infer_feature_spec(generate_loans(300), "defaulted").features)
     frame = generate_loans(n, seed=seed)[features].astype(object)
     return json.loads(frame.where(frame.notna(), None).to_json(orient="records"))
+
+
+class SmallDisk:
+    """A file system of its own, 1 MiB, to fill up for real (writes then fail with ENOSPC)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._filler = directory / "filler"
+
+    def fill(self) -> None:
+        """Write a file until the disk is full."""
+        descriptor = os.open(self._filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            while True:
+                os.write(descriptor, b"\0" * 4096)
+        except OSError as error:
+            assert error.errno == 28, error  # ENOSPC: the disk is full
+        finally:
+            os.close(descriptor)
+
+    def free(self) -> None:
+        """Delete what :meth:`fill` wrote."""
+        self._filler.unlink()
+
+
+@contextlib.contextmanager
+def small_disk(directory: Path) -> Iterator[SmallDisk]:
+    """A 1 MiB tmpfs mounted at ``directory`` for the duration, unmounted after.
+
+    Mounting needs root (as the sandbox and CI run); elsewhere the test is skipped, saying why.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        pytest.skip("a full disk is tested on a tmpfs of its own: no `mount` command here")
+    if mounted.returncode != 0:
+        pytest.skip(
+            "a full disk is tested on a tmpfs of its own, which needs root to mount: "
+            + mounted.stderr.strip()
+        )
+    try:
+        yield SmallDisk(directory)
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)

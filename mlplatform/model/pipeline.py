@@ -49,14 +49,26 @@ _ISO_DATETIME = re.compile(
 _PANDAS_YEARS = range(1678, 2262)  # pd.Timestamp's nanosecond range, whole years
 
 
-@functools.lru_cache(maxsize=16_384)
+# The longest string the ISO pattern matches is 35 characters; the cache holds only strings this
+# short, so its memory is bounded (16,384 entries of at most 64 characters) whatever is posted.
+_LONGEST_CACHED = 64
+
+
 def parse_iso_datetime(value: str) -> dt.datetime | None:
     """``value`` as a UTC datetime if it is a plain ISO 8601 date (time) pandas would parse.
 
     ``None`` means "not on the fast path", not "invalid": :func:`parse_datetime` then asks pandas.
     Naive values are taken as UTC, as the model's coercion does. Cached: validating a request
-    and scoring it parse the same values.
+    and scoring it parse the same values. A string longer than any ISO form is answered at once,
+    and never cached.
     """
+    if len(value) > _LONGEST_CACHED:
+        return None
+    return _parse_iso_datetime(value)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _parse_iso_datetime(value: str) -> dt.datetime | None:
     if _ISO_DATETIME.fullmatch(value) is None:
         return None
     try:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -53,6 +54,13 @@ class FeedbackResult:
     unknown: list[tuple[str, int]]
 
 
+class FeedbackUnavailable(RuntimeError):
+    """The prediction log cannot be written now (disk full, I/O error, locked past the timeout).
+
+    The write was rolled back: nothing of it is stored, and the same call can be retried later.
+    """
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
     request_id TEXT NOT NULL,
@@ -84,14 +92,31 @@ LABELLED_COLUMNS = (
 """Columns of :meth:`FeedbackStore.labelled`."""
 
 
+# SQLite's INTEGER is 64-bit: larger Python integers cannot be bound to a statement.
+_SQLITE_INTEGERS = range(-(2**63), 2**63)
+
+
 def _scalar(value: Any, where: str) -> Any:
-    """A label as JSON gave it: a string, a finite number or a boolean; anything else is refused."""
+    """A label as JSON gave it: a string, a finite number or a boolean; anything else is refused.
+
+    An integer beyond SQLite's 64-bit range is stored as the float it is closest to (JSON has one
+    number type), or refused when no float holds it.
+    """
     value = plain(value)
-    if isinstance(value, str | bool | int):
+    if isinstance(value, str | bool) or (isinstance(value, int) and value in _SQLITE_INTEGERS):
         return value
+    if isinstance(value, int):
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(
+                f"{where} must be a string, a finite number or a boolean, got an integer of "
+                f"{len(str(abs(value)))} digits"
+            ) from None
     if isinstance(value, float) and math.isfinite(value):
         return value
-    raise ValueError(f"{where} must be a string, a finite number or a boolean, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 80 else f"a {type(value).__name__}"
+    raise ValueError(f"{where} must be a string, a finite number or a boolean, got {shown}")
 
 
 def _parse_label(position: int, item: Mapping[str, Any]) -> tuple[str, int, Any]:
@@ -102,8 +127,9 @@ def _parse_label(position: int, item: Mapping[str, Any]) -> tuple[str, int, Any]
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"{where}.request_id must be a non-empty string")
     index = item.get("index", 0)
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"{where}.index must be an integer >= 0, got {index!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**63:
+        shown = repr(index) if len(repr(index)) <= 80 else f"a {type(index).__name__}"
+        raise ValueError(f"{where}.index must be an integer from 0 to 2**63 - 1, got {shown}")
     if "label" not in item:
         raise ValueError(f"{where}.label is missing")
     return request_id, index, _scalar(item["label"], f"{where}.label")
@@ -115,6 +141,9 @@ class FeedbackStore:
     WAL mode and a busy timeout make it safe for several replicas (processes) and threads at once:
     each call opens its own short-lived connection and writes in one transaction. The file must be
     on a local file system (SQLite's WAL does not work over network file systems).
+
+    A write that fails (disk full, I/O error, locked beyond ``timeout_s``) is rolled back whole,
+    counted in :attr:`failed_writes` and raised as :class:`FeedbackUnavailable`.
     """
 
     def __init__(self, path: Path, timeout_s: float = 30.0):
@@ -127,6 +156,8 @@ class FeedbackStore:
         """
         self.path = Path(path)
         self.timeout_s = timeout_s
+        self._failures_lock = threading.Lock()
+        self._failed_writes = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as connection:
             # WAL is a property of the database file: set once, it holds for every connection.
@@ -144,24 +175,43 @@ class FeedbackStore:
         finally:
             connection.close()
 
+    @property
+    def failed_writes(self) -> int:
+        """Writes of this store object that failed and were rolled back (see the class)."""
+        return self._failed_writes
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connection() as connection:
-            # IMMEDIATE takes the write lock up front, so a busy database waits (busy timeout)
-            # instead of failing halfway through a read-then-write.
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
+        try:
+            with self._connection() as connection:
+                # IMMEDIATE takes the write lock up front, so a busy database waits (busy
+                # timeout) instead of failing halfway through a read-then-write.
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield connection
+                    connection.execute("COMMIT")  # a full disk may fail here, writing the WAL
+                except BaseException:
+                    # SQLite may already have rolled back (it does on some I/O errors); a second
+                    # ROLLBACK would then fail and hide the error that matters.
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    raise
+        except sqlite3.OperationalError as error:
+            with self._failures_lock:
+                self._failed_writes += 1
+            raise FeedbackUnavailable(
+                f"the prediction log {self.path} cannot be written now ({error}); nothing was "
+                "stored"
+            ) from error
 
     def log_predictions(self, records: Iterable[PredictionRecord]) -> int:
         """Insert predictions in one transaction; an already logged (request, index) is kept.
 
         Returns:
             The number of rows inserted.
+
+        Raises:
+            FeedbackUnavailable: if the log cannot be written now; nothing is stored then.
 
         """
         with self._transaction() as connection:
@@ -187,6 +237,7 @@ class FeedbackStore:
 
         Raises:
             ValueError: if an item is malformed (naming it); nothing is stored then.
+            FeedbackUnavailable: if the log cannot be written now; nothing is stored then.
 
         """
         parsed = [_parse_label(position, item) for position, item in enumerate(items)]

@@ -20,7 +20,7 @@ from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.serving.loopback import bind_replica_grpc_to_loopback
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.recording import TrafficSink
-from mlplatform.serving.routes import answer_singles, build_api
+from mlplatform.serving.routes import SingleAnswer, answer_singles, build_api
 from mlplatform.serving.settings import ServingSettings
 
 
@@ -71,8 +71,12 @@ class ModelEndpoint:
 
     # Batch size and wait are set per replica from the settings, in __init__.
     @serve.batch
-    async def _predict_batched(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Answer the single-record requests waiting together with one model call."""
+    async def _predict_batched(self, records: list[dict[str, Any]]) -> list[SingleAnswer]:
+        """Answer the single-record requests waiting together with one model call.
+
+        A request's own error is its answer, not raised: Ray Serve would fail every request of
+        the batch with it, while the route raises it for that request alone.
+        """
         return answer_singles(self.model, self.traffic, records)
 
 

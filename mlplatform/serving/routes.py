@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,13 +21,22 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import from_json, to_json
 
-from mlplatform.monitoring.feedback import FeedbackStore
+from mlplatform.monitoring.feedback import FeedbackStore, FeedbackUnavailable
 from mlplatform.serving.model import ServedModel
 from mlplatform.serving.settings import ServingKnobs
-from mlplatform.serving.validation import InvalidRequest, check_records
+from mlplatform.serving.validation import InvalidRequest, check_labels, check_records
 
 if TYPE_CHECKING:  # the sink runs a Ray actor; the routes need only its two methods
     from mlplatform.serving.recording import TrafficSink
+
+logger = logging.getLogger(__name__)
+
+# Errors that scoring a validated record can still raise because of its values (a number the
+# model's scaling overflows, say): the request gets a 422 naming them, never a 500.
+_VALUE_ERRORS = (ArithmeticError, ValueError, TypeError)
+# Seconds a client is asked to wait after a failed write of the prediction log (a full disk or a
+# busy database; either may pass).
+_RETRY_AFTER_S = 10
 
 
 class PredictRequest(BaseModel):
@@ -40,7 +50,7 @@ class PredictRequest(BaseModel):
 class FeedbackItem(BaseModel):
     """One ground-truth label for a record of an earlier prediction."""
 
-    request_id: str = Field(description="The request_id of the /predict response.")
+    request_id: str = Field(min_length=1, description="The request_id of the /predict response.")
     index: int = Field(default=0, ge=0, description="The record's position in that request.")
     label: Any = Field(description="The true class label or value.")
 
@@ -76,7 +86,10 @@ class PredictResponse(BaseModel):
     )
 
 
-SinglePredictor = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+SingleAnswer = dict[str, Any] | Exception
+"""The answer body of a single-record request, or the error that request alone answers with."""
+
+SinglePredictor = Callable[[dict[str, Any]], Awaitable[SingleAnswer]]
 """Answers one single-record request: ``record -> answer body`` (a micro-batcher, in Ray)."""
 
 
@@ -104,17 +117,8 @@ def _too_large(size: int, limit: int) -> InvalidRequest:
 
 
 def _parse_body(raw: bytes, max_body_bytes: int) -> Any:
-    """The request body as JSON, or an :class:`InvalidRequest` naming what is wrong with it."""
-    if len(raw) > max_body_bytes:
-        raise _too_large(len(raw), max_body_bytes)
-    try:
-        # pydantic's JSON parser (Rust): the same documents as json.loads, 2-3x faster.
-        payload = from_json(raw)
-    except ValueError as error:
-        raise InvalidRequest(
-            400,
-            [{"loc": ["body"], "msg": f"body is not valid JSON: {error}", "type": "json_invalid"}],
-        ) from error
+    """The records of a predict body, or an :class:`InvalidRequest` naming what is wrong with it."""
+    payload = _parse_json(raw, max_body_bytes)
     if not isinstance(payload, dict) or "records" not in payload:
         raise InvalidRequest(
             422,
@@ -151,16 +155,40 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(to_json(body, inf_nan_mode="null"), media_type="application/json")
 
 
-def _parse_feedback(raw: bytes, max_body_bytes: int) -> list[dict[str, Any]]:
-    """The labels of a feedback body, or an :class:`InvalidRequest` naming what is wrong."""
+def _parse_json(raw: bytes, max_body_bytes: int) -> Any:
+    """The request body as JSON, or an :class:`InvalidRequest` (413, 400) saying why not."""
     if len(raw) > max_body_bytes:
         raise _too_large(len(raw), max_body_bytes)
     try:
-        body = FeedbackRequest.model_validate_json(raw)
-    except ValidationError as error:
-        json_error = any(e["type"] == "json_invalid" for e in error.errors())
+        # pydantic's JSON parser (Rust): the same documents as json.loads, 2-3x faster.
+        return from_json(raw)
+    except ValueError as error:
         raise InvalidRequest(
-            400 if json_error else 422,
+            400,
+            [{"loc": ["body"], "msg": f"body is not valid JSON: {error}", "type": "json_invalid"}],
+        ) from error
+
+
+def _parse_feedback(raw: bytes, max_body_bytes: int, max_labels: int) -> list[dict[str, Any]]:
+    """The labels of a feedback body, or an :class:`InvalidRequest` naming what is wrong."""
+    payload = _parse_json(raw, max_body_bytes)
+    labels = payload.get("labels") if isinstance(payload, dict) else None
+    if isinstance(labels, list) and len(labels) > max_labels:
+        raise InvalidRequest(
+            413,
+            [
+                {
+                    "loc": ["body", "labels"],
+                    "msg": f"{len(labels)} labels exceed the limit of {max_labels} per request",
+                    "type": "too_long",
+                }
+            ],
+        )
+    try:
+        body = FeedbackRequest.model_validate(payload)
+    except ValidationError as error:
+        raise InvalidRequest(
+            422,
             [
                 {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
                 for e in error.errors(include_url=False, include_context=False, include_input=False)
@@ -182,13 +210,33 @@ def _answer(
     }
 
 
+def _unscorable(error: Exception, loc: list[Any]) -> InvalidRequest:
+    """The 422 of records that passed validation but that the model could not score."""
+    message = f"{type(error).__name__}: {error}"
+    # One line, no traceback: a client could send such records by the thousand.
+    logger.warning("records passed validation but could not be scored: %s", message[:200])
+    return InvalidRequest(
+        422,
+        [
+            {
+                "loc": ["body", *loc],
+                "msg": f"the model cannot score these values ({message[:200]})",
+                "type": "value_error",
+            }
+        ],
+    )
+
+
 def answer_singles(
     model: ServedModel, traffic: TrafficSink | None, records: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+) -> list[SingleAnswer]:
     """Answer many single-record requests with one model call, one answer per record.
 
     The records are predicted and recorded for monitoring together (each its own request id),
-    and the answer is split per request: the body of a micro-batch.
+    and the answer is split per request: the body of a micro-batch. If that call fails, each
+    record is answered on its own, so a record that cannot be scored fails its own request and
+    no other: its error takes its place in the answers (a 422 :class:`InvalidRequest` when its
+    values are the cause, else the exception, a server error of that request only).
 
     Args:
         model: the served model.
@@ -196,10 +244,20 @@ def answer_singles(
         records: one checked record per request.
 
     Returns:
-        The answer bodies, in the order of ``records``.
+        The answer bodies or errors, in the order of ``records``.
 
     """
-    result = model.predict(records)
+    try:
+        result = model.predict(records)
+    except Exception as error:
+        if len(records) > 1:
+            return [
+                answer for record in records for answer in answer_singles(model, traffic, [record])
+            ]
+        if isinstance(error, _VALUE_ERRORS):
+            return [_unscorable(error, ["records", 0])]
+        logger.exception("a single record could not be scored")
+        return [error]
     request_ids = [uuid.uuid4().hex for _ in records]
     if traffic is not None:
         traffic.record(request_ids, records, result)
@@ -240,7 +298,7 @@ def build_api(
 
     """
 
-    async def on_its_own(record: dict[str, Any]) -> dict[str, Any]:
+    async def on_its_own(record: dict[str, Any]) -> SingleAnswer:
         return answer_singles(model, traffic, [record])[0]
 
     answer_single = predict_single or on_its_own
@@ -251,7 +309,9 @@ def build_api(
 
     @api.exception_handler(InvalidRequest)
     async def _invalid_request(_: Request, error: InvalidRequest) -> JSONResponse:
-        return JSONResponse(status_code=error.status_code, content={"detail": error.errors})
+        return JSONResponse(
+            status_code=error.status_code, content={"detail": error.errors}, headers=error.headers
+        )
 
     @api.post(
         "/predict",
@@ -273,8 +333,14 @@ def build_api(
             _parse_body(body, settings.max_body_bytes), model.spec, settings.max_records
         )
         if len(records) == 1:
-            return _json(await answer_single(records[0]))
-        result = model.predict(records)
+            answer = await answer_single(records[0])
+            if isinstance(answer, Exception):
+                raise answer
+            return _json(answer)
+        try:
+            result = model.predict(records)
+        except _VALUE_ERRORS as error:
+            raise _unscorable(error, ["records"]) from error
         request_id = uuid.uuid4().hex
         if traffic is not None:  # the body as posted: bytes cross processes for free
             traffic.record(request_id, body, result)
@@ -285,7 +351,13 @@ def build_api(
         "/feedback",
         response_model=FeedbackResponse,
         openapi_extra=_json_body(FeedbackRequest),
-        responses={400: {"description": "Not JSON"}, 422: {"description": "Invalid labels"}},
+        responses={
+            400: {"description": "Not JSON"},
+            404: {"description": "Feedback not enabled"},
+            413: {"description": "Too large"},
+            422: {"description": "Invalid labels"},
+            503: {"description": "The prediction log cannot be written now (Retry-After)"},
+        },
     )
     async def feedback_labels(request: Request) -> dict[str, Any]:
         """Ground-truth labels for earlier predictions, joined by request id and record index."""
@@ -294,12 +366,29 @@ def build_api(
                 404,
                 [{"loc": ["body"], "msg": "feedback is not enabled", "type": "not_enabled"}],
             )
-        items = _parse_feedback(await request.body(), settings.max_body_bytes)
+        items = _parse_feedback(
+            await request.body(), settings.max_body_bytes, settings.max_feedback_labels
+        )
+        check_labels(items, model.spec, settings.max_records)
         try:
             result = await asyncio.to_thread(feedback.add_labels, items)
         except ValueError as error:
             raise InvalidRequest(
                 422, [{"loc": ["body", "labels"], "msg": str(error), "type": "value_error"}]
+            ) from error
+        except FeedbackUnavailable as error:
+            logger.warning("POST /feedback: %s", error)
+            raise InvalidRequest(
+                503,
+                [
+                    {
+                        "loc": ["body", "labels"],
+                        "msg": "the labels cannot be stored now (the prediction log cannot be "
+                        f"written: {error.__cause__}); nothing was stored, retry later",
+                        "type": "unavailable",
+                    }
+                ],
+                headers={"Retry-After": str(_RETRY_AFTER_S)},
             ) from error
         return {
             "matched": result.matched,
@@ -308,13 +397,16 @@ def build_api(
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        """Liveness, the served model's identity and the traffic profiler's counters."""
+        """Liveness, the served model's identity, the traffic profiler's and feedback's counters."""
         counters = dataclasses.asdict(await traffic.stats()) if traffic is not None else None
         return {
             "status": "ok",
             "model_name": model.name,
             "model_version": model.version,
             "traffic": counters,
+            "feedback": (
+                {"failed_writes": feedback.failed_writes} if feedback is not None else None
+            ),
         }
 
     @api.get(

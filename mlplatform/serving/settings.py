@@ -48,6 +48,9 @@ class ServingKnobs(TrafficKnobs):
 
     max_records: int = Field(default=10_000, gt=0, description="Largest batch per request.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Largest request body.")
+    max_feedback_labels: int = Field(
+        default=10_000, gt=0, description="Most labels per POST /feedback request."
+    )
     max_batch_size: int = Field(
         default=64, gt=0, description="Micro-batch size for single-record requests."
     )

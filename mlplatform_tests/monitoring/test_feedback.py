@@ -28,7 +28,7 @@ from mlplatform.monitoring.feedback import (
     live_performance,
 )
 from mlplatform.serving.recorder import TrafficRecorder
-from mlplatform_tests.support import T0, FakeClock, inputs
+from mlplatform_tests.support import T0, FakeClock, inputs, small_disk
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,6 +95,31 @@ def test_add_labels_rejects_malformed_items_and_stores_none(tmp_path):
     assert store.labelled().empty
     with sqlite3.connect(store.path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_full_disk_fails_the_log_write_off_the_request_path_and_counts_it(
+    recorded_loans, tmp_path
+):
+    frame, spec = recorded_loans
+    with small_disk(tmp_path / "disk") as disk:
+        store = FeedbackStore(disk.directory / "feedback.db")
+        disk.fill()
+        recorder = TrafficRecorder(tmp_path / "profiles", "loans", "1", spec, "r", feedback=store)
+        with recorder:
+            queued = recorder.record(
+                "full",
+                inputs(frame, spec).iloc[:3],
+                pd.DataFrame({"prediction": [1, 0, 1], "probability": [0.9, 0.2, 0.6]}),
+            )
+        assert queued  # the request itself is not held up by the disk
+        stats = recorder.stats()
+        assert (stats.received_rows, stats.profiled_rows) == (3, 3)  # still profiled
+        # The rows that could not be logged are counted as an error of the recorder (not as
+        # dropped rows, which counts only requests refused by a full queue).
+        assert (stats.logged_rows, stats.errors, stats.dropped_rows) == (0, 1, 0)
+        assert store.failed_writes == 1
+        disk.free()
+        assert store.count() == 0
 
 
 WRITER = """

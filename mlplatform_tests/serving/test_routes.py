@@ -47,7 +47,9 @@ def client(champion: dict) -> TestClient:
     return TestClient(api, raise_server_exceptions=False)
 
 
-def _records(model: ServedModel, n: int, seed: int = 11, file_columns: bool = False) -> list[dict]:
+def demo_records(
+    model: ServedModel, n: int, seed: int = 11, file_columns: bool = False
+) -> list[dict]:
     """Demo loans as JSON records: the model's features, or every column of the user's file."""
     frame = generate_loans(n, seed=seed)
     if not file_columns:
@@ -62,12 +64,15 @@ def _registered_predictions(champion: dict, records: list[dict]) -> pd.DataFrame
     return mlflow.pyfunc.load_model("models:/mlplatform/1").predict(pd.DataFrame(records))
 
 
-def check_health_card_and_docs(get: Callable[[str], httpx.Response], dagster_run_id: str) -> None:
+def check_health_card_and_docs(
+    get: Callable[[str], httpx.Response], dagster_run_id: str, feedback: dict | None = None
+) -> None:
     """The read-only routes of version 1 of a champion trained by ``dagster_run_id``.
 
     Args:
         get: ``GET`` of a path of the app (in process, or over HTTP through Ray Serve).
         dagster_run_id: the run that trained the champion.
+        feedback: the feedback counters ``/healthz`` reports (``None``: feedback not enabled).
 
     """
     assert get("/healthz").json() == {
@@ -75,6 +80,7 @@ def check_health_card_and_docs(get: Callable[[str], httpx.Response], dagster_run
         "model_name": "mlplatform",
         "model_version": "1",
         "traffic": None,  # served without traffic profiling
+        "feedback": feedback,
     }
     card = get("/model").json()
     assert card["model_uri"] == "models:/mlplatform/1"  # the alias was pinned to its version
@@ -97,11 +103,13 @@ def check_health_card_and_docs(get: Callable[[str], httpx.Response], dagster_run
 
 
 def test_health_model_card_and_docs(client, champion):
-    check_health_card_and_docs(client.get, champion["dagster_run_id"])
+    check_health_card_and_docs(
+        client.get, champion["dagster_run_id"], feedback={"failed_writes": 0}
+    )
 
 
 def test_predictions_match_the_registered_model(client, champion):
-    records = _records(champion["model"], 20)
+    records = demo_records(champion["model"], 20)
     expected = _registered_predictions(champion, records)
     batch = client.post("/predict", json={"records": records})
     assert batch.status_code == 200
@@ -126,7 +134,7 @@ def test_predictions_match_the_registered_model(client, champion):
 
 
 def test_records_as_the_file_has_them_are_predicted_like_the_registered_model(client, champion):
-    records = _records(champion["model"], 5, seed=12, file_columns=True)  # id and label too
+    records = demo_records(champion["model"], 5, seed=12, file_columns=True)  # id and label too
     expected = _registered_predictions(champion, records)
     batch = client.post("/predict", json={"records": records})
     assert batch.status_code == 200, batch.text
@@ -142,7 +150,7 @@ def test_single_records_go_through_the_given_batcher_and_batches_do_not(champion
         return answer_singles(model, None, [record])[0]
 
     client = TestClient(build_api(model, LIMITS, predict_single=batcher))
-    records = _records(model, 3, seed=13)
+    records = demo_records(model, 3, seed=13)
     single = client.post("/predict", json={"records": records[:1]})
     assert single.status_code == 200
     assert batched == records[:1]
@@ -194,7 +202,7 @@ def test_bad_requests_get_4xx_with_a_reason(client, body, status, message):
     ],
 )
 def test_wrongly_typed_fields_are_named(client, champion, field, value, message):
-    record = _records(champion["model"], 1)[0] | {field: value}
+    record = demo_records(champion["model"], 1)[0] | {field: value}
     response = client.post("/predict", json={"records": [record]})
     assert response.status_code == 422
     detail = response.json()["detail"]
@@ -203,7 +211,7 @@ def test_wrongly_typed_fields_are_named(client, champion, field, value, message)
 
 
 def test_missing_and_extra_fields_are_named_in_every_record(client, champion):
-    records = _records(champion["model"], 3)
+    records = demo_records(champion["model"], 3)
     del records[0]["age"]
     records[2]["nickname"] = "x"
     response = client.post("/predict", json={"records": records})
@@ -217,7 +225,7 @@ def test_missing_and_extra_fields_are_named_in_every_record(client, champion):
 
 
 def test_non_finite_numbers_are_refused_not_a_server_error(client, champion):
-    record = _records(champion["model"], 1)[0]
+    record = demo_records(champion["model"], 1)[0]
     body = json.dumps({"records": [record]}).replace(
         f'"age": {json.dumps(record["age"])}', '"age": 1e400'
     )
@@ -236,7 +244,7 @@ def test_non_finite_numbers_are_refused_not_a_server_error(client, champion):
 
 def test_oversized_requests_get_413(client, champion):
     too_many = client.post(
-        "/predict", json={"records": _records(champion["model"], MAX_RECORDS + 1)}
+        "/predict", json={"records": demo_records(champion["model"], MAX_RECORDS + 1)}
     )
     assert too_many.status_code == 413
     assert f"limit of {MAX_RECORDS}" in too_many.text
@@ -252,7 +260,7 @@ def test_oversized_requests_get_413(client, champion):
 
 
 def test_feedback_joins_labels_to_logged_predictions(client, champion):
-    records = _records(champion["model"], 2, seed=14)
+    records = demo_records(champion["model"], 2, seed=14)
     answer = client.post("/predict", json={"records": records}).json()
     request_id = answer["request_id"]
     # What the replica's traffic recorder logs for this answer.
