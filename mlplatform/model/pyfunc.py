@@ -33,7 +33,23 @@ class TabularModel(mlflow.pyfunc.PythonModel):
         self.pipeline = pipeline
         self.spec = spec
         self.threshold = spec.strategy.model_threshold(threshold)
-        self.example_record = dict(example_record or {})
+        self.typical_record = dict(example_record or {})
+
+    @property
+    def example_record(self) -> dict[str, Any]:
+        """A record to show and try the model with: typical training values, no row of the data.
+
+        Each feature's value given at training (:func:`mlplatform.model.training.example_record`)
+        or, without one, a value of its kind (the first known category, 0, false, a fixed date).
+        Models registered before typical values were kept stored a training row as
+        ``example_record``; it is never shown (this property hides it), their record comes
+        from the spec.
+        """
+        typical = self.__dict__.get("typical_record", {})
+        return {
+            name: typical[name] if name in typical else _value_of_kind(self.spec, name, kind)
+            for name, kind in self.spec.features.items()
+        }
 
     def scores(self, frame: pd.DataFrame) -> np.ndarray:
         """What evaluation scores, per task.
@@ -56,6 +72,13 @@ class TabularModel(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         """MLflow pyfunc entry point; see :meth:`predict_frame`."""
         return self.predict_frame(pd.DataFrame(model_input))
+
+
+def _value_of_kind(spec: FeatureSpec, name: str, kind: str) -> Any:
+    """A valid value for a feature, from its kind alone (the first category known for it)."""
+    if kind == "categorical":
+        return next(iter(spec.categories.get(name, [])), None)
+    return {"numeric": 0, "boolean": False, "datetime": "2000-01-01"}[kind]
 
 
 def encode_target(target: pd.Series, spec: FeatureSpec) -> np.ndarray:

@@ -6,14 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.pipeline import Pipeline
 
 from mlplatform.model import tuning
 from mlplatform.model.dataset import FeatureSet
-from mlplatform.model.pipeline import build_preprocessor, make_model_pipeline
+from mlplatform.model.pipeline import boolean_value, build_preprocessor, make_model_pipeline
+from mlplatform.model.spec import infer_feature_kind
 from mlplatform.tasks.metrics import LOWER_IS_BETTER
 
 
@@ -130,9 +130,36 @@ def code_lineage() -> dict[str, str]:
 
 
 def example_record(frame: pd.DataFrame) -> dict[str, Any]:
-    """One training row as JSON-ready values (what a client would send)."""
-    row = frame.iloc[0]
-    return {
-        name: (None if pd.isna(value) else value.item() if isinstance(value, np.generic) else value)
-        for name, value in row.items()
-    }
+    """A typical record of the training inputs as JSON-ready values, and no row of them.
+
+    ``GET /model`` shows it and the deployment's smoke test posts it, so it must reveal no one's
+    data: each column gets its own typical value (see :func:`_typical_value`), never the values
+    of one row together.
+    """
+    return {name: _typical_value(str(name), frame[name]) for name in frame.columns}
+
+
+def _typical_value(name: str, column: pd.Series) -> Any:
+    """A column's typical value as a client would send it.
+
+    The median for numbers (3 significant digits; a whole number for an integer column) and for
+    dates (the day, ISO 8601), the most common value for flags (a boolean) and categories (a
+    string). ``None`` (a missing value, which the model imputes) when the column is empty or no
+    category occurs twice, since a value seen once would single out its row.
+    """
+    values = column.dropna()
+    if values.empty:
+        return None
+    kind, _ = infer_feature_kind(name, column)  # as the spec reads the column
+    if pd.api.types.is_bool_dtype(values) or kind == "boolean":
+        return bool(boolean_value(values.value_counts().index[0]))
+    if pd.api.types.is_numeric_dtype(values):
+        median = float(values.astype(float).median())
+        if pd.api.types.is_integer_dtype(values):
+            return round(median)
+        return float(f"{median:.3g}")
+    if pd.api.types.is_datetime64_any_dtype(values) or kind == "datetime":
+        stamps = pd.to_datetime(values, errors="coerce", utc=True, format="mixed").dropna()
+        return None if stamps.empty else stamps.median().strftime("%Y-%m-%d")
+    counts = values.astype(str).value_counts()
+    return str(counts.index[0]) if counts.iloc[0] >= 2 else None

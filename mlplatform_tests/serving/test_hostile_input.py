@@ -9,10 +9,12 @@ the micro-batch is also checked on a live Ray Serve endpoint.
 import concurrent.futures
 import dataclasses
 import json
+import pickle
 import sys
 from collections.abc import Iterator
 
 import httpx
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from lightgbm import LGBMClassifier
@@ -23,6 +25,7 @@ from mlplatform.model.fast_path import TreeRecordsPredictor
 from mlplatform.model.pipeline import build_preprocessor, make_model_pipeline, parse_iso_datetime
 from mlplatform.model.pyfunc import TabularModel
 from mlplatform.model.spec import FeatureSpec
+from mlplatform.model.training import example_record
 from mlplatform.monitoring.feedback import FeedbackStore, FeedbackUnavailable, PredictionRecord
 from mlplatform.serving import cluster
 from mlplatform.serving.model import ServedModel, load_served_model
@@ -197,6 +200,56 @@ def test_only_short_strings_enter_the_date_cache():
     assert cache.cache_info().currsize == before
     assert parse_iso_datetime("1999-12-31T23:59:58") is not None  # a date is still cached
     assert cache.cache_info().currsize == before + 1
+
+
+# --- the example record of GET /model ----------------------------------------------------------
+
+
+def test_the_example_record_is_typical_values_and_no_row_of_the_data(client, model):
+    example = client.get("/model").json()["example_record"]
+    assert list(example) == list(model.spec.features)
+    training = generate_loans(1000, seed=4)[list(model.spec.features)]  # the champion's data
+    shared = (training.astype(object) == pd.Series(example, dtype=object)).sum(axis=1)
+    assert shared.max() < len(example) / 2  # no row shares even half of its values
+    assert 0.0 < example["income"] < 1e6 and example["income"] == float(f"{example['income']:.3g}")
+    assert example["purpose"] in model.spec.categories["purpose"]
+    assert isinstance(example["has_cosigner"], bool)
+    # The deployment's smoke test posts it as it is.
+    assert client.post("/predict", json={"records": [example]}).status_code == 200
+
+
+def test_typical_values_per_column_kind():
+    frame = pd.DataFrame(
+        {
+            "amount": [1234.5678, 10.0, 99_999.0, None, 250.0],
+            "count": [3, 1, 4, 1, 5],
+            "flag": ["true", "false", "true", "true", None],
+            "when": ["2025-01-01", "2025-01-03", "2025-01-05", "2025-01-07", "2025-01-09"],
+            "colour": ["red", "blue", "red", None, "green"],
+            "nickname": ["ann", "bob", "cy", "dee", "ed"],  # every value singles out its row
+        }
+    )
+    assert example_record(frame) == {
+        "amount": 742.0,  # the median, 742.2839, to 3 significant digits
+        "count": 3,
+        "flag": True,
+        "when": "2025-01-05",
+        "colour": "red",
+        "nickname": None,
+    }
+
+
+def test_a_model_registered_with_a_training_row_never_shows_it(model):
+    old = TabularModel(model.model.pipeline, model.spec)
+    row = demo_records(model, 1, seed=5)[0]
+    del old.__dict__["typical_record"]
+    old.__dict__["example_record"] = row  # what models stored before
+    loaded = pickle.loads(pickle.dumps(old))
+    example = loaded.example_record
+    assert list(example) == list(model.spec.features)
+    assert all(example[name] != row[name] for name in ("age", "income", "application_date"))
+    assert example["purpose"] == model.spec.categories["purpose"][0]
+    assert check_records([example], model.spec, 1) == [example]
 
 
 # --- feedback -------------------------------------------------------------------------------
