@@ -21,10 +21,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import from_json, to_json
 
+from mlplatform.model.spec import FeatureKind, FeatureSpec
 from mlplatform.monitoring.feedback import FeedbackStore, FeedbackUnavailable
 from mlplatform.serving.model import ServedModel
 from mlplatform.serving.settings import ServingKnobs
-from mlplatform.serving.validation import InvalidRequest, check_labels, check_records
+from mlplatform.serving.validation import (
+    MAX_DATETIME_LENGTH,
+    InvalidRequest,
+    check_labels,
+    check_records,
+)
 
 if TYPE_CHECKING:  # the sink runs a Ray actor; the routes need only its two methods
     from mlplatform.serving.recording import TrafficSink
@@ -93,14 +99,61 @@ SinglePredictor = Callable[[dict[str, Any]], Awaitable[SingleAnswer]]
 """Answers one single-record request: ``record -> answer body`` (a micro-batcher, in Ray)."""
 
 
-def _json_body(schema: type[BaseModel]) -> dict[str, Any]:
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
     """OpenAPI of a JSON body a route reads itself (documented, not parsed by FastAPI)."""
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": schema.model_json_schema()}},
+            "content": {"application/json": {"schema": schema}},
         }
     }
+
+
+_FEATURE_SCHEMAS: dict[FeatureKind, dict[str, Any]] = {
+    "numeric": {
+        "type": ["number", "null"],
+        "description": "A number a 64-bit float holds, or null (missing).",
+    },
+    "categorical": {"type": ["string", "null"]},
+    "boolean": {"type": ["boolean", "null"]},
+    "datetime": {
+        "type": ["string", "null"],
+        "format": "date-time",
+        "maxLength": MAX_DATETIME_LENGTH,
+        "description": "An ISO 8601 date or date-time from 1677-09-22 to 2262-04-11, or null "
+        "(other forms pandas reads are accepted too).",
+    },
+}
+
+
+def _predict_schema(spec: FeatureSpec, settings: ServingKnobs) -> dict[str, Any]:
+    """JSON schema of the ``POST /predict`` body for this model: its features, by kind."""
+    record = {
+        "type": "object",
+        "description": "One row: every feature (null for a missing value); the training file's "
+        "other columns (its label, dropped columns) are accepted and ignored.",
+        "properties": {name: _FEATURE_SCHEMAS[kind] for name, kind in spec.features.items()}
+        | {name: {} for name in sorted(spec.ignored_inputs)},
+        "required": list(spec.features),
+        "additionalProperties": False,
+    }
+    schema = PredictRequest.model_json_schema()
+    schema["properties"]["records"] |= {"items": record, "maxItems": settings.max_records}
+    schema["additionalProperties"] = False
+    return schema
+
+
+def _feedback_schema(spec: FeatureSpec, settings: ServingKnobs) -> dict[str, Any]:
+    """JSON schema of the ``POST /feedback`` body for this model: its indices and labels."""
+    item = FeedbackItem.model_json_schema()
+    item["properties"]["index"]["maximum"] = settings.max_records - 1
+    item["properties"]["label"] |= (
+        {"enum": list(spec.classes)} if spec.strategy.has_classes else {"type": "number"}
+    )
+    schema = FeedbackRequest.model_json_schema()
+    del schema["$defs"]  # the item goes inline: OpenAPI resolves references from its own root
+    schema["properties"]["labels"] |= {"items": item, "maxItems": settings.max_feedback_labels}
+    return schema
 
 
 def _too_large(size: int, limit: int) -> InvalidRequest:
@@ -316,7 +369,7 @@ def build_api(
     @api.post(
         "/predict",
         response_model=PredictResponse,
-        openapi_extra=_json_body(PredictRequest),
+        openapi_extra=_json_body(_predict_schema(model.spec, settings)),
         responses={
             400: {"description": "Not JSON"},
             413: {"description": "Too large"},
@@ -350,7 +403,7 @@ def build_api(
     @api.post(
         "/feedback",
         response_model=FeedbackResponse,
-        openapi_extra=_json_body(FeedbackRequest),
+        openapi_extra=_json_body(_feedback_schema(model.spec, settings)),
         responses={
             400: {"description": "Not JSON"},
             404: {"description": "Feedback not enabled"},
