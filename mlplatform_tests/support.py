@@ -33,6 +33,8 @@ from mlplatform.demo.data import generate_loans
 from mlplatform.model.spec import FeatureSpec, infer_feature_spec
 from mlplatform.monitoring.profiles import list_traffic_windows
 from mlplatform.resources import DataSource, MlflowTracking
+from mlplatform.serving import cluster
+from mlplatform.serving.settings import ServingSettings
 from mlplatform.settings import PlatformSettings, load_settings
 
 PLATFORM_VARIABLES = (
@@ -118,6 +120,33 @@ def train_champion(home: Path, seed: int) -> tuple[PlatformSettings, str]:
         )
         assert result.success
         return load_settings(), result.run_id
+
+
+@contextlib.contextmanager
+def deployed(settings: ServingSettings, serve_port: int, app_name: str) -> Iterator[str]:
+    """``settings`` served on the session's Ray Serve under ``/<app_name>``, deleted on exit.
+
+    Yields:
+        The app's URL, once it serves model version 1.
+
+    """
+    cluster.deploy(
+        settings,
+        ray_address=None,
+        host="127.0.0.1",
+        port=serve_port,
+        app_name=app_name,
+        local_head=None,
+        route_prefix=f"/{app_name}",
+    )
+    url = f"http://127.0.0.1:{serve_port}/{app_name}"
+    cluster.wait_until_serving(url, "1")
+    try:
+        yield url
+    finally:
+        from ray import serve
+
+        serve.delete(app_name)
 
 
 def scored(

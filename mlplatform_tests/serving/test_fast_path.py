@@ -40,7 +40,7 @@ from mlplatform.serving.ingress import (
 from mlplatform.serving.recorder import TrafficRecorder
 from mlplatform.serving.settings import ServingSettings
 from mlplatform.serving.validation import InvalidRequest, check_records
-from mlplatform_tests.support import free_port, train_champion
+from mlplatform_tests.support import deployed, free_port, train_champion
 
 SPEC = infer_feature_spec(generate_loans(300), "defaulted")
 PREFIX = "/fastpath"
@@ -278,21 +278,8 @@ def fast_endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory):
         traffic_dir=str(settings.traffic_dir),
         feedback_db=str(settings.feedback_db),
     )
-    cluster.deploy(
-        serving,
-        ray_address=None,
-        host="127.0.0.1",
-        port=serve_port,
-        app_name="fastpath",
-        local_head=None,
-        route_prefix=PREFIX,
-    )
-    url = f"http://127.0.0.1:{serve_port}{PREFIX}"
-    cluster.wait_until_serving(url, "1")
-    yield {"url": url, "port": serve_port, "tracking_uri": settings.tracking_uri}
-    from ray import serve
-
-    serve.delete("fastpath")
+    with deployed(serving, serve_port, PREFIX.strip("/")) as url:
+        yield {"url": url, "port": serve_port, "tracking_uri": settings.tracking_uri}
 
 
 def _listening_process(port: int) -> int:

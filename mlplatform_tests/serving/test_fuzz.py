@@ -19,12 +19,11 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.schemas import APIOperation, BaseSchema
 
 from mlplatform.monitoring.feedback import FeedbackStore
-from mlplatform.serving import cluster
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import build_api
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform_tests.serving.test_hostile_input import with_lightgbm
-from mlplatform_tests.support import train_champion
+from mlplatform_tests.support import deployed, train_champion
 
 SEED = 20_251_130
 """Hypothesis' seed: the same requests on every run."""
@@ -134,21 +133,8 @@ def live_url(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Itera
         traffic_dir=str(platform.traffic_dir),
         feedback_db=str(platform.feedback_db),
     )
-    cluster.deploy(
-        settings,
-        ray_address=None,
-        host="127.0.0.1",
-        port=serve_port,
-        app_name="fuzz",
-        local_head=None,
-        route_prefix="/fuzz",
-    )
-    url = f"http://127.0.0.1:{serve_port}/fuzz"
-    cluster.wait_until_serving(url, "1")
-    yield url
-    from ray import serve
-
-    serve.delete("fuzz")
+    with deployed(settings, serve_port, "fuzz") as url:
+        yield url
 
 
 def test_the_live_endpoint_never_answers_a_server_error(live_url):

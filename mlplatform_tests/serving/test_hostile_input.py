@@ -27,13 +27,12 @@ from mlplatform.model.pyfunc import TabularModel
 from mlplatform.model.spec import FeatureSpec
 from mlplatform.model.training import example_record
 from mlplatform.monitoring.feedback import FeedbackStore, FeedbackUnavailable, PredictionRecord
-from mlplatform.serving import cluster
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import answer_singles, build_api
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.serving.validation import InvalidRequest, check_labels, check_records
 from mlplatform_tests.serving.test_routes import demo_records
-from mlplatform_tests.support import small_disk, train_champion
+from mlplatform_tests.support import deployed, small_disk, train_champion
 
 LIMITS = ServingKnobs(max_records=50, max_body_bytes=64 * 1024, max_feedback_labels=100)
 HUGE = 10**400
@@ -421,21 +420,8 @@ def live(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         feedback_db=str(platform.feedback_db),
         batch_wait_timeout_s=0.05,  # single records sent together wait for each other
     )
-    cluster.deploy(
-        settings,
-        ray_address=None,
-        host="127.0.0.1",
-        port=serve_port,
-        app_name="hostile",
-        local_head=None,
-        route_prefix="/hostile",
-    )
-    url = f"http://127.0.0.1:{serve_port}/hostile"
-    cluster.wait_until_serving(url, "1")
-    yield url
-    from ray import serve
-
-    serve.delete("hostile")
+    with deployed(settings, serve_port, "hostile") as url:
+        yield url
 
 
 def test_hostile_records_sent_with_innocent_ones_fail_alone_on_the_live_endpoint(live, model):
