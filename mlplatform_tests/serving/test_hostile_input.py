@@ -31,8 +31,7 @@ from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import answer_singles, build_api
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.serving.validation import InvalidRequest, check_labels, check_records
-from mlplatform_tests.serving.test_routes import demo_records
-from mlplatform_tests.support import deployed, small_disk, train_champion
+from mlplatform_tests.support import deployed, loan_records, small_disk, train_champion
 
 LIMITS = ServingKnobs(max_records=50, max_body_bytes=64 * 1024, max_feedback_labels=100)
 HUGE = 10**400
@@ -90,7 +89,7 @@ def _post_raw(client: TestClient, path: str, body: str) -> httpx.Response:
 @pytest.mark.parametrize("value", [HUGE, -HUGE, 10**309])
 @pytest.mark.parametrize("n_records", [1, 3])
 def test_integers_beyond_a_float_are_a_422_naming_the_field(client, model, value, n_records):
-    records = demo_records(model, n_records)
+    records = loan_records(n_records, seed=11)
     records[-1]["income"] = value
     response = client.post("/predict", json={"records": records})
     assert response.status_code == 422, response.text
@@ -102,7 +101,7 @@ def test_integers_beyond_a_float_are_a_422_naming_the_field(client, model, value
 
 
 def test_the_largest_integer_a_float_holds_is_accepted(model):
-    record = demo_records(model, 1)[0] | {"income": int(sys.float_info.max)}
+    record = loan_records(1, seed=11)[0] | {"income": int(sys.float_info.max)}
     assert check_records([record], model.spec, 10) == [record]
     with pytest.raises(InvalidRequest, match="64-bit float"):
         check_records([record | {"income": int(sys.float_info.max) + 2**971}], model.spec, 10)
@@ -110,7 +109,7 @@ def test_the_largest_integer_a_float_holds_is_accepted(model):
 
 @pytest.mark.parametrize("literal", ["1e400", "-1e400", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_a_422_naming_the_field(client, model, literal):
-    record = demo_records(model, 1)[0] | {"age": "PLACEHOLDER"}
+    record = loan_records(1, seed=11)[0] | {"age": "PLACEHOLDER"}
     body = json.dumps({"records": [record]}).replace('"PLACEHOLDER"', literal)
     response = _post_raw(client, "/predict", body)
     assert response.status_code == 422, response.text
@@ -128,7 +127,7 @@ def test_a_record_that_cannot_be_scored_fails_alone_in_its_micro_batch(
     """Unvalidated on purpose: what a micro-batch does if a record reaches the model anyway."""
     model = tree_model if scored_by == "fast path" else model
     assert (model.fast_path is not None) == (scored_by == "fast path")
-    good = demo_records(model, 4, seed=21)
+    good = loan_records(4, seed=21)
     hostile = good[1] | {"income": HUGE}
     answers = answer_singles(model, None, [good[0], hostile, good[2], good[3]])
     assert len(answers) == 4
@@ -146,12 +145,12 @@ def test_a_record_that_cannot_be_scored_fails_alone_in_its_micro_batch(
 def unscorable(model: ServedModel) -> dict:
     """A valid record the linear champion cannot score: its scaling overflows to infinity."""
     assert model.fast_path is None, "the demo champion of seed 4 is expected to be linear"
-    return demo_records(model, 1, seed=22)[0] | {"delinquencies_2y": -sys.float_info.max}
+    return loan_records(1, seed=22)[0] | {"delinquencies_2y": -sys.float_info.max}
 
 
 @pytest.mark.parametrize("n_records", [1, 3])
 def test_a_valid_record_the_model_cannot_score_is_a_422(client, model, n_records):
-    records = [*demo_records(model, n_records - 1, seed=23), unscorable(model)]
+    records = [*loan_records(n_records - 1, seed=23), unscorable(model)]
     assert check_records(records, model.spec, 10) == records
     response = client.post("/predict", json={"records": records})
     assert response.status_code == 422
@@ -171,7 +170,7 @@ def test_an_error_a_batcher_returns_is_the_answer_of_its_request_only(model):
         return answer_singles(model, None, [record | {"income": HUGE}])[0]
 
     client = TestClient(build_api(model, LIMITS, predict_single=batcher))
-    response = client.post("/predict", json={"records": demo_records(model, 1)})
+    response = client.post("/predict", json={"records": loan_records(1, seed=11)})
     assert response.status_code == 422
     assert "cannot score" in response.json()["detail"][0]["msg"]
 
@@ -182,7 +181,7 @@ def test_an_error_a_batcher_returns_is_the_answer_of_its_request_only(model):
 @pytest.mark.parametrize("length", [65, 1_000, 60_000])
 def test_date_strings_longer_than_any_date_are_refused_at_once(client, model, length):
     value = "2025-06-01" + " " * (length - 10)  # pandas would read it, in time growing with length
-    record = demo_records(model, 1)[0] | {"application_date": value}
+    record = loan_records(1, seed=11)[0] | {"application_date": value}
     response = client.post("/predict", json={"records": [record]})
     assert response.status_code == 422
     detail = response.json()["detail"]
@@ -240,7 +239,7 @@ def test_typical_values_per_column_kind():
 
 def test_a_model_registered_with_a_training_row_never_shows_it(model):
     old = TabularModel(model.model.pipeline, model.spec)
-    row = demo_records(model, 1, seed=5)[0]
+    row = loan_records(1, seed=5)[0]
     del old.__dict__["typical_record"]
     old.__dict__["example_record"] = row  # what models stored before
     loaded = pickle.loads(pickle.dumps(old))
@@ -381,7 +380,7 @@ def test_a_full_disk_makes_feedback_a_503_and_predictions_go_on(model, tmp_path)
         assert "retry later" in detail[0]["msg"]
         assert client.get("/healthz").json()["feedback"] == {"failed_writes": 1}
         for n_records in (1, 3):
-            answer = client.post("/predict", json={"records": demo_records(model, n_records)})
+            answer = client.post("/predict", json={"records": loan_records(n_records, seed=11)})
             assert answer.status_code == 200
 
         disk.free()
@@ -425,7 +424,7 @@ def live(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def test_hostile_records_sent_with_innocent_ones_fail_alone_on_the_live_endpoint(live, model):
-    innocent = demo_records(model, 24, seed=31)
+    innocent = loan_records(24, seed=31)
     refused = [  # by validation, before any batch
         innocent[0] | {"income": HUGE},
         innocent[0] | {"age": -HUGE},

@@ -47,9 +47,7 @@ def client(champion: dict) -> TestClient:
     return TestClient(api, raise_server_exceptions=False)
 
 
-def demo_records(
-    model: ServedModel, n: int, seed: int = 11, file_columns: bool = False
-) -> list[dict]:
+def _records(model: ServedModel, n: int, seed: int = 11, file_columns: bool = False) -> list[dict]:
     """Demo loans as JSON records: the model's features, or every column of the user's file."""
     frame = generate_loans(n, seed=seed)
     if not file_columns:
@@ -109,7 +107,7 @@ def test_health_model_card_and_docs(client, champion):
 
 
 def test_predictions_match_the_registered_model(client, champion):
-    records = demo_records(champion["model"], 20)
+    records = _records(champion["model"], 20)
     expected = _registered_predictions(champion, records)
     batch = client.post("/predict", json={"records": records})
     assert batch.status_code == 200
@@ -134,7 +132,7 @@ def test_predictions_match_the_registered_model(client, champion):
 
 
 def test_records_as_the_file_has_them_are_predicted_like_the_registered_model(client, champion):
-    records = demo_records(champion["model"], 5, seed=12, file_columns=True)  # id and label too
+    records = _records(champion["model"], 5, seed=12, file_columns=True)  # id and label too
     expected = _registered_predictions(champion, records)
     batch = client.post("/predict", json={"records": records})
     assert batch.status_code == 200, batch.text
@@ -150,7 +148,7 @@ def test_single_records_go_through_the_given_batcher_and_batches_do_not(champion
         return answer_singles(model, None, [record])[0]
 
     client = TestClient(build_api(model, LIMITS, predict_single=batcher))
-    records = demo_records(model, 3, seed=13)
+    records = _records(model, 3, seed=13)
     single = client.post("/predict", json={"records": records[:1]})
     assert single.status_code == 200
     assert batched == records[:1]
@@ -202,7 +200,7 @@ def test_bad_requests_get_4xx_with_a_reason(client, body, status, message):
     ],
 )
 def test_wrongly_typed_fields_are_named(client, champion, field, value, message):
-    record = demo_records(champion["model"], 1)[0] | {field: value}
+    record = _records(champion["model"], 1)[0] | {field: value}
     response = client.post("/predict", json={"records": [record]})
     assert response.status_code == 422
     detail = response.json()["detail"]
@@ -211,7 +209,7 @@ def test_wrongly_typed_fields_are_named(client, champion, field, value, message)
 
 
 def test_missing_and_extra_fields_are_named_in_every_record(client, champion):
-    records = demo_records(champion["model"], 3)
+    records = _records(champion["model"], 3)
     del records[0]["age"]
     records[2]["nickname"] = "x"
     response = client.post("/predict", json={"records": records})
@@ -225,7 +223,7 @@ def test_missing_and_extra_fields_are_named_in_every_record(client, champion):
 
 
 def test_non_finite_numbers_are_refused_not_a_server_error(client, champion):
-    record = demo_records(champion["model"], 1)[0]
+    record = _records(champion["model"], 1)[0]
     body = json.dumps({"records": [record]}).replace(
         f'"age": {json.dumps(record["age"])}', '"age": 1e400'
     )
@@ -244,7 +242,7 @@ def test_non_finite_numbers_are_refused_not_a_server_error(client, champion):
 
 def test_oversized_requests_get_413(client, champion):
     too_many = client.post(
-        "/predict", json={"records": demo_records(champion["model"], MAX_RECORDS + 1)}
+        "/predict", json={"records": _records(champion["model"], MAX_RECORDS + 1)}
     )
     assert too_many.status_code == 413
     assert f"limit of {MAX_RECORDS}" in too_many.text
@@ -260,7 +258,7 @@ def test_oversized_requests_get_413(client, champion):
 
 
 def test_feedback_joins_labels_to_logged_predictions(client, champion):
-    records = demo_records(champion["model"], 2, seed=14)
+    records = _records(champion["model"], 2, seed=14)
     answer = client.post("/predict", json={"records": records}).json()
     request_id = answer["request_id"]
     # What the replica's traffic recorder logs for this answer.
