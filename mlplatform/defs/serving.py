@@ -153,7 +153,18 @@ def _previous_deployment(
     return config.serving_settings(uri, tracking_uri)
 
 
-def _keep_serving(
+def _restore(ray_serve: RayServe, url: str, previous: ServingSettings, timeout_s: float) -> str:
+    """Deploy ``previous`` again after a failed deploy; what happened, as a phrase."""
+    version = previous.model_uri.rsplit("/", 1)[-1]
+    try:
+        ray_serve.deploy(previous, timeout_s=timeout_s)
+        wait_until_serving(url, version, timeout_s=timeout_s)
+    except Exception as error:  # reported with the failure that made the restore necessary
+        return f"restoring v{version} failed too: {type(error).__name__}: {error}"
+    return f"restored the previous deployment (v{version})"
+
+
+def _deploy_failed(
     context: dg.AssetExecutionContext,
     mlflow_tracking: MlflowTracking,
     champion: ModelRef,
@@ -208,7 +219,7 @@ def model_endpoint(
         preflight(champion.uri, mlflow_tracking.tracking_uri)
     except UnservableModel as error:
         # Nothing was rolled: whatever served before still serves.
-        raise _keep_serving(context, mlflow_tracking, champion, before, str(error)) from None
+        raise _deploy_failed(context, mlflow_tracking, champion, before, str(error)) from None
     serving = config.serving_settings(champion.uri, mlflow_tracking.tracking_uri)
     previous = _previous_deployment(context, config, before, champion, mlflow_tracking.tracking_uri)
     started = time.perf_counter()
@@ -222,14 +233,9 @@ def model_endpoint(
     except Exception as error:  # whatever failed, the previous deployment comes back first
         failure = f"{type(error).__name__}: {error}"
         if previous is not None:
-            try:
-                ray_serve.deploy(previous, timeout_s=config.restore_timeout_s)
-                wait_until_serving(url, before.version or "", timeout_s=config.restore_timeout_s)
-                failure += f"; restored the previous deployment (v{before.version})"
-            except Exception as restore_error:  # reported with the first failure
-                failure += f"; restoring v{before.version} failed too: {restore_error}"
+            failure += "; " + _restore(ray_serve, url, previous, config.restore_timeout_s)
         # The cause is in the message: the run's failure names it, not its innermost frame.
-        raise _keep_serving(
+        raise _deploy_failed(
             context, mlflow_tracking, champion, observe_endpoint(url), failure
         ) from None
     info = EndpointInfo(
