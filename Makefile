@@ -15,7 +15,7 @@ UV := .tools/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test test-fast ui stop demo-drift lint format lock clean
+.PHONY: install run serve test test-fast ui stop demo-drift lint format lock clean
 
 install: $(BIN)/.installed
 
@@ -41,6 +41,10 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 ## run: materialize the whole asset graph and leave the endpoint running
 run: install $(DAGSTER_HOME)/dagster.yaml
 	@$(BIN)/python -m mlplatform run
+
+## serve: deploy the registry's champion again, without retraining (after `make stop`, a reboot)
+serve: install $(DAGSTER_HOME)/dagster.yaml
+	@$(BIN)/python -m mlplatform serve
 
 ## test: the whole test suite
 test: install

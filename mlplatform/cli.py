@@ -1,14 +1,15 @@
-"""Command line: ``python -m mlplatform run | stop | status | rollback | lineage | simulate``.
+"""Command line: ``python -m mlplatform run | serve | stop | status | rollback | lineage``.
 
 ``run`` materializes the whole asset graph (``retrain_job``) on the Dagster instance in
 ``DAGSTER_HOME`` (default: under the platform home), so the run appears in the web UI, and prints
-the live endpoint with a request to paste. ``stop`` shuts the local Ray head and the endpoint
-down. ``status [--json]`` shows the champion, the version the endpoint serves and its traffic
-counters, the last drift verdict and the last decisions (exit code 1 when the endpoint does not
-serve the champion). ``rollback --to VERSION --reason TEXT`` runs ``rollback_job`` on the same
-instance: the ``champion`` alias goes back to an earlier version, the decision is recorded, and
-the endpoint serves that version. ``lineage --version N`` traces a model version back to the
-exact ``raw_data`` materialization it was trained on.
+the live endpoint with a request to paste. ``serve`` deploys the registry's champion without
+retraining (``deploy_job``), as after ``stop`` or a reboot. ``stop`` shuts the local Ray head and
+the endpoint down. ``status [--json]`` shows the champion, the version the endpoint serves and its
+traffic counters, the last drift verdict and the last decisions (exit code 1 when the endpoint
+does not serve the champion). ``rollback --to VERSION --reason TEXT`` runs ``rollback_job`` on
+the same instance: the ``champion`` alias goes back to an earlier version, the decision is
+recorded, and the endpoint serves that version. ``lineage --version N`` traces a model version
+back to the exact ``raw_data`` materialization it was trained on.
 """
 
 import argparse
@@ -111,7 +112,8 @@ def execute_job(
     for name, message in reasons:
         print(f"  {name}: {_one_line(message)}", file=sys.stderr)
     decided = any(e.is_step_success and e.step_key == "champion_model" for e in result.all_events)
-    if not decided:
+    # A failed deploy says itself what the endpoint serves and where the champion is.
+    if not decided and "model_endpoint" not in {step for step, _ in causes}:
         print("The champion and the endpoint are unchanged.", file=sys.stderr)
     print(f"Full log: {log_path}; the run in the web UI (`make ui`): {run_id}", file=sys.stderr)
     return None
@@ -130,6 +132,10 @@ def _endpoint_text(endpoint: "EndpointInfo") -> str:
     )
 
 
+def _try_it_text(endpoint: "EndpointInfo") -> str:
+    return _endpoint_text(endpoint) + f"\nTry it:\n  {endpoint.curl_example}\n"
+
+
 def run_pipeline() -> int:
     """Materialize every asset and print how to call the endpoint; returns an exit code."""
     outcome = execute_job("retrain_job")
@@ -137,11 +143,27 @@ def run_pipeline() -> int:
         return 1
     result, elapsed = outcome
     endpoint = result.output_for_node("model_endpoint")
-    print(
-        f"\nAll assets materialized in {elapsed:.0f}s.\n"
-        + _endpoint_text(endpoint)
-        + f"\nTry it:\n  {endpoint.curl_example}\n"
-    )
+    print(f"\nAll assets materialized in {elapsed:.0f}s.\n" + _try_it_text(endpoint))
+    return 0
+
+
+def serve_champion() -> int:
+    """Deploy the registry's champion without retraining and print how to call it.
+
+    Runs ``deploy_job``, the run the endpoint sensor requests: after ``stop`` or a reboot it
+    brings the endpoint back with the same champion. A version that cannot serve is refused and
+    whatever served before keeps serving.
+
+    Returns:
+        The exit code: 0 when the champion is live, 1 otherwise.
+
+    """
+    outcome = execute_job("deploy_job", what="The deploy")
+    if outcome is None:
+        return 1
+    result, elapsed = outcome
+    endpoint = result.output_for_node("model_endpoint")
+    print(f"\nDeployed the champion in {elapsed:.0f}s.\n" + _try_it_text(endpoint))
     return 0
 
 
@@ -267,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlplatform", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="materialize the full asset graph, ending with a live endpoint")
+    commands.add_parser("serve", help="deploy the registry's champion again, without retraining")
     commands.add_parser("stop", help="stop the local Ray head and the endpoint")
     status = commands.add_parser(
         "status", help="the champion, what the endpoint serves, drift and the last decisions"
@@ -310,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         return simulate_traffic(args)
     if args.command == "run":
         return run_pipeline()
+    if args.command == "serve":
+        return serve_champion()
     if args.command == "rollback":
         return rollback(args.version, args.reason)
     if args.command == "status":

@@ -12,7 +12,12 @@ from mlplatform.defs.monitoring import (
     freshness_policies,
 )
 from mlplatform.defs.registry import champion_model
-from mlplatform.defs.serving import model_endpoint
+from mlplatform.defs.serving import (
+    DEPLOY_JOB_NAME,
+    ENDPOINT_TAGS,
+    endpoint_sensor,
+    model_endpoint,
+)
 from mlplatform.defs.training import candidate_model
 from mlplatform.monitoring.rules import load_monitoring_settings
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
@@ -44,7 +49,7 @@ ASSETS = list(
 
 # Run tags the queue limits in dagster.yaml act on: one retrain at a time, and one deployment of
 # the endpoint at a time (a rollback must not race a retrain's rolling update).
-RETRAIN_TAGS = {"mlplatform/workload": "retrain", "mlplatform/endpoint": "default"}
+RETRAIN_TAGS = {"mlplatform/workload": "retrain", **ENDPOINT_TAGS}
 
 retrain_job = dg.define_asset_job(
     RETRAIN_JOB_NAME,
@@ -58,9 +63,17 @@ rollback_job = dg.define_asset_job(
     "rollback_job",
     selection=dg.AssetSelection.assets("champion_model", "model_endpoint"),
     config={"ops": {"champion_model": {"config": {"action": "rollback"}}}},
-    tags={"mlplatform/endpoint": "default"},
+    tags=ENDPOINT_TAGS,
     description="Point `champion` back at an earlier version (set `version` and `reason`) "
     "and redeploy the endpoint.",
+)
+
+deploy_job = dg.define_asset_job(
+    DEPLOY_JOB_NAME,
+    selection=dg.AssetSelection.assets("model_endpoint"),
+    tags=ENDPOINT_TAGS,
+    description="Deploy the version the registry's `champion` alias names now, without "
+    "retraining (what `python -m mlplatform serve` and the endpoint sensor run).",
 )
 
 drift_report_job = dg.define_asset_job(
@@ -71,8 +84,8 @@ drift_report_job = dg.define_asset_job(
 
 defs = dg.Definitions(
     assets=ASSETS,
-    jobs=[retrain_job, rollback_job, drift_report_job],
-    sensors=SENSORS,
+    jobs=[retrain_job, rollback_job, deploy_job, drift_report_job],
+    sensors=[*SENSORS, endpoint_sensor],
     resources={
         "data_source": DataSource(),
         "mlflow_tracking": MlflowTracking(),

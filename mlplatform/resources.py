@@ -261,7 +261,7 @@ class RayServe(dg.ConfigurableResource):
             return settings.endpoint_url
         return f"http://{self.host or settings.serve_host}:{self.port or settings.serve_port}"
 
-    def deploy(self, serving: ServingSettings) -> None:
+    def deploy(self, serving: ServingSettings, timeout_s: float = 180.0) -> None:
         """Deploy or roll forward the endpoint (see :func:`mlplatform.serving.cluster.deploy`)."""
         settings = load_settings()
         cluster.deploy(
@@ -271,4 +271,5 @@ class RayServe(dg.ConfigurableResource):
             port=self.port or settings.serve_port,
             app_name=self.app_name,
             local_head=cluster.LocalHead(settings.ray_port, settings.ray_dir),
+            timeout_s=timeout_s,
         )

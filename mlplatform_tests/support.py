@@ -10,8 +10,10 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,51 @@ def tick(sensor: Any, instance: dg.DagsterInstance, cursor: str | None = None) -
         instance=instance, cursor=cursor, definitions=defs, resources=defs.resources
     ) as context:
         return sensor(context)
+
+
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """A webhook receiver on 127.0.0.1 and the JSON bodies POSTed to it, in order."""
+
+    url: str
+    received: list[dict[str, Any]]
+
+
+@contextlib.contextmanager
+def running_webhook(get_answer: tuple[int, bytes] = (404, b"")) -> Iterator[Webhook]:
+    """A real HTTP server that records what it is sent, for one test only (shut down after).
+
+    Args:
+        get_answer: the status and body it answers every GET with (an endpoint that answers
+            badly, say).
+
+    """
+    received: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            status, body = get_answer
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", free_port()), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield Webhook(f"http://127.0.0.1:{server.server_port}/hook", received)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def free_port() -> int:
@@ -147,6 +194,35 @@ def deployed(settings: ServingSettings, serve_port: int, app_name: str) -> Itera
         from ray import serve
 
         serve.delete(app_name)
+
+
+def register_copy(version: str, directory: Path, corrupt: bool = False) -> str:
+    """Register a copy of a version's model files as a new version of the platform's model.
+
+    Args:
+        version: the version copied.
+        directory: where the copy's files are written.
+        corrupt: replace the pickled model with bytes that are no pickle (a version that
+            cannot be loaded: a broken upload, a truncated file).
+
+    Returns:
+        The new version.
+
+    """
+    uri = load_settings().tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    files = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/mlplatform/{version}", dst_path=str(directory)
+        )
+    )
+    if corrupt:
+        (files / "python_model.pkl").write_bytes(b"\x00 this is not a pickle")
+    experiment = mlflow.get_experiment_by_name("mlplatform")
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        mlflow.log_artifacts(str(files), "model")
+    return str(mlflow.register_model(f"runs:/{run.info.run_id}/model", "mlplatform").version)
 
 
 def scored(

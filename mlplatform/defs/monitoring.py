@@ -20,6 +20,7 @@ from typing import Any
 import dagster as dg
 from whylogs.core import DatasetProfileView
 
+from mlplatform.defs.serving import run_in_progress
 from mlplatform.model.registry import CHAMPION_ALIAS
 from mlplatform.monitoring import drift
 from mlplatform.monitoring.feedback import FeedbackStore, live_performance
@@ -220,19 +221,7 @@ def drift_report(
 
 def retrain_in_progress(instance: dg.DagsterInstance) -> bool:
     """Whether a retrain run is queued or running (retrains never overlap)."""
-    records = instance.get_run_records(
-        dg.RunsFilter(
-            job_name=RETRAIN_JOB_NAME,
-            statuses=[
-                dg.DagsterRunStatus.QUEUED,
-                dg.DagsterRunStatus.NOT_STARTED,
-                dg.DagsterRunStatus.STARTING,
-                dg.DagsterRunStatus.STARTED,
-            ],
-        ),
-        limit=1,
-    )
-    return bool(records)
+    return run_in_progress(instance, job_name=RETRAIN_JOB_NAME)
 
 
 # How often a sensor ticks is part of its definition, so the interval variables are read when

@@ -2,7 +2,8 @@
 
 The gate decides by default (this asset only runs in a retrain once the blocking gate check
 passed); an operator can force a version, block a promotion or roll back, each with a reason.
-Decisions are written as MLflow model version tags and Dagster metadata: an audit trail.
+A version that cannot be loaded and score is never made champion, whoever asks. Decisions are
+written as MLflow model version tags and Dagster metadata: an audit trail.
 """
 
 import dataclasses
@@ -12,11 +13,15 @@ from typing import Literal
 
 import dagster as dg
 import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from pydantic import Field
 
 from mlplatform.evaluation.gate import EvaluationReport
 from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef
 from mlplatform.resources import MlflowTracking
+from mlplatform.serving.preflight import UnservableModel, preflight
 
 
 class PromotionAction(Enum):
@@ -42,8 +47,12 @@ class PromotionConfig(dg.Config):
     )
 
 
-PromotionOutcome = Literal["promoted", "kept", "denied", "forced", "rolled_back"]
-"""What a promotion decision did (the ``promotion.decision`` tag and metadata value)."""
+PromotionOutcome = Literal["promoted", "kept", "denied", "forced", "rolled_back", "reverted"]
+"""What a promotion decision did (the ``promotion.decision`` tag and metadata value).
+
+``reverted``: the alias went back to the version the endpoint serves, because the version it
+named could not be deployed.
+"""
 
 
 class StaleEvaluationError(RuntimeError):
@@ -52,6 +61,14 @@ class StaleEvaluationError(RuntimeError):
 
 class PromotionRequestError(ValueError):
     """An operator's promotion request is incomplete or names a version that cannot serve."""
+
+
+class UnservableVersionError(RuntimeError):
+    """The version a decision would make champion cannot be loaded or cannot score."""
+
+
+class NoChampionError(RuntimeError):
+    """The registry has no `champion` alias: there is nothing to serve yet."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +83,7 @@ class Decision:
     @property
     def moves_alias(self) -> bool:
         """Whether the `champion` alias changes."""
-        return self.decision in {"promoted", "forced", "rolled_back"}
+        return self.decision in {"promoted", "forced", "rolled_back", "reverted"}
 
 
 def decide(
@@ -120,6 +137,115 @@ def decide(
     return decision
 
 
+def record_decision(
+    client: MlflowClient,
+    name: str,
+    decision: Decision,
+    previous_champion: str | None,
+    dagster_run_id: str,
+) -> dict[str, str]:
+    """Write a decision on its subject version as ``promotion.*`` tags: the audit trail.
+
+    Returns:
+        The tags written (decision, reason, previous champion, Dagster run, time).
+
+    """
+    audit = {
+        "promotion.decision": decision.decision,
+        "promotion.reason": decision.reason,
+        "promotion.previous_champion": previous_champion or "none",
+        "promotion.dagster_run_id": dagster_run_id,
+        "promotion.time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    for key, value in audit.items():
+        client.set_model_version_tag(name, decision.subject_version, key, value)
+    return audit
+
+
+def model_ref(version: ModelVersion) -> ModelRef:
+    """The reference assets hand on for a registered model version."""
+    return ModelRef(
+        version.name, str(version.version), version.run_id, version.tags.get("algorithm", "unknown")
+    )
+
+
+def current_champion(tracking: MlflowTracking) -> ModelRef:
+    """The version the registry's `champion` alias names now.
+
+    Raises:
+        NoChampionError: when there is no champion yet.
+        RegistryUnavailable: when the registry does not answer (never read as no champion).
+
+    """
+    champion = tracking.version_by_alias(CHAMPION_ALIAS)
+    if champion is None:
+        raise NoChampionError(
+            f"model {tracking.registered_model_name} has no champion yet: train one first "
+            "(`python -m mlplatform run`)"
+        )
+    return model_ref(champion)
+
+
+def revert_champion(
+    tracking: MlflowTracking, failed_version: str, serving_version: str, reason: str, run_id: str
+) -> Decision | None:
+    """Point `champion` back at the version the endpoint serves, after another failed to deploy.
+
+    The decision is recorded on the failed version, like every other. Nothing changes when the
+    alias no longer names ``failed_version`` (someone moved it since) or when the registry has
+    no ``serving_version`` (the endpoint serves a model of another registry).
+
+    Returns:
+        The decision, or ``None`` when the alias was left alone.
+
+    """
+    client, name = tracking.client(), tracking.registered_model_name
+    current = tracking.version_by_alias(CHAMPION_ALIAS)
+    if current is None or str(current.version) != failed_version:
+        return None
+    try:
+        client.get_model_version(name, serving_version)
+    except MlflowException:
+        return None
+    decision = Decision("reverted", failed_version, serving_version, reason)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, serving_version)
+    record_decision(client, name, decision, failed_version, run_id)
+    return decision
+
+
+def _refuse_unless_servable(
+    tracking: MlflowTracking,
+    candidate: ModelRef,
+    decision: Decision,
+    current_version: str | None,
+    run_id: str,
+) -> None:
+    """Load the version a decision makes champion and score with it; refuse it if that fails.
+
+    The refusal is recorded on the version (``denied``, with the load or scoring error) and the
+    alias stays where it is.
+
+    Raises:
+        UnservableVersionError: naming the cause, when the version cannot serve.
+
+    """
+    try:
+        preflight(candidate.uri, tracking.tracking_uri)
+    except UnservableModel as error:
+        done = decision.decision.replace("_", " ")
+        refused = Decision(
+            "denied", decision.subject_version, current_version or "", f"not {done}: {error}"
+        )
+        record_decision(tracking.client(), candidate.name, refused, current_version, run_id)
+        mlflow.set_tags({"promotion.decision": "denied", "promotion.version": candidate.version})
+        kept = f"v{current_version}" if current_version else "none"
+        # The cause is in the message: the run's failure names it, not its innermost frame.
+        raise UnservableVersionError(
+            f"v{candidate.version} cannot serve, so it was not {done}; the champion stays "
+            f"{kept}: {error}"
+        ) from None
+
+
 @dg.asset(group_name="registry", kinds={"mlflow"}, owners=["team:ml-platform"])
 def champion_model(
     context: dg.AssetExecutionContext,
@@ -133,28 +259,17 @@ def champion_model(
     current = mlflow_tracking.version_by_alias(CHAMPION_ALIAS)
     current_version = str(current.version) if current is not None else None
     decision = decide(config, evaluation_report, current_version)
-    champion = client.get_model_version(name, decision.champion_version)  # raises if unknown
+    ref = model_ref(client.get_model_version(name, decision.champion_version))  # raises if unknown
     if decision.moves_alias:
+        _refuse_unless_servable(mlflow_tracking, ref, decision, current_version, context.run.run_id)
         client.set_registered_model_alias(name, CHAMPION_ALIAS, decision.champion_version)
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    audit = {
-        "promotion.decision": decision.decision,
-        "promotion.reason": decision.reason,
-        "promotion.previous_champion": current_version or "none",
-        "promotion.dagster_run_id": context.run_id,
-        "promotion.time": now,
-    }
-    for key, value in audit.items():
-        client.set_model_version_tag(name, decision.subject_version, key, value)
+    audit = record_decision(client, name, decision, current_version, context.run.run_id)
     mlflow.set_tags(
         {"promotion.decision": decision.decision, "promotion.version": decision.subject_version}
     )
     context.log.info(
         f"{decision.decision} v{decision.subject_version}: {decision.reason}; "
         f"champion is v{decision.champion_version}"
-    )
-    ref = ModelRef(
-        name, decision.champion_version, champion.run_id, champion.tags.get("algorithm", "unknown")
     )
     return dg.Output(
         ref,
@@ -166,6 +281,6 @@ def champion_model(
             "reason": decision.reason,
             "model_uri": ref.uri,
             "mlflow_run_id": ref.mlflow_run_id,
-            "decided_at": now,
+            "decided_at": audit["promotion.time"],
         },
     )

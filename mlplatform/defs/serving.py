@@ -1,22 +1,51 @@
-"""Serving: deploy the champion to Ray Serve, wait until it answers, smoke-test it."""
+"""Serving: the registry's champion live on Ray Serve, and kept live.
+
+``model_endpoint`` deploys the version the `champion` alias names when it runs (a retrain, a
+rollback, or ``deploy_job`` alone), after loading it here and scoring synthesized records with
+it: a version that cannot serve never replaces one that does, and if a deploy fails anyway the
+previous deployment is restored and the alias follows what is served. ``endpoint_sensor``
+compares the champion with what the endpoint reports on every tick and requests a
+``deploy_job`` run when they differ (the endpoint down after a reboot or a crash, or serving
+another version); its decisions are the pure functions of :mod:`mlplatform.monitoring.rules`.
+"""
 
 import dataclasses
 import datetime as dt
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
 import httpx
 from pydantic import Field
 
-from mlplatform.model.registry import ModelRef
+from mlplatform.defs.registry import current_champion, revert_champion
+from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef, RegistryUnavailable
+from mlplatform.monitoring.rules import (
+    EndpointCursor,
+    EndpointState,
+    decide_endpoint,
+    load_monitoring_settings,
+    post_alert,
+    redeploy_alert_payload,
+)
 from mlplatform.resources import MlflowTracking, RayServe
-from mlplatform.serving.cluster import wait_until_serving
+from mlplatform.serving.cluster import observe_endpoint, wait_until_serving
+from mlplatform.serving.preflight import UnservableModel, preflight
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.settings import load_settings
+
+DEPLOY_JOB_NAME = "deploy_job"
+
+ENDPOINT_TAGS = {"mlplatform/endpoint": "default"}
+"""The run tag of every job that deploys the endpoint: the run queue (``dagster.yaml``) admits
+one such run at a time, and the endpoint sensor waits while one is queued or running."""
+
+
+class EndpointDeployError(RuntimeError):
+    """The champion could not be deployed; the message says what the endpoint serves now."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +71,10 @@ class EndpointConfig(ServingKnobs, dg.Config):
 
     ready_timeout_s: float = Field(
         default=180.0, description="How long to wait for the new version."
+    )
+    restore_timeout_s: float = Field(
+        default=180.0,
+        description="How long to wait for the previous deployment when the new version failed.",
     )
     max_p50_latency_ms: float = Field(
         default=250.0, description="Latency bound of the endpoint check."
@@ -96,48 +129,136 @@ def measure_latency_ms(url: str, record: dict[str, Any], requests: int = 20) -> 
     return latencies
 
 
+def _previous_deployment(
+    context: dg.AssetExecutionContext,
+    config: EndpointConfig,
+    before: EndpointState,
+    champion: ModelRef,
+    tracking_uri: str,
+) -> ServingSettings | None:
+    """The deployment to restore if the new one fails: the one serving before it, if any.
+
+    Its settings as the last deploy recorded them when that deploy served the same version;
+    otherwise this run's knobs for the version the endpoint served.
+    """
+    if before.status != "serving":
+        return None
+    uri = f"models:/{champion.name}/{before.version}"
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    recorded = event.asset_materialization.metadata.get("serving_settings") if event else None
+    if recorded is not None:
+        settings = ServingSettings.model_validate(recorded.value)
+        if settings.model_uri == uri:
+            return settings
+    return config.serving_settings(uri, tracking_uri)
+
+
+def _restore(ray_serve: RayServe, url: str, previous: ServingSettings, timeout_s: float) -> str:
+    """Deploy ``previous`` again after a failed deploy; what happened, as a phrase."""
+    version = previous.model_uri.rsplit("/", 1)[-1]
+    try:
+        ray_serve.deploy(previous, timeout_s=timeout_s)
+        wait_until_serving(url, version, timeout_s=timeout_s)
+    except Exception as error:  # reported with the failure that made the restore necessary
+        return f"restoring v{version} failed too: {type(error).__name__}: {error}"
+    return f"restored the previous deployment (v{version})"
+
+
+def _deploy_failed(
+    context: dg.AssetExecutionContext,
+    mlflow_tracking: MlflowTracking,
+    champion: ModelRef,
+    serving: EndpointState,
+    failure: str,
+) -> EndpointDeployError:
+    """The error a failed deploy raises, after pointing `champion` at what the endpoint serves.
+
+    Args:
+        context: the asset's context.
+        mlflow_tracking: the registry.
+        champion: the version that failed.
+        serving: what the endpoint serves now (after any restore).
+        failure: what went wrong, and what was done about it.
+
+    """
+    message = f"v{champion.version} was not deployed: {failure.rstrip('.')}."
+    if serving.status == "serving" and serving.version != champion.version:
+        reverted = revert_champion(
+            mlflow_tracking,
+            champion.version,
+            serving.version,
+            f"v{champion.version} could not be deployed: {failure}",
+            context.run.run_id,
+        )
+        if reverted is not None:
+            message += f" The champion is v{serving.version} again (decision recorded)."
+    message += f" The endpoint is {serving.describe()}."
+    context.log.error(message)
+    return EndpointDeployError(message)
+
+
 @dg.asset(
     group_name="serving",
     kinds={"ray"},
     owners=["team:ml-platform"],
+    deps=["champion_model"],
     check_specs=[dg.AssetCheckSpec("endpoint_health", asset="model_endpoint")],
 )
 def model_endpoint(
     context: dg.AssetExecutionContext,
     config: EndpointConfig,
-    champion_model: ModelRef,
     ray_serve: RayServe,
     mlflow_tracking: MlflowTracking,
 ) -> Iterator[dg.Output[EndpointInfo] | dg.AssetCheckResult]:
-    """The champion live on Ray Serve over HTTP, updated in place (rolling, no downtime)."""
-    serving = config.serving_settings(champion_model.uri, mlflow_tracking.tracking_uri)
-    started = time.perf_counter()
-    ray_serve.deploy(serving)
+    """The registry's champion live on Ray Serve over HTTP, never replaced by one that fails."""
+    champion = current_champion(mlflow_tracking)  # what the alias names now, not a stored input
     url = ray_serve.url
-    wait_until_serving(url, champion_model.version, timeout_s=config.ready_timeout_s)
-    deploy_seconds = time.perf_counter() - started
-    card = httpx.get(f"{url}/model", timeout=30).json()
-    record = card["example_record"]
-    answer = smoke_test(url, record, champion_model.version)
+    before = observe_endpoint(url)
+    context.log.info(f"deploying champion v{champion.version}; the endpoint is {before.describe()}")
+    try:
+        preflight(champion.uri, mlflow_tracking.tracking_uri)
+    except UnservableModel as error:
+        # Nothing was rolled: whatever served before still serves.
+        raise _deploy_failed(context, mlflow_tracking, champion, before, str(error)) from None
+    serving = config.serving_settings(champion.uri, mlflow_tracking.tracking_uri)
+    previous = _previous_deployment(context, config, before, champion, mlflow_tracking.tracking_uri)
+    started = time.perf_counter()
+    try:
+        ray_serve.deploy(serving, timeout_s=config.ready_timeout_s)
+        wait_until_serving(url, champion.version, timeout_s=config.ready_timeout_s)
+        deploy_seconds = time.perf_counter() - started
+        card = httpx.get(f"{url}/model", timeout=30).json()
+        record = card["example_record"]
+        answer = smoke_test(url, record, champion.version)
+    except Exception as error:  # whatever failed, the previous deployment comes back first
+        failure = f"{type(error).__name__}: {error}"
+        if previous is not None:
+            failure += "; " + _restore(ray_serve, url, previous, config.restore_timeout_s)
+        # The cause is in the message: the run's failure names it, not its innermost frame.
+        raise _deploy_failed(
+            context, mlflow_tracking, champion, observe_endpoint(url), failure
+        ) from None
     info = EndpointInfo(
         url=url,
-        model_name=champion_model.name,
-        model_version=champion_model.version,
-        model_uri=champion_model.uri,
+        model_name=champion.name,
+        model_version=champion.version,
+        model_uri=champion.uri,
         deployed_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         example_record=record,
     )
-    context.log.info(f"serving {champion_model.uri} at {url}")
+    context.log.info(f"serving {champion.uri} at {url}")
     yield dg.Output(
         info,
         metadata={
             "url": dg.MetadataValue.url(url),
             "docs": dg.MetadataValue.url(f"{url}/docs"),
-            "model_version": champion_model.version,
-            "model_uri": champion_model.uri,
-            "mlflow_run_id": champion_model.mlflow_run_id,
+            "model_version": champion.version,
+            "model_uri": champion.uri,
+            "mlflow_run_id": champion.mlflow_run_id,
+            "previously": before.describe(),
             "deploy_seconds": round(deploy_seconds, 1),
             "smoke_test": dg.MetadataValue.json(answer),
+            "serving_settings": dg.MetadataValue.json(serving.model_dump()),
             "curl": dg.MetadataValue.md(f"```\n{info.curl_example}\n```"),
         },
     )
@@ -147,7 +268,7 @@ def model_endpoint(
         check_name="endpoint_health",
         passed=p50 <= config.max_p50_latency_ms,
         description=(
-            f"serving v{champion_model.version}; p50 {p50:.1f} ms over {len(latencies)} requests"
+            f"serving v{champion.version}; p50 {p50:.1f} ms over {len(latencies)} requests"
         ),
         metadata={
             "p50_ms": round(p50, 2),
@@ -155,3 +276,74 @@ def model_endpoint(
             "bound_ms": config.max_p50_latency_ms,
         },
     )
+
+
+def run_in_progress(
+    instance: dg.DagsterInstance,
+    job_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> bool:
+    """Whether a run of ``job_name`` or with ``tags`` is queued or running."""
+    records = instance.get_run_records(
+        dg.RunsFilter(
+            job_name=job_name,
+            tags=dict(tags or {}),
+            statuses=[
+                dg.DagsterRunStatus.QUEUED,
+                dg.DagsterRunStatus.NOT_STARTED,
+                dg.DagsterRunStatus.STARTING,
+                dg.DagsterRunStatus.STARTED,
+            ],
+        ),
+        limit=1,
+    )
+    return bool(records)
+
+
+def deploy_in_progress(instance: dg.DagsterInstance) -> bool:
+    """Whether a run that deploys the endpoint (retrain, rollback, deploy) is queued or running."""
+    return run_in_progress(instance, tags=ENDPOINT_TAGS)
+
+
+# The interval is part of the sensor's definition, read when the definitions load (as the
+# monitoring sensors' are); everything a tick decides on is read by the tick.
+@dg.sensor(
+    job_name=DEPLOY_JOB_NAME,
+    minimum_interval_seconds=load_monitoring_settings().endpoint_check_s,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Compares the registry's champion with what the endpoint serves (GET /healthz) "
+    "and requests a deploy when the endpoint is down, unhealthy or serving another version.",
+)
+def endpoint_sensor(
+    context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking, ray_serve: RayServe
+) -> dg.SensorResult:
+    """Redeploy the champion when the endpoint does not serve it; alert when it does so."""
+    cursor = EndpointCursor.parse(context.cursor)
+    try:
+        champion = mlflow_tracking.version_by_alias(CHAMPION_ALIAS)
+    except RegistryUnavailable as error:
+        champion, registry_error = None, str(error)
+    else:
+        registry_error = None
+    url = ray_serve.url
+    decision = decide_endpoint(
+        str(champion.version) if champion is not None else None,
+        observe_endpoint(url),
+        cursor,
+        now=time.time(),
+        deploy_in_progress=deploy_in_progress(context.instance),
+        registry_error=registry_error,
+    )
+    if not decision.deploy or decision.run_key is None:
+        return dg.SensorResult(skip_reason=decision.reason, cursor=decision.cursor.dump())
+    context.log.warning(decision.reason)
+    webhook = load_monitoring_settings().alert_webhook
+    if webhook:
+        error = post_alert(webhook, redeploy_alert_payload(url, decision.reason, decision.run_key))
+        if error:
+            context.log.warning(f"alert to {webhook} failed: {error}")
+    request = dg.RunRequest(
+        run_key=decision.run_key,
+        tags={"mlplatform/trigger": "endpoint", "mlplatform/endpoint-state": decision.reason[:200]},
+    )
+    return dg.SensorResult(run_requests=[request], cursor=decision.cursor.dump())

@@ -1,8 +1,9 @@
-"""Monitoring decisions as pure functions: drift evidence, retrain triggers, freshness, alerts.
+"""Monitoring decisions as pure functions: drift, freshness, the endpoint, alerts.
 
-The sensors in :mod:`mlplatform.defs.monitoring` gather facts (profiles on disk, the registry,
-the Dagster instance) and hand them to these functions, so every decision can be tested with
-plain values and a controlled clock. Nothing here imports Dagster.
+The sensors in :mod:`mlplatform.defs.monitoring` and :mod:`mlplatform.defs.serving` gather facts
+(profiles on disk, the registry, the endpoint's health, the Dagster instance) and hand them to
+these functions, so every decision can be tested with plain values and a controlled clock.
+Nothing here imports Dagster.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, Self
 
 import httpx
 
@@ -27,6 +28,8 @@ class MonitoringSettings:
     Attributes:
         drift_interval_s: seconds between drift sensor ticks.
         freshness_interval_s: seconds between freshness sensor ticks.
+        endpoint_check_s: seconds between endpoint sensor ticks (how soon a crashed or
+            outdated endpoint is noticed).
         thresholds: per-column drift bounds, minimum rows and the drifted share that retrains.
         drift_lookback: only traffic windows this recent are compared (and never from before
             the champion was promoted), so the evidence is the newest traffic, not a mix of
@@ -42,6 +45,7 @@ class MonitoringSettings:
 
     drift_interval_s: int = 60
     freshness_interval_s: int = 300
+    endpoint_check_s: int = 30
     thresholds: DriftThresholds = dataclasses.field(default_factory=DriftThresholds)
     drift_lookback: dt.timedelta = dt.timedelta(hours=1)
     retrain_cooldown_s: float = 3600.0
@@ -54,6 +58,7 @@ def load_monitoring_settings(environ: Mapping[str, str] | None = None) -> Monito
     """Read the monitoring settings from the environment (defaults in :class:`MonitoringSettings`).
 
     Variables: ``MLPLATFORM_DRIFT_INTERVAL_S``, ``MLPLATFORM_FRESHNESS_INTERVAL_S``,
+    ``MLPLATFORM_ENDPOINT_CHECK_S``,
     ``MLPLATFORM_DRIFT_KS_BOUND``, ``MLPLATFORM_DRIFT_HELLINGER_BOUND``,
     ``MLPLATFORM_DRIFT_MIN_ROWS``, ``MLPLATFORM_DRIFT_SHARE``, ``MLPLATFORM_DRIFT_LOOKBACK_MIN``,
     ``MLPLATFORM_RETRAIN_COOLDOWN_S``,
@@ -93,6 +98,7 @@ def load_monitoring_settings(environ: Mapping[str, str] | None = None) -> Monito
         freshness_interval_s=int(
             number("MLPLATFORM_FRESHNESS_INTERVAL_S", defaults.freshness_interval_s)
         ),
+        endpoint_check_s=int(number("MLPLATFORM_ENDPOINT_CHECK_S", defaults.endpoint_check_s)),
         thresholds=thresholds,
         drift_lookback=minutes
         * number("MLPLATFORM_DRIFT_LOOKBACK_MIN", defaults.drift_lookback / minutes),
@@ -131,23 +137,14 @@ class DriftEvidence:
         return f"v{self.model_version}-{digest.hexdigest()[:12]}"
 
 
-@dataclasses.dataclass(frozen=True)
-class DriftCursor:
-    """The drift sensor's memory between ticks (stored as JSON in the sensor cursor).
+class SensorCursor:
+    """A sensor's memory between ticks: a frozen dataclass stored as JSON in the sensor cursor.
 
-    Attributes:
-        evidence_key: the last evidence evaluated.
-        retrained_version: the champion version the last drift retrain was requested for.
-        retrained_at: when that retrain was requested (epoch seconds).
-
+    Subclasses are dataclasses whose fields all default, so an empty cursor is a fresh start.
     """
 
-    evidence_key: str | None = None
-    retrained_version: str | None = None
-    retrained_at: float | None = None
-
     @classmethod
-    def parse(cls, raw: str | None) -> DriftCursor:
+    def parse(cls, raw: str | None) -> Self:
         """Read a cursor; an empty or unreadable cursor is a fresh start."""
         if not raw:
             return cls()
@@ -160,6 +157,22 @@ class DriftCursor:
     def dump(self) -> str:
         """The cursor as JSON."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftCursor(SensorCursor):
+    """The drift sensor's memory between ticks (stored as JSON in the sensor cursor).
+
+    Attributes:
+        evidence_key: the last evidence evaluated.
+        retrained_version: the champion version the last drift retrain was requested for.
+        retrained_at: when that retrain was requested (epoch seconds).
+
+    """
+
+    evidence_key: str | None = None
+    retrained_version: str | None = None
+    retrained_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +323,146 @@ def freshness_run_key(stale: Sequence[StaleAsset]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The endpoint: desired release vs what it serves
+# --------------------------------------------------------------------------------------------
+
+EndpointStatus = Literal["serving", "unhealthy", "down"]
+"""What ``GET /healthz`` showed: an answer naming a model version, a bad answer, or none."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointState:
+    """What the endpoint's ``GET /healthz`` said.
+
+    Attributes:
+        status: ``serving`` (answered ok, naming its model version), ``unhealthy`` (answered,
+            but not with a served version) or ``down`` (no answer).
+        version: the model version it serves, when serving.
+        detail: what was wrong, when not serving (the HTTP status or the connection error).
+
+    """
+
+    status: EndpointStatus
+    version: str | None = None
+    detail: str = ""
+
+    @property
+    def key(self) -> str:
+        """The state in a word, for run keys: ``v3``, ``unhealthy`` or ``down``."""
+        return f"v{self.version}" if self.status == "serving" else self.status
+
+    def describe(self) -> str:
+        """The state in a phrase: ``serving v3``, ``down (ConnectError: ...)``."""
+        if self.status == "serving":
+            return f"serving v{self.version}"
+        return f"{self.status} ({self.detail})" if self.detail else self.status
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointCursor(SensorCursor):
+    """The endpoint sensor's memory: the difference it last requested a redeploy for.
+
+    Attributes:
+        difference: the desired version and the endpoint's state then (``v3/down``); ``None``
+            while desired and served agree.
+        run_key: the run key of that request.
+        requested_at: when it was requested (epoch seconds).
+
+    """
+
+    difference: str | None = None
+    run_key: str | None = None
+    requested_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointDecision:
+    """What the endpoint sensor does on one tick.
+
+    Attributes:
+        deploy: whether to request a deploy run.
+        run_key: the run key of that request (one per difference).
+        reason: why it requests one or not (shown on the sensor tick, sent with the alert).
+        cursor: the cursor to store.
+
+    """
+
+    deploy: bool
+    run_key: str | None
+    reason: str
+    cursor: EndpointCursor
+
+
+def decide_endpoint(
+    desired_version: str | None,
+    observed: EndpointState,
+    cursor: EndpointCursor,
+    now: float,
+    deploy_in_progress: bool,
+    registry_error: str | None = None,
+) -> EndpointDecision:
+    """Decide whether the endpoint must be redeployed to serve the desired release.
+
+    Requests a deploy when the endpoint is down, unhealthy or serving another version than the
+    registry's champion, once per difference: the cursor remembers the difference it asked
+    for, so while that difference lasts (a deploy that failed, say) no tick asks again, and
+    the run key is new for every new difference (the endpoint crashing again after it was
+    healed). Nothing is requested while a deploy or retrain is queued or running: that run
+    changes what the endpoint serves.
+
+    Args:
+        desired_version: the version the registry's `champion` alias names; ``None``: no
+            champion yet.
+        observed: what the endpoint's ``GET /healthz`` said.
+        cursor: the sensor's memory from the previous tick.
+        now: the current time (epoch seconds).
+        deploy_in_progress: whether a run that deploys the endpoint is queued or running.
+        registry_error: why the registry did not answer, if it did not: then nothing is
+            decided (an unanswered question is not "no champion").
+
+    """
+    if registry_error is not None:
+        return EndpointDecision(
+            False, None, f"The registry did not answer, nothing decided: {registry_error}", cursor
+        )
+    if desired_version is None:
+        return EndpointDecision(
+            False,
+            None,
+            f"No champion in the registry yet: nothing to serve (endpoint {observed.describe()}).",
+            EndpointCursor(),
+        )
+    if observed.status == "serving" and observed.version == desired_version:
+        return EndpointDecision(
+            False,
+            None,
+            f"In sync: the endpoint serves the champion v{desired_version}.",
+            EndpointCursor(),
+        )
+    difference = f"v{desired_version}/{observed.key}"
+    state = f"The champion is v{desired_version} but the endpoint is {observed.describe()}"
+    if deploy_in_progress:
+        return EndpointDecision(
+            False, None, f"{state}; a deploy or retrain is already queued or running.", cursor
+        )
+    if cursor.difference == difference:
+        return EndpointDecision(
+            False,
+            None,
+            f"{state}; a redeploy was already requested for this ({cursor.run_key}) and is not "
+            "requested again until the endpoint changes.",
+            cursor,
+        )
+    run_key = f"endpoint-v{desired_version}-{observed.key}-{now:.0f}"
+    return EndpointDecision(
+        True,
+        run_key,
+        f"{state}: redeploying v{desired_version}.",
+        EndpointCursor(difference=difference, run_key=run_key, requested_at=now),
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Alerts
 # --------------------------------------------------------------------------------------------
 
@@ -330,3 +483,13 @@ def post_alert(webhook: str, payload: Mapping[str, Any], timeout_s: float = 10.0
     except httpx.HTTPError as error:
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def redeploy_alert_payload(url: str, reason: str, run_key: str) -> dict[str, Any]:
+    """The JSON body of the alert sent when the endpoint sensor requests a redeploy."""
+    return {
+        "text": f"mlplatform: endpoint {url}: {reason} (run key {run_key})",
+        "endpoint": url,
+        "message": reason,
+        "run_key": run_key,
+    }

@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 import ray
 from ray import serve
+from ray.serve.schema import ApplicationStatus
 
+from mlplatform.monitoring.rules import EndpointState
 from mlplatform.serving.app import build_app
 from mlplatform.serving.ingress import fast_ingress_environment
 from mlplatform.serving.settings import ServingSettings
@@ -260,6 +262,10 @@ def _signal_group(group: int, signum: int) -> bool:
     return True
 
 
+class DeployFailed(RuntimeError):
+    """Ray Serve did not bring the app to RUNNING: a replica failed or could not be placed."""
+
+
 def deploy(
     settings: ServingSettings,
     *,
@@ -269,13 +275,15 @@ def deploy(
     app_name: str,
     local_head: LocalHead | None,
     route_prefix: str = "/",
+    timeout_s: float = 180.0,
 ) -> None:
     """Deploy (or roll forward) the serving app and wait until Ray Serve reports it running.
 
     Reuses this process's Ray connection when there is one (tests share one Ray instance);
     otherwise connects to ``ray_address`` or to the local head, which it starts if needed, and
-    disconnects after. A redeploy is a rolling update: the old replicas answer until the new
-    ones are ready.
+    disconnects after. A redeploy is a rolling update: with several replicas the old ones answer
+    until the new ones are ready; with one, Ray Serve stops the old replica first (check that a
+    version loads before deploying it: :mod:`mlplatform.serving.preflight`).
 
     Args:
         settings: the serving app's arguments (model URI, limits, replicas).
@@ -285,9 +293,12 @@ def deploy(
         app_name: the Serve application name (one endpoint per name).
         local_head: the embedded head to start or reuse when ``ray_address`` is ``None``.
         route_prefix: the path the app answers under (``/``: ``/predict``).
+        timeout_s: how long the app may take to be running.
 
     Raises:
         ValueError: if there is neither a Ray connection, a ``ray_address`` nor a local head.
+        DeployFailed: if the app failed to deploy, or was not running within ``timeout_s``
+            (replicas that cannot start or cannot be placed), with Ray Serve's reason.
 
     """
     connected_here = not ray.is_initialized()
@@ -311,39 +322,95 @@ def deploy(
         ray.init(**init_args)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(
-            build_app(settings.model_dump()),
-            name=app_name,
-            route_prefix=route_prefix,
-            blocking=False,
+        # Not serve.run: it waits for RUNNING without a bound, and replicas that cannot be
+        # placed keep an app deploying forever.
+        serve.run_many(
+            [
+                serve.RunTarget(
+                    build_app(settings.model_dump()), name=app_name, route_prefix=route_prefix
+                )
+            ],
+            wait_for_applications_running=False,
         )
+        _wait_until_running(app_name, timeout_s)
     finally:
         if connected_here:
             ray.shutdown()
 
 
-def wait_until_serving(url: str, model_version: str, timeout_s: float = 120.0) -> dict[str, Any]:
+def _wait_until_running(app_name: str, timeout_s: float) -> None:
+    """Poll Serve's status until ``app_name`` is RUNNING.
+
+    Raises:
+        DeployFailed: when it is DEPLOY_FAILED, or not RUNNING within ``timeout_s``.
+
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        if app is None:
+            status, why = "missing", "no such application"
+        else:
+            status = app.status
+            if status == ApplicationStatus.RUNNING:
+                return
+            details = [app.message] if app.message else []
+            details += [
+                f"{name}: {deployment.message}"
+                for name, deployment in app.deployments.items()
+                if deployment.message
+            ]
+            why = "; ".join(details) or "no message"
+        if status == ApplicationStatus.DEPLOY_FAILED:
+            raise DeployFailed(f"Ray Serve failed to deploy {app_name}: {why}")
+        if time.monotonic() > deadline:
+            raise DeployFailed(
+                f"{app_name} was not running after {timeout_s:.0f}s (status {status}): {why}"
+            )
+        time.sleep(0.5)
+
+
+def observe_endpoint(url: str, timeout_s: float = 5.0) -> EndpointState:
+    """What ``GET /healthz`` says: serving a version, unhealthy (a bad answer) or down.
+
+    Never raises: an endpoint that does not answer is a state, not an error.
+    """
+    try:
+        response = httpx.get(f"{url}/healthz", timeout=timeout_s)
+    except httpx.HTTPError as error:
+        return EndpointState("down", detail=f"{type(error).__name__}: {error}"[:300])
+    if response.status_code != 200:
+        return EndpointState(
+            "unhealthy", detail=f"HTTP {response.status_code}: {response.text[:200]}"
+        )
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    version = body.get("model_version") if isinstance(body, dict) else None
+    if not version or body.get("status") != "ok":
+        return EndpointState("unhealthy", detail=f"unexpected answer: {response.text[:200]}")
+    return EndpointState("serving", version=str(version))
+
+
+def wait_until_serving(url: str, model_version: str, timeout_s: float = 120.0) -> EndpointState:
     """Poll ``GET /healthz`` until the endpoint serves ``model_version``.
 
     Returns:
-        The health response.
+        The endpoint's state, serving that version.
 
     Raises:
         TimeoutError: if that version is not served within ``timeout_s``.
 
     """
     deadline = time.monotonic() + timeout_s
-    last: str = "no response"
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{url}/healthz", timeout=5)
-            body = response.json() if response.status_code == 200 else {}
-            if body.get("model_version") == model_version:
-                return body
-            last = f"HTTP {response.status_code}: {response.text[:200]}"
-        except httpx.HTTPError as error:
-            last = repr(error)
+    while True:
+        state = observe_endpoint(url)
+        if state.status == "serving" and state.version == model_version:
+            return state
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{url} did not serve model version {model_version} within {timeout_s:.0f}s "
+                f"(it is {state.describe()})"
+            )
         time.sleep(0.5)
-    raise TimeoutError(
-        f"{url} did not serve model version {model_version} within {timeout_s:.0f}s ({last})"
-    )

@@ -46,7 +46,7 @@ def test_definitions_load_with_groups_kinds_and_descriptions():
     for name in ("raw_data", "candidate_model"):
         assert specs[name].freshness_policy is not None
     sensors = {sensor.name for sensor in defs.sensors}
-    assert sensors == {"drift_sensor", "freshness_sensor", "run_failure_alert"}
+    assert sensors == {"drift_sensor", "freshness_sensor", "run_failure_alert", "endpoint_sensor"}
 
 
 def test_instance_queue_admits_one_retrain_at_a_time(tmp_path):

@@ -1,13 +1,6 @@
 """Monitoring decisions as pure functions: drift triggers, cursors, freshness, alerts."""
 
-import contextlib
-import dataclasses
 import datetime as dt
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -26,7 +19,7 @@ from mlplatform.monitoring.rules import (
     post_alert,
     stale_assets,
 )
-from mlplatform_tests.support import free_port
+from mlplatform_tests.support import running_webhook
 
 THRESHOLDS = DriftThresholds(min_rows=100, drifted_share=0.5)
 
@@ -132,38 +125,6 @@ def test_monitoring_settings_from_the_environment():
     assert settings.alert_webhook == "http://127.0.0.1:9/hook"
     with pytest.raises(ValueError, match="MLPLATFORM_DRIFT_MIN_ROWS must be a number"):
         load_monitoring_settings({"MLPLATFORM_DRIFT_MIN_ROWS": "many"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Webhook:
-    """A webhook receiver on 127.0.0.1 and the JSON bodies POSTed to it, in order."""
-
-    url: str
-    received: list[dict[str, Any]]
-
-
-@contextlib.contextmanager
-def running_webhook() -> Iterator[Webhook]:
-    """A real HTTP server that records what it is sent, for one test only (shut down after)."""
-    received: list[dict[str, Any]] = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append(json.loads(body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", free_port()), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield Webhook(f"http://127.0.0.1:{server.server_port}/hook", received)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_alerts_post_to_a_real_webhook_and_never_raise():
