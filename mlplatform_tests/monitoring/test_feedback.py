@@ -101,23 +101,34 @@ def test_a_full_disk_fails_the_log_write_off_the_request_path_and_counts_it(
     recorded_loans, tmp_path
 ):
     frame, spec = recorded_loans
+    settled: list[tuple[list, bool]] = []
     with small_disk(tmp_path / "disk") as disk:
         store = FeedbackStore(disk.directory / "feedback.db")
         disk.fill()
-        recorder = TrafficRecorder(tmp_path / "profiles", "loans", "1", spec, "r", feedback=store)
+        recorder = TrafficRecorder(
+            tmp_path / "profiles",
+            "loans",
+            "1",
+            spec,
+            "r",
+            feedback=store,
+            on_settled=lambda items, logged: settled.append((items, logged)),
+        )
         with recorder:
             queued = recorder.record(
                 "full",
                 inputs(frame, spec).iloc[:3],
                 pd.DataFrame({"prediction": [1, 0, 1], "probability": [0.9, 0.2, 0.6]}),
+                tag="hand-over 0",
             )
         assert queued  # the request itself is not held up by the disk
         stats = recorder.stats()
         assert (stats.received_rows, stats.profiled_rows) == (3, 3)  # still profiled
-        # The rows that could not be logged are counted as an error of the recorder (not as
-        # dropped rows, which counts only requests refused by a full queue).
-        assert (stats.logged_rows, stats.errors, stats.dropped_rows) == (0, 1, 0)
-        assert store.failed_writes == 1
+        # Both writes to the log failed, counted: the predictions and the retention's prune.
+        assert (stats.logged_rows, stats.errors) == (0, 2)
+        assert store.failed_writes == 2
+        # Its owner learns the request was not logged (the serving sink counts it as dropped).
+        assert settled == [([("hand-over 0", 1, 3)], False)]
         disk.free()
         assert store.count() == 0
 
