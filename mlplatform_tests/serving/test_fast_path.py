@@ -300,11 +300,27 @@ def _listening_process(port: int) -> int:
     raise AssertionError(f"no process holds port {port}")
 
 
+def _settled_haproxy_config(port: int, timeout_s: float = 30.0) -> str:
+    """The configuration of the HAProxy answering on ``port``, once Ray has finished writing it.
+
+    Ray rewrites the file and reloads HAProxy whenever an application of the session's Serve
+    instance is deployed or deleted; a read in the middle of that sees a half-written file. What
+    stays wrong for ``timeout_s`` is returned as it is, for the assertions to report.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        haproxy = _listening_process(port)
+        command = Path(f"/proc/{haproxy}/cmdline").read_bytes().split(b"\0")
+        assert command[0].endswith(b"haproxy"), command
+        config = Path(command[command.index(b"-f") + 1].decode()).read_text()
+        settled = not re.findall(r"^\s*bind (?!127\.0\.0\.1:|unix@)", config, re.MULTILINE)
+        if settled or time.monotonic() > deadline:
+            return config
+        time.sleep(0.5)
+
+
 def test_haproxy_answers_and_replicas_serve_http_themselves(fast_endpoint):
-    haproxy = _listening_process(fast_endpoint["port"])
-    command = Path(f"/proc/{haproxy}/cmdline").read_bytes().split(b"\0")
-    assert command[0].endswith(b"haproxy"), command
-    config = Path(command[command.index(b"-f") + 1].decode()).read_text()
+    config = _settled_haproxy_config(fast_endpoint["port"])
     assert not re.findall(r"^\s*bind (?!127\.0\.0\.1:|unix@)", config, re.MULTILINE)
     replicas = re.findall(r"server SERVE_REPLICA_fastpath\S* 127\.0\.0\.1:(\d+)", config)
     assert replicas, config
