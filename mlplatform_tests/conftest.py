@@ -71,8 +71,8 @@ def recorded_loans() -> tuple[pd.DataFrame, FeatureSpec]:
 
 
 @pytest.fixture(scope="session")
-def serve_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """One real Ray head for the whole session, with Serve listening on 127.0.0.1.
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHead]:
+    """One real Ray head for the whole session, connected to from this process.
 
     Started the way the platform starts its own (``LocalHead``: ``ray start`` in a session of
     its own, a token of its own, the fast serving path), so the tests serve the way ``make run``
@@ -80,7 +80,6 @@ def serve_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     process group at the end, leaving any other Ray on the machine alone.
     """
     import ray
-    from ray import serve
 
     # In this process too, before Ray reads them: driver and head agree on the serving path.
     for name, value in fast_ingress_environment(single_node=True).items():
@@ -94,12 +93,20 @@ def serve_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         namespace="mlplatform-tests",
         _node_ip_address="127.0.0.1",
     )
+    yield head
+    ray.shutdown()
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_head: LocalHead) -> Iterator[int]:
+    """Ray Serve on the session's head, listening on 127.0.0.1 at a port of its own."""
+    from ray import serve
+
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
-    ray.shutdown()
-    head.stop()
 
 
 @pytest.fixture
@@ -126,5 +133,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     head of their own carry the marker explicitly.
     """
     for item in items:
-        if "serve_port" in getattr(item, "fixturenames", ()):
+        if {"ray_head", "serve_port"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)

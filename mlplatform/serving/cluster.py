@@ -27,7 +27,12 @@ from ray.serve.schema import ApplicationStatus
 
 from mlplatform.monitoring.rules import EndpointState
 from mlplatform.serving.app import build_app
-from mlplatform.serving.ingress import fast_ingress_environment
+from mlplatform.serving.ingress import (
+    fast_ingress_environment,
+    haproxy_directory,
+    haproxy_environment,
+    stop_stray_haproxy,
+)
 from mlplatform.serving.settings import ServingSettings
 
 LOOPBACK = "127.0.0.1"
@@ -41,17 +46,19 @@ def _ray_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
-def loopback_environment() -> dict[str, str]:
+def loopback_environment(haproxy_dir: Path) -> dict[str, str]:
     """Environment for the embedded single-node Ray head: loopback only, fast serving path.
 
     The same settings as this process (see ``mlplatform.serving``), made explicit for the
     ``ray start`` child so head and drivers agree, and the fast serving path (direct ingress
-    behind HAProxy, see :mod:`mlplatform.serving.ingress`) unless this environment sets those
-    variables otherwise (``RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` is
-    Serve's default Python proxy). Authentication is :meth:`LocalHead.environment`'s part.
+    behind HAProxy, see :mod:`mlplatform.serving.ingress`, its files in ``haproxy_dir``) unless
+    this environment sets those variables otherwise (``RAY_SERVE_ENABLE_HA_PROXY=0
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` is Serve's default Python proxy). Authentication is
+    :meth:`LocalHead.environment`'s part.
     """
     return {
         **fast_ingress_environment(single_node=True),
+        **haproxy_environment(haproxy_dir),
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
@@ -132,6 +139,11 @@ class LocalHead:
         return self.state_dir / "auth_token"
 
     @property
+    def haproxy_dir(self) -> Path:
+        """The private directory (mode 0700) of this head's HAProxy configuration and sockets."""
+        return haproxy_directory(self.state_dir)
+
+    @property
     def process_group_path(self) -> Path:
         """The file holding the head's process group id while it runs."""
         return self.state_dir / "head.pgid"
@@ -147,7 +159,7 @@ class LocalHead:
 
     def environment(self) -> dict[str, str]:
         """The whole environment of the head's processes: loopback, serving path, token."""
-        return loopback_environment() | self.auth_environment()
+        return loopback_environment(self.haproxy_dir) | self.auth_environment()
 
     def ensure_running(self, serve_port: int | None = None, timeout_s: float = 90.0) -> str:
         """Start the head unless one already answers on its port.
@@ -165,6 +177,8 @@ class LocalHead:
         """
         if port_is_open(LOOPBACK, self.port):
             return self.address
+        # A head that died (a crash, a reboot) may have left its HAProxy holding the port.
+        stop_stray_haproxy(self.haproxy_dir)
         if serve_port is not None and port_is_open(LOOPBACK, serve_port):
             # Two Ray Serve proxies can share a port (SO_REUSEPORT) and would split the traffic.
             raise RuntimeError(
@@ -209,7 +223,8 @@ class LocalHead:
 
         Serve is shut down first, so replicas close cleanly (traffic recorders write their last
         profile window); then the head's processes get SIGTERM and, after ``grace_s``, SIGKILL
-        (Ray's GCS server does not exit on SIGTERM alone). A recorded process group is
+        (Ray's GCS server does not exit on SIGTERM alone), and any HAProxy of the head still
+        running is killed and its directory emptied. A recorded process group is
         signalled only while the head answers on its port, so a record left behind by a reboot
         never reaches a process that reused the number.
 
@@ -231,6 +246,7 @@ class LocalHead:
                 alive = _signal_group(group, 0)
             if alive:
                 _signal_group(group, signal.SIGKILL)
+        stop_stray_haproxy(self.haproxy_dir)
         self.process_group_path.unlink(missing_ok=True)
         return running
 

@@ -22,6 +22,11 @@ sockets beside HAProxy's configuration); and HAProxy is stopped only by a gracef
 shutdown, so stopping the head (``make stop``) would leave it holding the endpoint's port (it now
 dies with the Ray actor that started it).
 
+Ray also keeps HAProxy's configuration and its admin socket (admin level, mode 666) in
+``/tmp/haproxy-serve``, a directory any local user can enter, and leaves one directory there per
+head. :func:`haproxy_environment` moves them into a directory of the platform's own, mode 0700
+(:func:`haproxy_directory`), which :func:`stop_stray_haproxy` removes when the head stops.
+
 Nothing here imports Ray.
 """
 
@@ -31,6 +36,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -109,6 +115,25 @@ def bundled_haproxy() -> str:
     return found
 
 
+def private_directory() -> Path:
+    """The private directory of the current user for runtime files: ``<tmp>/mlplatform-<uid>``.
+
+    Created with mode 0700; refused if another user owns it (they could swap its contents).
+
+    Raises:
+        PermissionError: if the directory belongs to another user or others can enter it.
+
+    """
+    directory = Path(tempfile.gettempdir()) / f"mlplatform-{os.getuid()}"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = directory.stat()
+    if status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise PermissionError(
+            f"{directory} belongs to another user or is open to others: remove it and retry"
+        )
+    return directory
+
+
 def loopback_haproxy(directory: Path | None = None) -> Path:
     """An executable that runs HAProxy on this machine only, for as long as its parent lives.
 
@@ -118,24 +143,24 @@ def loopback_haproxy(directory: Path | None = None) -> Path:
     runs it as its HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH``).
 
     Args:
-        directory: where to write it; default ``<tmp>/mlplatform-<uid>``.
+        directory: where to write it; default :func:`private_directory`.
 
     Returns:
         The wrapper's path.
 
     Raises:
         FileNotFoundError: if there is no HAProxy binary to wrap.
-        PermissionError: if ``directory`` belongs to another user.
+        PermissionError: if the default directory belongs to another user.
 
     """
     content = _WRAPPER.replace("{python}", sys.executable).replace(
         "{binary}", repr(bundled_haproxy())
     )
     digest = hashlib.sha256(content.encode()).hexdigest()[:12]
-    directory = directory or Path(tempfile.gettempdir()) / f"mlplatform-{os.getuid()}"
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if directory.stat().st_uid != os.getuid():
-        raise PermissionError(f"{directory} belongs to another user")
+    if directory is None:
+        directory = private_directory()
+    else:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"haproxy-loopback-{digest}"
     if not path.exists():
         temporary = directory / f".{path.name}.{os.getpid()}.tmp"
@@ -143,6 +168,61 @@ def loopback_haproxy(directory: Path | None = None) -> Path:
         temporary.chmod(0o755)
         os.replace(temporary, path)
     return path
+
+
+def haproxy_directory(state_dir: Path) -> Path:
+    """Where the HAProxy of the head kept in ``state_dir`` keeps its configuration and sockets.
+
+    A directory of :func:`private_directory` named by a hash of ``state_dir``, so each platform
+    home has its own and finds it again. It is not under the home itself because a Unix socket's
+    path is limited to 107 bytes, and Ray adds a 56-character node id to it.
+    """
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    directory = private_directory() / f"h{digest}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
+
+
+def haproxy_environment(directory: Path) -> dict[str, str]:
+    """Ray Serve's settings that put HAProxy's configuration, state and sockets in ``directory``."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(directory / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(directory / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(directory / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(directory),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(directory / "server-state"),
+    }
+
+
+def stop_stray_haproxy(directory: Path) -> list[int]:
+    """Kill every HAProxy whose configuration lies in ``directory``, then remove the directory.
+
+    HAProxy dies with Ray's manager through the parent-death signal; this is the deterministic
+    second line for a head that is stopped or found dead, so no HAProxy left behind keeps the
+    endpoint's port or its admin socket. Only processes of this user are considered (others
+    cannot be signalled), and only those started with ``-f <directory>/...``.
+
+    Returns:
+        The pids killed.
+
+    """
+    killed = []
+    prefix = str(directory) + os.sep
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            arguments = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # the process ended while we looked
+            continue
+        if any(argument.startswith(prefix) for argument in arguments[1:]) and "-f" in arguments:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    shutil.rmtree(directory, ignore_errors=True)
+    return killed
 
 
 def free_loopback_port() -> int:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ from mlplatform.serving.ingress import (
     SERVE_ENVIRONMENT,
     fast_ingress_environment,
     loopback_haproxy,
+    stop_stray_haproxy,
 )
 from mlplatform.serving.recorder import TrafficRecorder
 from mlplatform.serving.settings import ServingSettings
@@ -190,7 +192,7 @@ def test_a_micro_batch_is_recorded_as_one_record_requests(tmp_path):
 
 
 def test_single_node_environment_keeps_everything_on_loopback_and_the_callers_choice(
-    monkeypatch,
+    monkeypatch, tmp_path
 ):
     environment = fast_ingress_environment(single_node=True)
     assert SERVE_ENVIRONMENT.items() <= environment.items()
@@ -199,7 +201,30 @@ def test_single_node_environment_keeps_everything_on_loopback_and_the_callers_ch
     assert len(ports) == 2 and "8500" not in ports  # its own, not Ray's fixed defaults
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in fast_ingress_environment(single_node=False)
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
-    assert cluster.loopback_environment()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert cluster.loopback_environment(tmp_path)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", "/srv/haproxy/admin.sock")
+    assert cluster.loopback_environment(tmp_path)["RAY_SERVE_HAPROXY_SOCKET_PATH"] == (
+        "/srv/haproxy/admin.sock"
+    )
+
+
+def test_each_platform_home_has_a_private_haproxy_directory_with_short_socket_paths(tmp_path):
+    deep_home = tmp_path / ("very-long-platform-home-name" * 4) / "ray"
+    directory = cluster.LocalHead(6379, deep_home).haproxy_dir
+    assert directory == cluster.LocalHead(6380, deep_home).haproxy_dir  # found again
+    assert directory != cluster.LocalHead(6379, tmp_path / "other").haproxy_dir
+    for private in (directory, directory.parent):
+        assert private.stat().st_uid == os.getuid()
+        assert private.stat().st_mode & 0o777 == 0o700
+    node_id = "f" * 56  # Ray puts each node's files in a directory named by its id
+    environment = cluster.loopback_environment(directory)
+    for name in ("SOCKET_PATH", "METRICS_SOCKET_PATH"):
+        socket_path = Path(environment[f"RAY_SERVE_HAPROXY_{name}"])
+        assert socket_path.parent == directory
+        assert len(str(socket_path.parent / node_id / socket_path.name)) <= 107
+    for home in (deep_home, tmp_path / "other"):
+        stop_stray_haproxy(cluster.LocalHead(6379, home).haproxy_dir)
+    assert not directory.exists()
 
 
 HAPROXY_CONFIG = """global
@@ -271,6 +296,52 @@ def test_haproxy_listens_on_loopback_only_and_dies_with_its_parent(tmp_path):
     while running():
         assert time.monotonic() < deadline, "HAProxy outlived its parent"
         time.sleep(0.1)
+
+
+def test_stray_haproxy_of_a_directory_is_killed_and_others_are_left_alone(tmp_path):
+    wrapper = loopback_haproxy(tmp_path / "bin")
+    started = {}
+    for name in ("ours", "theirs"):
+        directory = tmp_path / name / "node"
+        directory.mkdir(parents=True)
+        config = directory / "haproxy.cfg"
+        port = free_port()
+        config.write_text(HAPROXY_CONFIG.format(metrics=9101, stats=8404, port=port))
+        started[name] = subprocess.Popen([wrapper, "-db", "-f", config])
+        deadline = time.monotonic() + 20
+        while not cluster.port_is_open("127.0.0.1", port):
+            assert time.monotonic() < deadline, "HAProxy did not start"
+            time.sleep(0.1)
+    try:
+        killed = stop_stray_haproxy(tmp_path / "ours")
+        assert killed == [started["ours"].pid]
+        assert started["ours"].wait(timeout=10) == -signal.SIGKILL
+        assert started["theirs"].poll() is None
+        assert not (tmp_path / "ours").exists()
+    finally:
+        for process in started.values():
+            process.kill()
+            process.wait()
+
+
+def test_haproxy_keeps_its_configuration_and_admin_socket_in_the_platform_directory(
+    ray_head, serve_port
+):
+    import ray
+
+    node_directory = ray_head.haproxy_dir / ray.get_runtime_context().get_node_id()
+    admin_socket = node_directory / "admin.sock"
+    deadline = time.monotonic() + 30
+    while not admin_socket.exists():
+        assert time.monotonic() < deadline, f"no admin socket in {node_directory}"
+        time.sleep(0.2)
+    assert stat.S_ISSOCK(admin_socket.stat().st_mode)
+    for private in (ray_head.haproxy_dir, ray_head.haproxy_dir.parent):
+        assert private.stat().st_uid == os.getuid()
+        assert private.stat().st_mode & 0o777 == 0o700, private  # nobody else may enter
+    config = (node_directory / "haproxy.cfg").read_text()
+    assert re.search(rf"^\s*stats socket {re.escape(str(admin_socket))}\b", config, re.MULTILINE)
+    assert not (Path("/tmp/haproxy-serve") / node_directory.name).exists()
 
 
 # --- the deployed endpoint ---------------------------------------------------------------------
