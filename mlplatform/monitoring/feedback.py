@@ -298,25 +298,34 @@ class FeedbackStore:
         frame["score"] = frame["score"].astype(float)
         return frame
 
-    def prune(self, before: datetime, model_name: str | None = None) -> int:
+    def prune(
+        self, before: datetime, model_name: str | None = None, max_rows: int | None = None
+    ) -> int:
         """Delete the predictions made before ``before`` (the retention), labelled or not.
 
         Args:
             before: the cutoff (naive = UTC); predictions at or after it are kept.
             model_name: only this model's predictions; ``None`` = every model's.
+            max_rows: most predictions kept (of ``model_name``, or in all); the oldest beyond it
+                are deleted too. ``None``: no bound.
 
         Returns:
             The number of predictions deleted.
 
         """
-        clauses, parameters = ["predicted_at < ?"], [as_utc(before).timestamp()]
-        if model_name is not None:
-            clauses.append("model_name = ?")
-            parameters.append(model_name)
+        scope, parameters = ("model_name = ?", [model_name]) if model_name else ("1", [])
         with self._transaction() as connection:
-            return connection.execute(
-                "DELETE FROM predictions WHERE " + " AND ".join(clauses), parameters
+            deleted = connection.execute(
+                f"DELETE FROM predictions WHERE {scope} AND predicted_at < ?",
+                [*parameters, as_utc(before).timestamp()],
             ).rowcount
+            if max_rows is not None:
+                deleted += connection.execute(
+                    "DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions"
+                    f" WHERE {scope} ORDER BY predicted_at DESC LIMIT -1 OFFSET ?)",
+                    [*parameters, max_rows],
+                ).rowcount
+        return deleted
 
     def logged_requests(self, request_ids: Iterable[str]) -> set[str]:
         """Which of these requests have their predictions in the log.

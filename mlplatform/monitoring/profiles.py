@@ -312,10 +312,12 @@ def load_traffic_profiles(
 # --- retention -------------------------------------------------------------------------------
 
 
-def prune_traffic_windows(directory: Path, model_name: str, before: datetime) -> int:
-    """Delete a model's traffic windows that started before ``before`` (every version).
+def prune_traffic_windows(
+    directory: Path, model_name: str, before: datetime, max_bytes: int | None = None
+) -> int:
+    """Delete a model's traffic windows that started before ``before``, then the oldest over a size.
 
-    Goes by the file names (each starts with its window's start), so nothing is opened;
+    Goes by the file names (each starts with its window's start), so no profile is opened;
     leftovers of interrupted writes and replica counters last updated before ``before`` go too,
     and version directories left empty are removed.
 
@@ -323,30 +325,66 @@ def prune_traffic_windows(directory: Path, model_name: str, before: datetime) ->
         directory: the traffic profiles root.
         model_name: the registered model's name.
         before: the retention cutoff (naive = UTC).
+        max_bytes: most bytes the model's windows (profiles and sidecars, every version) may
+            take; the oldest windows are deleted until they fit. ``None``: no size bound.
 
     Returns:
         The number of profiles (windows) deleted.
 
     """
-    cutoff = as_utc(before)
-    stamp = cutoff.strftime(WINDOW_STAMP)
-    pruned = 0
+    stamp = as_utc(before).strftime(WINDOW_STAMP)
     model_directory = _model_directory(directory, model_name)
-    for version in sorted(p for p in model_directory.glob("v*") if p.is_dir()):
+    versions = sorted(p for p in model_directory.glob("v*") if p.is_dir())
+    kept: list[tuple[str, int, Path]] = []  # (name without leading dots, size, path)
+    pruned = 0
+    for version in versions:
         for entry in list(os.scandir(version)):
             name = entry.name.lstrip(".")
-            if entry.is_file() and _WINDOW_NAME.match(name) and name[:_STAMP_LENGTH] < stamp:
+            if not (entry.is_file() and _WINDOW_NAME.match(name)):
+                continue
+            if name[:_STAMP_LENGTH] < stamp:
                 Path(entry.path).unlink(missing_ok=True)
                 pruned += name.endswith(".bin")
-        counters = version / _COUNTERS_DIRECTORY
-        for path in counters.glob("*.json") if counters.is_dir() else ():
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff.timestamp():
-                    path.unlink(missing_ok=True)
-        for emptied in (counters, version):
-            with contextlib.suppress(OSError):  # not empty, or already gone
-                emptied.rmdir()
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    kept.append((name, entry.stat().st_size, Path(entry.path)))
+    if max_bytes is not None:
+        pruned += _prune_oldest_over(kept, max_bytes)
+    for version in versions:
+        _prune_counters(version / _COUNTERS_DIRECTORY, as_utc(before))
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            version.rmdir()
     return pruned
+
+
+def _prune_oldest_over(files: list[tuple[str, int, Path]], max_bytes: int) -> int:
+    """Delete the oldest windows' files until the rest take at most ``max_bytes``; windows deleted.
+
+    A window's profile and sidecar share a name up to the suffix, so they go together.
+    """
+    total = sum(size for _, size, _ in files)
+    by_window: dict[str, list[tuple[int, Path]]] = {}
+    for name, size, path in files:
+        by_window.setdefault(Path(name).stem, []).append((size, path))
+    pruned = 0
+    for window in sorted(by_window):  # names start with the window's start: oldest first
+        if total <= max_bytes:
+            break
+        for size, path in by_window[window]:
+            path.unlink(missing_ok=True)
+            total -= size
+            pruned += path.suffix == ".bin"
+    return pruned
+
+
+def _prune_counters(counters: Path, before: datetime) -> None:
+    """Delete replica counters last updated before ``before`` and their directory if emptied."""
+    for path in counters.glob("*.json") if counters.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < before.timestamp():
+                path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        counters.rmdir()
 
 
 # --- a replica's traffic counters ------------------------------------------------------------

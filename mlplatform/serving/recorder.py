@@ -158,7 +158,8 @@ class TrafficRecorder:
     whole (:mod:`mlplatform.monitoring.durable`); a window written twice (a flush, a restart
     within the minute, late records) gets a new file name, never overwriting. When a window is
     written, at most every :data:`PRUNE_INTERVAL_S`, windows and logged predictions of the model
-    older than ``traffic_retention_days`` are deleted.
+    older than ``traffic_retention_days``, or beyond ``traffic_retention_mb`` and
+    ``prediction_log_max_rows`` (oldest first), are deleted.
     """
 
     def __init__(
@@ -212,6 +213,8 @@ class TrafficRecorder:
         self._feedback = feedback
         self._on_settled = on_settled
         self._retention_s = settings.traffic_retention_days * 86_400
+        self._retention_bytes = int(settings.traffic_retention_mb * 2**20)
+        self._max_logged_predictions = settings.prediction_log_max_rows
         self._next_prune = 0.0
         self._linger_s = settings.traffic_linger_s
         self._max_batch_rows = settings.traffic_batch_rows
@@ -526,13 +529,17 @@ class TrafficRecorder:
         self._windows_written += 1
 
     def _prune(self) -> None:
-        """Delete this model's windows and logged predictions older than the retention."""
+        """Delete this model's windows and logged predictions older or more than the retention."""
         now = self._clock()
         self._next_prune = now + PRUNE_INTERVAL_S  # also after a failure: retried in an hour
         cutoff = datetime.fromtimestamp(now - self._retention_s, UTC)
-        self._pruned_windows += prune_traffic_windows(self._root, self.model_name, cutoff)
+        self._pruned_windows += prune_traffic_windows(
+            self._root, self.model_name, cutoff, max_bytes=self._retention_bytes
+        )
         if self._feedback is not None:
-            self._pruned_predictions += self._feedback.prune(cutoff, self.model_name)
+            self._pruned_predictions += self._feedback.prune(
+                cutoff, self.model_name, max_rows=self._max_logged_predictions
+            )
 
 
 def _settled_items(

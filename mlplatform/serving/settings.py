@@ -41,6 +41,18 @@ class TrafficKnobs(BaseModel):
         description="Days traffic profiles and logged predictions are kept; older ones are "
         "deleted by the replicas' recorders (checked at most hourly, when a window is written).",
     )
+    traffic_retention_mb: float = Field(
+        default=2048.0,
+        gt=0,
+        description="Most disk space the model's traffic profiles may take; the oldest windows "
+        "are deleted beyond it (at the same passes as the retention in days).",
+    )
+    prediction_log_max_rows: int = Field(
+        default=10_000_000,
+        gt=0,
+        description="Most of the model's predictions kept in the prediction log; the oldest are "
+        "deleted beyond it (at the same passes as the retention in days).",
+    )
 
 
 class ServingKnobs(TrafficKnobs):

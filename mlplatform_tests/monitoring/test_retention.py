@@ -1,5 +1,6 @@
-"""Retention: traffic windows and logged predictions older than the retention are deleted (by
-file name and by time), counted, at most hourly by the recorder when it writes a window.
+"""Retention: traffic windows and logged predictions older than the retention, or beyond its size
+bounds (oldest first), are deleted (by file name and by time), counted, at most hourly by the
+recorder when it writes a window.
 
 Real whylogs, real SQLite, the real recorder; only the clock is controlled.
 """
@@ -57,6 +58,26 @@ def test_windows_are_pruned_by_their_names(recorded_loans, tmp_path):
     assert prune_traffic_windows(tmp_path / "nothing", "loans", datetime.now(UTC)) == 0
 
 
+def test_the_oldest_windows_go_first_beyond_the_size_bound(recorded_loans, tmp_path):
+    for day in (1, 2, 3):
+        _record_window(tmp_path, recorded_loans, T0 + day * DAY + 1, version="1")
+    _record_window(tmp_path, recorded_loans, T0 + 1, version="0")  # the oldest, another version
+    files = sorted((tmp_path / "loans").rglob("*.bin")) + sorted(
+        (tmp_path / "loans").rglob("*.json")
+    )
+    sizes = {path.name: path.stat().st_size for path in files}
+    newest_two = [n for n in sizes if n.startswith(("20260103", "20260104"))]
+    assert len(newest_two) == 4  # two windows, each a profile and its sidecar
+    bound = sum(sizes[n] for n in newest_two)
+    long_ago = datetime.fromtimestamp(T0 - DAY, UTC)  # the time retention deletes nothing
+
+    assert prune_traffic_windows(tmp_path, "loans", long_ago, max_bytes=bound) == 2
+
+    assert [w.start.day for w in list_traffic_windows(tmp_path, "loans")] == [3, 4]
+    assert not (tmp_path / "loans" / "v0").exists()
+    assert prune_traffic_windows(tmp_path, "loans", long_ago, max_bytes=bound) == 0  # fits now
+
+
 def _prediction(request_id: str, at: float, model_name: str = "loans") -> PredictionRecord:
     return PredictionRecord(request_id, 0, model_name, "1", 1, 0.9, at)
 
@@ -80,6 +101,20 @@ def test_prediction_log_is_pruned_by_time_and_model(tmp_path):
     }
     assert store.prune(cutoff) == 1  # every model's
     assert store.count() == 1
+
+
+def test_prediction_log_keeps_the_newest_rows_of_the_model_beyond_its_bound(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.log_predictions(_prediction(f"r{hour}", T0 + hour * 3600) for hour in range(10))
+    store.log_predictions([_prediction("other", T0, model_name="other")])
+    long_ago = datetime.fromtimestamp(T0 - DAY, UTC)
+
+    assert store.prune(long_ago, model_name="loans", max_rows=4) == 6
+
+    names = [f"r{hour}" for hour in range(10)] + ["other"]
+    assert store.logged_requests(names) == {"r6", "r7", "r8", "r9", "other"}
+    assert store.prune(long_ago, max_rows=1) == 4  # every model's: only the newest row stays
+    assert store.logged_requests(names) == {"r9"}
 
 
 def test_logged_requests_finds_requests_in_many_queries(tmp_path):
@@ -131,3 +166,21 @@ def test_recorder_prunes_when_it_writes_a_window_at_most_hourly(recorded_loans, 
     remaining = list_traffic_windows(root, "loans", "1")
     assert min(w.start for w in remaining) > datetime.fromtimestamp(now, UTC) - timedelta(days=30)
     assert store.count() == 3 + 1 + 1
+
+
+def test_recorder_applies_the_size_bounds_of_its_settings(recorded_loans, tmp_path):
+    frame, spec = recorded_loans
+    root = tmp_path / "traffic"
+    store = FeedbackStore(tmp_path / "feedback.db")
+    _record_window(root, recorded_loans, T0 + 1, store=store)  # yesterday: within 30 days
+    bounds = TrafficKnobs(traffic_retention_mb=1e-6, prediction_log_max_rows=2)  # 1 byte
+    with TrafficRecorder(
+        root, "loans", "1", spec, "r", bounds, clock=FakeClock(T0 + DAY), feedback=store
+    ) as recorder:
+        recorder.record("today", inputs(frame, spec).iloc[:3], binary_result(3))
+
+    stats = recorder.stats()
+    assert stats.pruned_windows == 2  # a hard bound: even the window just written is over it
+    assert list_traffic_windows(root, "loans") == []
+    assert stats.pruned_predictions == 2 + 3 - 2
+    assert store.count() == 2

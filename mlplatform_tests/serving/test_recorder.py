@@ -115,12 +115,16 @@ def test_recorder_settings_are_the_serving_defaults_and_must_be_positive():
         "traffic_batch_rows": 50_000,
         "traffic_drain_interval_s": 0.25,
         "traffic_retention_days": 30.0,
+        "traffic_retention_mb": 2048.0,
+        "prediction_log_max_rows": 10_000_000,
     }
     for field in (
         "traffic_window_s",
         "traffic_max_queue",
         "traffic_batch_rows",
         "traffic_retention_days",
+        "traffic_retention_mb",
+        "prediction_log_max_rows",
     ):
         with pytest.raises(ValueError, match=field):
             TrafficKnobs(**{field: 0})
