@@ -187,7 +187,7 @@ class MlflowTracking(dg.ConfigurableResource):
         Outside a run (a sensor's tick) there is no run to join and nothing to set up: the
         registry is read through :meth:`client`, which names the store itself.
         """
-        if context.dagster_run is None:
+        if context.run is None:
             return
         settings = load_settings()
         uri = self.tracking_uri

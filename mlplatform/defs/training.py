@@ -101,7 +101,8 @@ def candidate_model(
         name="model",
         python_model=model,
         signature=infer_signature(sample, model.predict_frame(sample)),
-        input_example=sample.head(3),
+        # MLflow keeps the example beside the model: the typical record, never a training row.
+        input_example=pd.DataFrame([model.example_record]),
         registered_model_name=mlflow_tracking.registered_model_name,
         pip_requirements=[
             f"{package}=={importlib.metadata.version(package)}"

@@ -1,6 +1,7 @@
 import dagster as dg
 import mlflow
 from mlflow import MlflowClient
+from mlflow.models import Model
 
 from mlplatform.defs.features import features
 from mlplatform.defs.ingest import raw_data
@@ -35,6 +36,13 @@ def test_candidate_model_is_logged_registered_and_tagged(training_resources, pla
     assert artifact_uri.startswith((platform_home / "mlflow" / "artifacts").as_uri())
     loaded = mlflow.pyfunc.load_model(ref.uri)
     assert loaded.metadata.signature is not None
+    # The example MLflow keeps beside the model is the typical record, not rows of the data.
+    local = mlflow.artifacts.download_artifacts(ref.uri)
+    example = Model.load(local).load_input_example(local)
+    typical = loaded.unwrap_python_model().example_record
+    assert example.to_dict(orient="records") == [typical]
+    train = result.output_for_node("features").inputs("train")
+    assert not (train.astype(str) == example.astype(str).iloc[0]).all(axis=1).any()
 
 
 def test_lightgbm_search_is_logged_as_nested_runs(training_resources):
