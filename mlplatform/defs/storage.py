@@ -97,9 +97,11 @@ class RunScopedPickleIOManager(dg.UPathIOManager):
             context.log.debug(f"retention removed the outputs of runs {', '.join(removed)}")
 
     def load_from_path(self, context: dg.InputContext, path: Path) -> Any:
-        """Unpickle an output written by :meth:`dump_to_path`."""
+        """Unpickle an output written by :meth:`dump_to_path`; the input event records its path."""
         with open(path, "rb") as file:
-            return pickle.load(file)
+            value = pickle.load(file)
+        context.add_input_metadata({"path": dg.MetadataValue.path(str(path))})
+        return value
 
     def load_input(self, context: dg.InputContext) -> Any:
         """The upstream output of this run, else the one its latest materialization recorded.

@@ -69,6 +69,14 @@ def _path(instance: dg.DagsterInstance, run_id: str, name: str) -> str:
     raise AssertionError(f"run {run_id} did not materialize {name}")
 
 
+def _read(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
+    """The file each step of the run loaded its input from, as the input events record it."""
+    return {
+        event.step_key: event.dagster_event.event_specific_data.metadata["path"].value
+        for event in instance.all_logs(run_id, of_type=dg.DagsterEventType.LOADED_INPUT)
+    }
+
+
 def test_a_run_reads_its_own_output_after_another_run_wrote_it_later(instance):
     VALUES["next"] = 1
     result = dg.materialize([numbers, interleave, doubled], instance=instance, resources=_io())
@@ -83,6 +91,7 @@ def test_a_run_reads_its_own_output_after_another_run_wrote_it_later(instance):
     assert _path(instance, result.run_id, "numbers") == str(storage / result.run_id / "numbers")
     assert _path(instance, latest.run_id, "numbers") == str(storage / latest.run_id / "numbers")
     assert pickle.loads((storage / latest.run_id / "numbers").read_bytes()) == 2
+    assert _read(instance, result.run_id) == {"doubled": str(storage / result.run_id / "numbers")}
 
 
 def test_an_input_from_an_earlier_run_is_the_one_its_materialization_recorded(instance):
@@ -97,6 +106,7 @@ def test_an_input_from_an_earlier_run_is_the_one_its_materialization_recorded(in
     assert Path(_path(instance, first.run_id, "numbers")).exists()
     assert later.output_for_node("doubled") == 22
     recorded = _path(instance, second.run_id, "numbers")
+    assert _read(instance, later.run_id) == {"doubled": recorded}
     Path(recorded).unlink()
     gone = dg.materialize(
         [numbers, doubled],
