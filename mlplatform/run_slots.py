@@ -15,6 +15,11 @@ Dagster's concurrency pools do not cover this: with ``granularity: run`` they ar
 queue only (``execute_in_process`` skips them) and with ``granularity: op`` they limit steps, so
 two runs would still interleave step by step.
 
+The look at the instance and the start of the command's run are not one transaction: a queued
+run the daemon dequeues in that same instant (the time ``execute_in_process`` takes to mark its
+run started, well under a second) could still start alongside. Closing that needs the command's
+run to be created before the look, which ``execute_in_process`` does not allow.
+
 A run the command line started carries ``mlplatform/launcher=cli``; while the locks are held no
 such run can be alive, so one still marked active was left by a killed process: it is marked
 failed instead of being waited for forever.

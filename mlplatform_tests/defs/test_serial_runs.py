@@ -13,24 +13,17 @@ import httpx
 import ray
 from mlflow import MlflowClient
 
-from mlplatform.definitions import RETRAIN_TAGS
-from mlplatform.defs.evaluation import evaluation_report
-from mlplatform.defs.features import features, reference_profile
-from mlplatform.defs.ingest import raw_data
-from mlplatform.defs.registry import champion_model
+from mlplatform.definitions import ASSETS, RETRAIN_TAGS
 from mlplatform.defs.storage import RunScopedIOManager
-from mlplatform.defs.training import candidate_model
 from mlplatform.demo.data import generate_loans
 from mlplatform.run_slots import run_turn
 from mlplatform.settings import load_settings
 
+# Everything up to the promotion: what needs no Ray.
 TRAINING_ASSETS = [
-    raw_data,
-    features,
-    reference_profile,
-    candidate_model,
-    evaluation_report,
-    champion_model,
+    asset
+    for asset in ASSETS
+    if asset.key.to_user_string() not in {"model_endpoint", "drift_report"}
 ]
 REPOSITORY = Path(__file__).resolve().parents[2]
 
