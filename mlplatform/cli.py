@@ -62,7 +62,9 @@ def execute_job(
 ) -> tuple["dg.ExecuteInProcessResult", float] | None:
     """Execute a job of the Definitions in process, on the instance in ``DAGSTER_HOME``.
 
-    Prints one line per completed asset; the run's full output (Dagster's event stream,
+    A retrain or a deploy first waits for its turn (:func:`mlplatform.run_slots.run_turn`): for
+    the same run started by another command, or launched from the run queue, to finish. Prints
+    one line per completed asset; the run's full output (Dagster's event stream,
     libraries' messages) goes to ``$MLPLATFORM_HOME/logs/<run id>.log`` and, as events, to the
     Dagster instance (the web UI).
 
@@ -79,13 +81,18 @@ def execute_job(
 
     from mlplatform.definitions import defs
     from mlplatform.progress import output_to_log, progress_logger
+    from mlplatform.run_slots import CLI_LAUNCHER, LAUNCHER_TAG, run_turn
 
     run_id = str(uuid.uuid4())
     log_path = load_settings().home / "logs" / f"{run_id}.log"
     print(f"Dagster run {run_id} ({job_name}); full log: {log_path}", flush=True)
-    started = time.perf_counter()
-    with dagster_instance() as instance, output_to_log(log_path) as terminal:
-        job = defs.resolve_job_def(job_name)
+    job = defs.resolve_job_def(job_name)
+    with (
+        dagster_instance() as instance,
+        run_turn(instance, job.tags, run_id, say=lambda line: print(line, flush=True)),
+        output_to_log(log_path) as terminal,
+    ):
+        started = time.perf_counter()  # the run's own time, not the wait for its turn
         job = job.with_logger_defs({**dg.default_loggers(), "progress": progress_logger(terminal)})
         # A logger runs only when the run config names it: the console (to the log file) and
         # the progress lines (to the terminal).
@@ -95,6 +102,7 @@ def execute_job(
             instance=instance,
             raise_on_error=False,
             run_id=run_id,
+            tags={LAUNCHER_TAG: CLI_LAUNCHER},
         )
     elapsed = time.perf_counter() - started
     if result.success:

@@ -18,6 +18,7 @@ from mlplatform.defs.serving import (
     endpoint_sensor,
     model_endpoint,
 )
+from mlplatform.defs.storage import RunScopedIOManager
 from mlplatform.defs.training import candidate_model
 from mlplatform.monitoring.rules import load_monitoring_settings
 from mlplatform.resources import DataSource, MlflowTracking, RayServe
@@ -90,6 +91,8 @@ defs = dg.Definitions(
         "data_source": DataSource(),
         "mlflow_tracking": MlflowTracking(),
         "ray_serve": RayServe(),
+        # Each run's outputs in a directory of their own, written atomically (defs/storage.py).
+        "io_manager": RunScopedIOManager(),
     },
     # Steps share one process: the graph is a chain, and a process per step costs seconds each.
     executor=dg.in_process_executor,

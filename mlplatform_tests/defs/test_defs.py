@@ -11,8 +11,10 @@ from pathlib import Path
 import dagster as dg
 import httpx
 import pytest
+import yaml
 
 from mlplatform.definitions import defs
+from mlplatform.run_slots import SERIAL_TAG_KEYS, serial_tags
 from mlplatform.serving.cluster import port_is_open
 from mlplatform_tests.support import free_port
 
@@ -59,6 +61,15 @@ def test_instance_queue_admits_one_retrain_at_a_time(tmp_path):
     assert retrain == {"key": "mlplatform/workload", "value": "retrain", "limit": 1}
     tags = defs.resolve_job_def("retrain_job").tags
     assert tags["mlplatform/workload"] == "retrain"
+
+
+@pytest.mark.parametrize("config", ["dagster.yaml", "deploy/dagster.yaml"])
+def test_the_command_line_takes_turns_on_the_tags_the_queue_limits(config):
+    queue = yaml.safe_load((REPO / config).read_text())["run_coordinator"]["config"]
+    limited = {limit["key"] for limit in queue["tag_concurrency_limits"]}
+    assert limited == set(SERIAL_TAG_KEYS)
+    for job in ("retrain_job", "rollback_job", "deploy_job"):
+        assert serial_tags(defs.resolve_job_def(job).tags)  # each takes its turn
 
 
 def test_retrain_job_covers_the_whole_graph_but_monitoring():
