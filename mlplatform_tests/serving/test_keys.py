@@ -5,19 +5,25 @@ champion; one test serves it through the session's Ray Serve, over HTTP, and the
 log file of that Ray session for the keys it sent.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from mlflow import MlflowClient
 
+from mlplatform.cli import _try_it_text
+from mlplatform.defs.serving import EndpointInfo
+from mlplatform.demo.simulate import simulate
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.resources import RayServe
 from mlplatform.serving import cluster
 from mlplatform.serving.keys import (
     ApiKeyError,
     ExposedWithoutKeys,
+    bearer_headers,
     client_key,
     is_loopback_host,
     key_digests,
@@ -27,6 +33,7 @@ from mlplatform.serving.keys import (
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import build_api
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
+from mlplatform.status import collect_status
 from mlplatform_tests.support import deployed, free_port, train_champion
 
 PREDICT_KEY = "predict-only-key-0123456789abcdef"
@@ -366,6 +373,30 @@ def test_without_keys_every_route_stays_open(champion):
     }
 
 
+def test_the_printed_curl_example_sends_the_key_from_the_shell():
+    info = EndpointInfo(
+        url="http://127.0.0.1:8000",
+        model_name="mlplatform",
+        model_version="3",
+        model_uri="models:/mlplatform/3",
+        deployed_at="2026-11-30T12:00:00+00:00",
+        example_record={"age": 35},
+    )
+    keyed = dataclasses.replace(info, requires_key=True)
+
+    assert info.curl_example == (
+        "curl -s -X POST http://127.0.0.1:8000/predict -H 'Content-Type: application/json' "
+        """-d '{"records": [{"age": 35}]}'"""
+    )
+    assert keyed.curl_example == (
+        'curl -s -X POST http://127.0.0.1:8000/predict -H "Authorization: Bearer '
+        """$MLPLATFORM_API_KEY" -H 'Content-Type: application/json' """
+        """-d '{"records": [{"age": 35}]}'"""
+    )
+    assert "export MLPLATFORM_API_KEY=<an API key with the predict scope>" in _try_it_text(keyed)
+    assert "MLPLATFORM_API_KEY" not in _try_it_text(info)
+
+
 # ---------------------------------------------------------------------------------------------
 # Through Ray Serve, over HTTP
 
@@ -378,7 +409,9 @@ def _session_log_dir() -> Path:
     return Path(node["ObjectStoreSocketName"]).parents[1] / "logs"
 
 
-def test_a_keyed_endpoint_through_ray_serve_never_shows_a_key(serve_port, tmp_path_factory):
+def test_a_keyed_endpoint_through_ray_serve_never_shows_a_key(
+    serve_port, tmp_path_factory, instance
+):
     platform, _ = train_champion(tmp_path_factory.mktemp("keys-live-home"), seed=4)
     settings = ServingSettings.for_deployment(
         ServingKnobs(access_log=True),  # the replica's access log is read below
@@ -416,6 +449,31 @@ def test_a_keyed_endpoint_through_ray_serve_never_shows_a_key(serve_port, tmp_pa
         }
         # What the endpoint sensor reads, without a key: the served version.
         assert cluster.observe_endpoint(url).version == "1"
+        # The status command and the traffic simulator present their keys.
+        registry = MlflowClient(tracking_uri=platform.tracking_uri)
+        status = {
+            name: collect_status(instance, registry, "mlplatform", url, headers=bearer_headers(key))
+            for name, key in (("predict", PREDICT_KEY), ("none", None), ("unknown", UNKNOWN_KEY))
+        }
+        keyed = simulate(
+            url,
+            rate=10,
+            duration_s=1,
+            label_share=1.0,
+            label_delay_s=0.1,
+            predict_key=PREDICT_KEY,
+            feedback_key=FEEDBACK_KEY,
+        )
+        keyless = simulate(url, rate=10, duration_s=0.5)
+
+    assert status["predict"].served_version == "1" and "traffic" in status["predict"].endpoint
+    assert status["none"].endpoint == {"status": "ok", "model_version": "1"}
+    assert status["unknown"].endpoint is None
+    assert status["unknown"].endpoint_error == (
+        "/healthz refused the API key (HTTP 401): check MLPLATFORM_API_KEY"
+    )
+    assert keyed.ok == keyed.requests == 10 and keyed.labels_sent == 10
+    assert keyless.ok == 0 and keyless.errors == {"401": keyless.requests}
 
     statuses = {case: response.status_code for case, response in answers.items()}
     assert statuses == {
