@@ -423,23 +423,17 @@ def test_a_keyed_endpoint_through_ray_serve_never_shows_a_key(
         record = httpx.get(
             f"{url}/model", headers={"Authorization": f"Bearer {PREDICT_KEY}"}
         ).json()["example_record"]
+
+        def predict(key: str | None) -> httpx.Response:
+            return httpx.post(
+                f"{url}/predict", json={"records": [record]}, headers=bearer_headers(key)
+            )
+
         answers = {
-            "no key": httpx.post(f"{url}/predict", json={"records": [record]}),
-            "unknown key": httpx.post(
-                f"{url}/predict",
-                json={"records": [record]},
-                headers={"Authorization": f"Bearer {UNKNOWN_KEY}"},
-            ),
-            "wrong scope": httpx.post(
-                f"{url}/predict",
-                json={"records": [record]},
-                headers={"Authorization": f"Bearer {FEEDBACK_KEY}"},
-            ),
-            "right scope": httpx.post(
-                f"{url}/predict",
-                json={"records": [record]},
-                headers={"Authorization": f"Bearer {PREDICT_KEY}"},
-            ),
+            "no key": predict(None),
+            "unknown key": predict(UNKNOWN_KEY),
+            "wrong scope": predict(FEEDBACK_KEY),
+            "right scope": predict(PREDICT_KEY),
             "both scopes": httpx.post(
                 f"{url}/feedback",
                 json={"labels": [{"request_id": "0" * 32, "label": 1}]},
