@@ -3,7 +3,8 @@
 :func:`build_api` gives ``POST /predict``, ``POST /feedback``, ``GET /healthz``, ``GET /model``,
 ``GET /model/card`` and OpenAPI at ``/docs`` for a :class:`~mlplatform.serving.model.ServedModel`.
 The Ray Serve deployment (:mod:`mlplatform.serving.app`) serves this app in every replica and
-hands it its micro-batcher and traffic recorder; tests serve it as is, without Ray.
+hands it its micro-batcher and traffic recorder; tests serve it as is, without Ray. Given API
+keys (their digests, :mod:`mlplatform.serving.keys`), every route but ``GET /healthz`` needs one.
 """
 
 from __future__ import annotations
