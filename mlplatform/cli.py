@@ -141,7 +141,14 @@ def _endpoint_text(endpoint: "EndpointInfo") -> str:
 
 
 def _try_it_text(endpoint: "EndpointInfo") -> str:
-    return _endpoint_text(endpoint) + f"\nTry it:\n  {endpoint.curl_example}\n"
+    from mlplatform.serving.keys import CLIENT_KEY_VARIABLE
+
+    key = (
+        f"  export {CLIENT_KEY_VARIABLE}=<an API key with the predict scope>\n"
+        if endpoint.requires_key
+        else ""
+    )
+    return _endpoint_text(endpoint) + f"\nTry it:\n{key}  {endpoint.curl_example}\n"
 
 
 def run_pipeline() -> int:
@@ -228,6 +235,7 @@ def show_lineage(model_name: str, version: str, as_json: bool = False) -> int:
 def simulate_traffic(args: argparse.Namespace) -> int:
     """Send demo traffic; with drift, move the demo training data to the drifted population."""
     from mlplatform.demo.simulate import move_demo_source, simulate
+    from mlplatform.serving.keys import ApiKeyError, client_key
 
     settings = load_settings()
     if not 0.0 <= args.drift <= 1.0:
@@ -236,6 +244,12 @@ def simulate_traffic(args: argparse.Namespace) -> int:
     if args.drift > 0 and settings.source is None:
         path = move_demo_source(settings.data_dir / "demo" / "loans.csv", args.drift)
         print(f"Demo training data moved to the drifted population (drift {args.drift}): {path}")
+    try:
+        predict_key = client_key("predict", settings.home)
+        feedback_key = client_key("feedback", settings.home) if args.labels > 0 else None
+    except ApiKeyError as error:
+        print(f"Cannot read the API keys: {error}", file=sys.stderr)
+        return 2
     url = args.url or settings.endpoint_url
     print(f"Sending {args.rate:g} requests/s for {args.duration:g} s to {url} ...")
     report = simulate(
@@ -247,6 +261,8 @@ def simulate_traffic(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         label_share=args.labels,
         label_delay_s=args.label_delay,
+        predict_key=predict_key,
+        feedback_key=feedback_key,
     )
     print(report.summary())
     return 0 if report.ok else 1
@@ -276,12 +292,20 @@ def show_status(as_json: bool = False) -> int:
     """Print the champion, what the endpoint serves, drift and decisions; 0 when in sync."""
     from mlflow import MlflowClient
 
+    from mlplatform.serving.keys import ApiKeyError, bearer_headers, client_key
     from mlplatform.status import collect_status
 
     settings = load_settings()
+    try:
+        headers = bearer_headers(client_key("predict", settings.home))
+    except ApiKeyError as error:
+        print(f"Cannot read the API keys: {error}", file=sys.stderr)
+        return 2
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     with dagster_instance() as instance:
-        status = collect_status(instance, client, settings.model_name, settings.endpoint_url)
+        status = collect_status(
+            instance, client, settings.model_name, settings.endpoint_url, headers=headers
+        )
     print(json.dumps(status.to_dict(), indent=2, default=str) if as_json else status.to_text())
     return 0 if status.in_sync else 1
 

@@ -23,6 +23,14 @@ from mlplatform.demo.data import write_demo_source
 from mlplatform.model.registry import version_by_alias
 from mlplatform.model.spec import DataError
 from mlplatform.serving import cluster
+from mlplatform.serving.keys import (
+    ApiKey,
+    ApiKeyError,
+    key_digests,
+    key_for,
+    load_api_keys,
+    require_keys_beyond_loopback,
+)
 from mlplatform.serving.settings import ServingSettings
 from mlplatform.settings import (
     DEFAULT_MODEL_NAME,
@@ -261,15 +269,54 @@ class RayServe(dg.ConfigurableResource):
             return settings.endpoint_url
         return f"http://{self.host or settings.serve_host}:{self.port or settings.serve_port}"
 
+    @property
+    def serve_host(self) -> str:
+        """The interface the endpoint listens on."""
+        return self.host or load_settings().serve_host
+
+    def api_keys(self) -> list[ApiKey]:
+        """The configured API keys (``MLPLATFORM_API_KEYS``, ``$MLPLATFORM_HOME/api_keys``).
+
+        Raises:
+            ApiKeyError: if the configuration is invalid or the key file is not private.
+
+        """
+        return load_api_keys(load_settings().home)
+
+    def check_access(self) -> list[ApiKey]:
+        """The keys, checked to be enough to deploy with: call before anything is rolled.
+
+        Returns:
+            The keys (none: an open endpoint on loopback).
+
+        Raises:
+            ApiKeyError: if the configuration is invalid, or no key has the ``predict`` scope
+                (the platform's own checks of a new deployment predict).
+            ExposedWithoutKeys: if the endpoint would listen beyond loopback without keys.
+
+        """
+        keys = self.api_keys()
+        require_keys_beyond_loopback(self.serve_host, key_digests(keys))
+        if keys and key_for(keys, "predict") is None:
+            raise ApiKeyError(
+                "no configured API key has the predict scope: nobody could use the endpoint, "
+                "and the deploy's own smoke test could not either"
+            )
+        return keys
+
     def deploy(self, serving: ServingSettings, timeout_s: float = 180.0) -> None:
-        """Deploy or roll forward the endpoint (see :func:`mlplatform.serving.cluster.deploy`)."""
+        """Deploy or roll forward the endpoint (see :func:`mlplatform.serving.cluster.deploy`).
+
+        The endpoint accepts the configured API keys (only their digests reach Ray).
+        """
         settings = load_settings()
         cluster.deploy(
             serving,
             ray_address=self.address or settings.ray_address,
-            host=self.host or settings.serve_host,
+            host=self.serve_host,
             port=self.port or settings.serve_port,
             app_name=self.app_name,
             local_head=cluster.LocalHead(settings.ray_port, settings.ray_dir),
             timeout_s=timeout_s,
+            api_keys=key_digests(self.api_keys()),
         )

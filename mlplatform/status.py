@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -124,8 +125,22 @@ def collect_status(
     endpoint_url: str,
     decisions: int = 5,
     timeout_s: float = 5.0,
+    headers: Mapping[str, str] | None = None,
 ) -> PlatformStatus:
-    """Ask the registry, the endpoint and the Dagster instance what they know now."""
+    """Ask the registry, the endpoint and the Dagster instance what they know now.
+
+    Args:
+        instance: the Dagster instance (drift verdicts, decisions).
+        client: the MLflow registry.
+        model_name: the registered model.
+        endpoint_url: the endpoint's base URL.
+        decisions: how many of the latest decisions to show.
+        timeout_s: how long the endpoint may take to answer.
+        headers: the headers of the endpoint request: an API key with the ``predict`` scope
+            gets its traffic counters too (without, an endpoint with keys answers its served
+            version only).
+
+    """
     champion, registry_error = None, None
     try:
         version = version_by_alias(client, model_name, CHAMPION_ALIAS, attempts=1)
@@ -134,9 +149,11 @@ def collect_status(
         registry_error = str(error)
     endpoint, endpoint_error = None, None
     try:
-        response = httpx.get(f"{endpoint_url}/healthz", timeout=timeout_s)
+        response = httpx.get(f"{endpoint_url}/healthz", headers=headers, timeout=timeout_s)
         if response.status_code == 200:
             endpoint = response.json()
+        elif response.status_code == 401:
+            endpoint_error = "/healthz refused the API key (HTTP 401): check MLPLATFORM_API_KEY"
         else:
             endpoint_error = f"/healthz answered HTTP {response.status_code}"
     except httpx.HTTPError as error:

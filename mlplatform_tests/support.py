@@ -36,6 +36,7 @@ from mlplatform.model.spec import FeatureSpec, infer_feature_spec
 from mlplatform.monitoring.profiles import list_traffic_windows
 from mlplatform.resources import DataSource, MlflowTracking
 from mlplatform.serving import cluster
+from mlplatform.serving.keys import KeyDigests
 from mlplatform.serving.settings import ServingSettings
 from mlplatform.settings import PlatformSettings, load_settings
 
@@ -48,6 +49,8 @@ PLATFORM_VARIABLES = (
     "MLPLATFORM_SERVE_PORT",
     "MLPLATFORM_ENDPOINT_URL",
     "MLPLATFORM_RAY_PORT",
+    "MLPLATFORM_API_KEYS",
+    "MLPLATFORM_API_KEY",
     "MLFLOW_TRACKING_URI",
     "RAY_ADDRESS",
 )
@@ -170,8 +173,15 @@ def train_champion(home: Path, seed: int) -> tuple[PlatformSettings, str]:
 
 
 @contextlib.contextmanager
-def deployed(settings: ServingSettings, serve_port: int, app_name: str) -> Iterator[str]:
+def deployed(
+    settings: ServingSettings,
+    serve_port: int,
+    app_name: str,
+    api_keys: KeyDigests | None = None,
+) -> Iterator[str]:
     """``settings`` served on the session's Ray Serve under ``/<app_name>``, deleted on exit.
+
+    With ``api_keys``, the app accepts those keys only (their digests and scopes).
 
     Yields:
         The app's URL, once it serves model version 1.
@@ -185,6 +195,7 @@ def deployed(settings: ServingSettings, serve_port: int, app_name: str) -> Itera
         app_name=app_name,
         local_head=None,
         route_prefix=f"/{app_name}",
+        api_keys=api_keys,
     )
     url = f"http://127.0.0.1:{serve_port}/{app_name}"
     cluster.wait_until_serving(url, "1")

@@ -47,6 +47,7 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, Postgr
 from packaging.requirements import Requirement
 
 from mlplatform.serving.ingress import SERVE_ENVIRONMENT
+from mlplatform.serving.keys import ApiKeyError, parse_api_keys
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -382,6 +383,30 @@ def test_compose_service_addresses_are_consistent(compose: dict[str, Any]) -> No
         depends = services[name]["depends_on"]
         assert depends["postgres"]["condition"] == "service_healthy"
         assert depends["user_code"]["condition"] == "service_healthy"
+
+
+def test_compose_requires_api_keys_for_the_endpoint_it_exposes(
+    deploy_config: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    services = compose["services"]
+    # The endpoint listens on 0.0.0.0 in the Ray head, which the platform refuses without keys:
+    # `docker compose up` must stop on a missing MLPLATFORM_API_KEYS, as on the Ray token.
+    assert services["daemon"]["environment"]["MLPLATFORM_SERVE_HOST"] == "0.0.0.0"
+    for name in DAGSTER_SERVICES:
+        keys = services[name]["environment"]["MLPLATFORM_API_KEYS"]
+        assert keys.startswith("${MLPLATFORM_API_KEYS:?set MLPLATFORM_API_KEYS in deploy/.env"), (
+            name
+        )
+    # Run containers deploy and smoke-test the endpoint: the launcher forwards the keys.
+    assert "MLPLATFORM_API_KEYS" in deploy_config["run_launcher"]["config"]["env_vars"]
+    # The Ray head serves with digests handed over by the deploying run, never the keys.
+    assert "MLPLATFORM_API_KEYS" not in services["ray-head"]["environment"]
+    # deploy/.env.example documents the variable, with a placeholder the platform refuses.
+    example = (DEPLOY / ".env.example").read_text()
+    (line,) = [line for line in example.splitlines() if line.startswith("MLPLATFORM_API_KEYS=")]
+    with pytest.raises(ApiKeyError, match="a key is at least 16 characters"):
+        parse_api_keys(line.split("=", 1)[1].strip('"'), "deploy/.env.example")
+    assert "scope[,scope]:key" in example and "Authorization: Bearer" in example
 
 
 def test_compose_ray_head_serves_on_the_fast_path(compose: dict[str, Any]) -> None:

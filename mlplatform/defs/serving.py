@@ -33,6 +33,13 @@ from mlplatform.monitoring.rules import (
 )
 from mlplatform.resources import MlflowTracking, RayServe
 from mlplatform.serving.cluster import observe_endpoint, wait_until_serving
+from mlplatform.serving.keys import (
+    CLIENT_KEY_VARIABLE,
+    ApiKeyError,
+    ExposedWithoutKeys,
+    bearer_headers,
+    key_for,
+)
 from mlplatform.serving.preflight import UnservableModel, preflight
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.settings import load_settings
@@ -58,12 +65,17 @@ class EndpointInfo:
     model_uri: str
     deployed_at: str
     example_record: dict[str, Any]
+    requires_key: bool = False
 
     @property
     def curl_example(self) -> str:
-        """A ready-to-paste request for the endpoint."""
+        """A ready-to-paste request for the endpoint (the key, if one is needed, from the shell)."""
         body = json.dumps({"records": [self.example_record]})
-        return f"curl -s -X POST {self.url}/predict -H 'Content-Type: application/json' -d '{body}'"
+        key = f' -H "Authorization: Bearer ${CLIENT_KEY_VARIABLE}"' if self.requires_key else ""
+        return (
+            f"curl -s -X POST {self.url}/predict{key} -H 'Content-Type: application/json' "
+            f"-d '{body}'"
+        )
 
 
 class EndpointConfig(ServingKnobs, dg.Config):
@@ -100,14 +112,25 @@ class EndpointConfig(ServingKnobs, dg.Config):
         )
 
 
-def smoke_test(url: str, record: dict[str, Any], expected_version: str) -> dict[str, Any]:
+def smoke_test(
+    url: str,
+    record: dict[str, Any],
+    expected_version: str,
+    headers: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """POST one real record; the answer must come from ``expected_version``.
+
+    Args:
+        url: the endpoint.
+        record: a record the model scores.
+        expected_version: the version that must answer.
+        headers: the request's headers (an API key).
 
     Raises:
         RuntimeError: on any non-200 answer or a different serving version.
 
     """
-    response = httpx.post(f"{url}/predict", json={"records": [record]}, timeout=30)
+    response = httpx.post(f"{url}/predict", json={"records": [record]}, headers=headers, timeout=30)
     if response.status_code != 200:
         raise RuntimeError(f"smoke test got HTTP {response.status_code}: {response.text[:500]}")
     body = response.json()
@@ -118,10 +141,15 @@ def smoke_test(url: str, record: dict[str, Any], expected_version: str) -> dict[
     return body
 
 
-def measure_latency_ms(url: str, record: dict[str, Any], requests: int = 20) -> list[float]:
+def measure_latency_ms(
+    url: str,
+    record: dict[str, Any],
+    requests: int = 20,
+    headers: Mapping[str, str] | None = None,
+) -> list[float]:
     """Wall-clock latency of sequential single-record predictions, in milliseconds."""
     latencies = []
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=headers) as client:
         for _ in range(requests):
             start = time.perf_counter()
             client.post(f"{url}/predict", json={"records": [record]}).raise_for_status()
@@ -216,6 +244,17 @@ def model_endpoint(
     before = observe_endpoint(url)
     context.log.info(f"deploying champion v{champion.version}; the endpoint is {before.describe()}")
     try:
+        keys = ray_serve.check_access()
+    except (ApiKeyError, ExposedWithoutKeys) as error:
+        # A configuration error, not the version's: nothing was rolled, the champion stays.
+        message = (
+            f"v{champion.version} was not deployed: {error}. Nothing was changed; the endpoint "
+            f"is {before.describe()}."
+        )
+        context.log.error(message)
+        raise EndpointDeployError(message) from None
+    headers = bearer_headers(key_for(keys, "predict"))
+    try:
         preflight(champion.uri, mlflow_tracking.tracking_uri)
     except UnservableModel as error:
         # Nothing was rolled: whatever served before still serves.
@@ -227,9 +266,9 @@ def model_endpoint(
         ray_serve.deploy(serving, timeout_s=config.ready_timeout_s)
         wait_until_serving(url, champion.version, timeout_s=config.ready_timeout_s)
         deploy_seconds = time.perf_counter() - started
-        card = httpx.get(f"{url}/model", timeout=30).json()
+        card = httpx.get(f"{url}/model", headers=headers, timeout=30).json()
         record = card["example_record"]
-        answer = smoke_test(url, record, champion.version)
+        answer = smoke_test(url, record, champion.version, headers)
     except Exception as error:  # whatever failed, the previous deployment comes back first
         failure = f"{type(error).__name__}: {error}"
         if previous is not None:
@@ -245,6 +284,7 @@ def model_endpoint(
         model_uri=champion.uri,
         deployed_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         example_record=record,
+        requires_key=bool(keys),
     )
     context.log.info(f"serving {champion.uri} at {url}")
     yield dg.Output(
@@ -262,7 +302,7 @@ def model_endpoint(
             "curl": dg.MetadataValue.md(f"```\n{info.curl_example}\n```"),
         },
     )
-    latencies = measure_latency_ms(url, record)
+    latencies = measure_latency_ms(url, record, headers=headers)
     p50 = statistics.median(latencies)
     yield dg.AssetCheckResult(
         check_name="endpoint_health",

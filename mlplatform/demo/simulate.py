@@ -89,6 +89,11 @@ def move_demo_source(path: Path, drift: float, n_rows: int = 5000, seed: int = 1
     return path
 
 
+def _bearer(key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header of a request with ``key``, if any."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def _simulate(
     url: str,
     rate: float,
@@ -99,6 +104,8 @@ async def _simulate(
     label_share: float,
     label_delay_s: float,
     seed: int,
+    predict_key: str | None,
+    feedback_key: str | None,
 ) -> SimulationReport:
     rng = np.random.default_rng(seed)
     latencies: list[float] = []
@@ -113,7 +120,7 @@ async def _simulate(
         body = {"records": [records[(first + i) % len(records)] for i in range(batch_size)]}
         sent = time.perf_counter()
         try:
-            response = await client.post(f"{url}/predict", json=body)
+            response = await client.post(f"{url}/predict", json=body, headers=_bearer(predict_key))
         except httpx.HTTPError as error:
             errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
             return
@@ -146,7 +153,9 @@ async def _simulate(
             ]
             for start in range(0, len(items), 1000):
                 response = await client.post(
-                    f"{url}/feedback", json={"labels": items[start : start + 1000]}
+                    f"{url}/feedback",
+                    json={"labels": items[start : start + 1000]},
+                    headers=_bearer(feedback_key),
                 )
                 response.raise_for_status()
                 labels_sent += len(items[start : start + 1000])
@@ -175,6 +184,8 @@ def simulate(
     batch_size: int = 1,
     label_share: float = 0.0,
     label_delay_s: float = 2.0,
+    predict_key: str | None = None,
+    feedback_key: str | None = None,
 ) -> SimulationReport:
     """Send demo traffic to the endpoint at ``url`` and, optionally, labels for it.
 
@@ -187,6 +198,8 @@ def simulate(
         batch_size: records per request.
         label_share: share of answered requests whose true outcome is posted to ``/feedback``.
         label_delay_s: wait before posting labels (predictions are logged within a second).
+        predict_key: the API key sent with predictions (``None``: an endpoint without keys).
+        feedback_key: the API key sent with labels (a key with the ``feedback`` scope).
 
     Raises:
         ValueError: on a non-positive rate, duration or batch size, or drift outside [0, 1].
@@ -207,5 +220,7 @@ def simulate(
             label_share,
             label_delay_s,
             seed,
+            predict_key,
+            feedback_key,
         )
     )

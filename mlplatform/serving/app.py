@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve import Application
 
 from mlplatform.monitoring.feedback import FeedbackStore
+from mlplatform.serving.keys import KeyDigests
 from mlplatform.serving.loopback import bind_replica_grpc_to_loopback
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.recording import TrafficSink
@@ -29,9 +30,11 @@ from mlplatform.serving.settings import ServingSettings
 class ModelEndpoint:
     """One replica: loads the model once, serves the routes, micro-batches single records."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], api_keys: KeyDigests | None = None):
         bind_replica_grpc_to_loopback()
         self.settings = ServingSettings.model_validate(settings)
+        # Digests only: the keys themselves never leave the driver.
+        self.api_keys = api_keys
         self.model: ServedModel = load_served_model(
             self.settings.model_uri, self.settings.tracking_uri
         )
@@ -62,6 +65,7 @@ class ModelEndpoint:
             feedback=self.feedback,
             traffic=self.traffic,
             predict_single=self._predict_batched,
+            api_keys=self.api_keys,
         )
 
     def __del__(self) -> None:
@@ -80,11 +84,13 @@ class ModelEndpoint:
         return answer_singles(self.model, self.traffic, records)
 
 
-def build_app(args: dict[str, Any]) -> Application:
+def build_app(args: dict[str, Any], api_keys: KeyDigests | None = None) -> Application:
     """Typed Ray Serve app builder (``serve run mlplatform.serving.app:build_app model_uri=...``).
 
     Args:
         args: :class:`~mlplatform.serving.settings.ServingSettings` fields.
+        api_keys: digests and scopes of the keys requests must present
+            (:func:`mlplatform.serving.keys.key_digests`); ``None``: an open endpoint.
 
     Returns:
         The bound application, ready for ``serve.run``.
@@ -96,4 +102,4 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=settings.max_ongoing_requests,
         ray_actor_options={"num_cpus": settings.replica_cpus},
         logging_config={"enable_access_log": settings.access_log},
-    ).bind(settings.model_dump())
+    ).bind(settings.model_dump(), api_keys)

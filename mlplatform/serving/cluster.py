@@ -33,6 +33,7 @@ from mlplatform.serving.ingress import (
     haproxy_environment,
     stop_stray_haproxy,
 )
+from mlplatform.serving.keys import KeyDigests, require_keys_beyond_loopback
 from mlplatform.serving.settings import ServingSettings
 
 LOOPBACK = "127.0.0.1"
@@ -292,6 +293,7 @@ def deploy(
     local_head: LocalHead | None,
     route_prefix: str = "/",
     timeout_s: float = 180.0,
+    api_keys: KeyDigests | None = None,
 ) -> None:
     """Deploy (or roll forward) the serving app and wait until Ray Serve reports it running.
 
@@ -310,13 +312,18 @@ def deploy(
         local_head: the embedded head to start or reuse when ``ray_address`` is ``None``.
         route_prefix: the path the app answers under (``/``: ``/predict``).
         timeout_s: how long the app may take to be running.
+        api_keys: digests and scopes of the keys requests must present
+            (:mod:`mlplatform.serving.keys`); ``None``: an open endpoint, refused beyond loopback.
 
     Raises:
+        ExposedWithoutKeys: if ``host`` is not a loopback address and there are no keys; raised
+            before anything is connected to, started or rolled.
         ValueError: if there is neither a Ray connection, a ``ray_address`` nor a local head.
         DeployFailed: if the app failed to deploy, or was not running within ``timeout_s``
             (replicas that cannot start or cannot be placed), with Ray Serve's reason.
 
     """
+    require_keys_beyond_loopback(host, api_keys)
     connected_here = not ray.is_initialized()
     if connected_here:
         if ray_address is None:
@@ -343,7 +350,9 @@ def deploy(
         serve.run_many(
             [
                 serve.RunTarget(
-                    build_app(settings.model_dump()), name=app_name, route_prefix=route_prefix
+                    build_app(settings.model_dump(), api_keys),
+                    name=app_name,
+                    route_prefix=route_prefix,
                 )
             ],
             wait_for_applications_running=False,

@@ -3,7 +3,8 @@
 :func:`build_api` gives ``POST /predict``, ``POST /feedback``, ``GET /healthz``, ``GET /model``,
 ``GET /model/card`` and OpenAPI at ``/docs`` for a :class:`~mlplatform.serving.model.ServedModel`.
 The Ray Serve deployment (:mod:`mlplatform.serving.app`) serves this app in every replica and
-hands it its micro-batcher and traffic recorder; tests serve it as is, without Ray.
+hands it its micro-batcher and traffic recorder; tests serve it as is, without Ray. Given API
+keys (their digests, :mod:`mlplatform.serving.keys`), every route but ``GET /healthz`` needs one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic_core import from_json, to_json
 
 from mlplatform.model.spec import FeatureKind, FeatureSpec
 from mlplatform.monitoring.feedback import FeedbackStore, FeedbackUnavailable
+from mlplatform.serving.keys import GRANTED_SCOPES, ApiKeyMiddleware, KeyDigests
 from mlplatform.serving.model import ServedModel
 from mlplatform.serving.settings import ServingKnobs
 from mlplatform.serving.validation import (
@@ -154,6 +156,29 @@ def _feedback_schema(spec: FeatureSpec, settings: ServingKnobs) -> dict[str, Any
     del schema["$defs"]  # the item goes inline: OpenAPI resolves references from its own root
     schema["properties"]["labels"] |= {"items": item, "maxItems": settings.max_feedback_labels}
     return schema
+
+
+def _document_bearer_auth(api: FastAPI) -> None:
+    """Declare the bearer key in the app's OpenAPI: on every route but ``/healthz``."""
+    generate = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key: `Authorization: Bearer <key>`.",
+                }
+            }
+            for path, operations in schema["paths"].items():
+                if path != "/healthz":
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+        return api.openapi_schema  # FastAPI's own openapi() keeps the schema it made there
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
 
 def _too_large(size: int, limit: int) -> InvalidRequest:
@@ -334,6 +359,7 @@ def build_api(
     feedback: FeedbackStore | None = None,
     traffic: TrafficSink | None = None,
     predict_single: SinglePredictor | None = None,
+    api_keys: KeyDigests | None = None,
 ) -> FastAPI:
     """The endpoint's FastAPI app around a loaded model.
 
@@ -345,6 +371,10 @@ def build_api(
         traffic: where predictions are recorded for monitoring; ``None`` = nowhere.
         predict_single: answers single-record requests (Ray Serve's micro-batcher in a replica);
             ``None`` answers each on its own, the same way (:func:`answer_singles`).
+        api_keys: the digests and scopes of the keys requests must present
+            (:mod:`mlplatform.serving.keys`); ``None``: no keys, every route is open. With keys,
+            ``GET /healthz`` answers only its status and served version to a request without a
+            ``predict`` key.
 
     Returns:
         The app, ready for any ASGI server (Ray Serve, uvicorn, FastAPI's ``TestClient``).
@@ -359,6 +389,10 @@ def build_api(
         title="mlplatform model endpoint",
         description="Predictions from the champion model registered in MLflow.",
     )
+
+    if api_keys:
+        api.add_middleware(ApiKeyMiddleware, digests=api_keys)
+        _document_bearer_auth(api)
 
     @api.exception_handler(InvalidRequest)
     async def _invalid_request(_: Request, error: InvalidRequest) -> JSONResponse:
@@ -449,8 +483,14 @@ def build_api(
         }
 
     @api.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        """Liveness, the served model's identity, the traffic profiler's and feedback's counters."""
+    async def healthz(request: Request) -> dict[str, Any]:
+        """Liveness, the served model's identity, the traffic profiler's and feedback's counters.
+
+        With API keys, a request without a ``predict`` key gets the status and served version
+        only: what a health check and the platform's endpoint sensor need, nothing else.
+        """
+        if api_keys and "predict" not in request.scope.get(GRANTED_SCOPES, ()):
+            return {"status": "ok", "model_version": model.version}
         counters = dataclasses.asdict(await traffic.stats()) if traffic is not None else None
         return {
             "status": "ok",

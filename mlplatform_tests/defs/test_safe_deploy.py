@@ -154,3 +154,42 @@ def test_a_deploy_whose_replicas_cannot_start_restores_the_previous_deployment(s
     )
     # The previous deployment came back with its own knobs: a 64-CPU replica never runs here.
     assert serve.status().applications["mlplatform"].status == "RUNNING"
+
+
+def test_serving_beyond_loopback_needs_keys_and_a_keyed_deploy_checks_itself_with_one(
+    serving, instance, monkeypatch
+):
+    client = MlflowClient()
+    v1 = client.get_model_version("mlplatform", "1")
+    v2 = str(client.create_model_version("mlplatform", source=v1.source, run_id=v1.run_id).version)
+    client.set_registered_model_alias("mlplatform", "champion", v2)
+    deploy_job = defs.resolve_job_def("deploy_job")
+
+    monkeypatch.setenv("MLPLATFORM_SERVE_HOST", "0.0.0.0")
+    with HealthProbe(serving) as probe:
+        refused = deploy_job.execute_in_process(instance=instance, raise_on_error=False)
+    step, message = _failure(refused)
+    assert step == "model_endpoint"
+    assert message.startswith(f"v{v2} was not deployed: refusing to serve on 0.0.0.0 without API")
+    assert message.endswith("Nothing was changed; the endpoint is serving v1.")
+    # Nothing was rolled, and a configuration error moves no alias.
+    assert len(probe.states) > 5 and set(probe.states) == {SERVING_V1}
+    assert _champion() == v2
+
+    key = "a-deploy-key-0123456789abcdef"
+    monkeypatch.setenv("MLPLATFORM_SERVE_HOST", "127.0.0.1")
+    monkeypatch.setenv("MLPLATFORM_API_KEYS", f"predict,feedback:{key}")
+    deployed = deploy_job.execute_in_process(instance=instance)
+
+    # The deploy's own card read, smoke test and latency check presented the key.
+    endpoint = deployed.output_for_node("model_endpoint")
+    assert endpoint.model_version == v2 and endpoint.requires_key
+    assert 'Authorization: Bearer $MLPLATFORM_API_KEY"' in endpoint.curl_example
+    assert deployed.get_asset_check_evaluations()[0].passed
+    assert httpx.get(f"{serving}/model", timeout=10).status_code == 401
+    keyed = httpx.get(f"{serving}/model", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert keyed.json()["model_version"] == v2
+    assert observe_endpoint(serving) == EndpointState("serving", version=v2)
+    # The key is nowhere in the run's events, metadata or logs.
+    events = instance.all_logs(deployed.run_id)
+    assert events and not any(key in dg.serialize_value(event) for event in events)

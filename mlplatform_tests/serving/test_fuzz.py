@@ -4,7 +4,8 @@ Schemathesis generates requests for every route from the schema the app publishe
 features by kind, its classes, the limits): requests that fit it (positive) and requests that
 break it (negative), from a fixed seed, a bounded number per route and mode. Every answer must be
 below 500. The routes are fuzzed in process (no Ray) around a model scored through its pipeline
-and one scored by the fast path, and the live Ray Serve endpoint, with its micro-batcher, traffic
+and one scored by the fast path (and once with API keys, every request presenting one), and the
+live Ray Serve endpoint, with its micro-batcher, traffic
 recorder and prediction log, with fewer examples.
 """
 
@@ -19,6 +20,7 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.schemas import APIOperation, BaseSchema
 
 from mlplatform.monitoring.feedback import FeedbackStore
+from mlplatform.serving.keys import key_digests, parse_api_keys
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import build_api
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
@@ -118,6 +120,22 @@ def test_the_routes_never_answer_a_server_error(champion, scored_by, tmp_path):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
     statuses = fuzz(schema, IN_PROCESS_EXAMPLES, lambda case: case.call().status_code)
+
+    check_no_server_error(statuses)
+
+
+def test_a_keyed_endpoint_never_answers_a_server_error(champion, tmp_path):
+    key = "fuzzing-key-0123456789abcdef"
+    keys = key_digests(parse_api_keys(f"predict,feedback:{key}", "test"))
+    app = build_api(
+        champion, LIMITS, feedback=FeedbackStore(tmp_path / "feedback.sqlite"), api_keys=keys
+    )
+    authorization = {"Authorization": f"Bearer {key}"}
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=authorization)
+
+    statuses = fuzz(
+        schema, IN_PROCESS_EXAMPLES // 2, lambda case: case.call(headers=authorization).status_code
+    )
 
     check_no_server_error(statuses)
 
