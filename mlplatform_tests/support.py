@@ -271,6 +271,21 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def report_figure(record_property: Callable[[str, Any], None], name: str, **figures: Any) -> str:
+    """Report a fault test's measured figures: a recorded property and a ``FIGURE`` line.
+
+    The property (``record_property``, in the JUnit XML report) keeps the numbers with the test;
+    the printed line (``pytest -s``, or the captured output of a failure) shows them to a person.
+
+    Returns:
+        The line printed.
+    """
+    line = f"FIGURE {name}: " + ", ".join(f"{key}={value}" for key, value in figures.items())
+    record_property(name, json.dumps(figures))
+    print(f"\n{line}")
+    return line
+
+
 def sidecars(directory: Path) -> list[dict[str, Any]]:
     """The JSON sidecars of the traffic windows in ``directory``, by file name."""
     return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]

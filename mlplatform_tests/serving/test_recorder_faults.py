@@ -22,7 +22,9 @@ from mlplatform.monitoring.profiles import (
 from mlplatform.serving import cluster
 from mlplatform.serving.recording import RECORDER_NAMESPACE, recorder_name
 from mlplatform.serving.settings import ServingSettings
-from mlplatform_tests.support import loan_records, train_champion, wait_for
+from mlplatform_tests.support import loan_records, report_figure, train_champion, wait_for
+
+pytestmark = pytest.mark.faults
 
 PREFIX = "/faults"
 
@@ -115,7 +117,7 @@ def _kill_and_wait(traffic: _Traffic, recorder, no_restart: bool) -> tuple[float
 
 
 def test_a_killed_recorder_comes_back_and_every_answered_row_is_logged_or_counted(
-    recorded_endpoint,
+    recorded_endpoint, record_property
 ):
     url, settings = recorded_endpoint["url"], recorded_endpoint["settings"]
     replicas = version_directory(settings.traffic_dir, "mlplatform", "1") / "replicas"
@@ -160,9 +162,16 @@ def test_a_killed_recorder_comes_back_and_every_answered_row_is_logged_or_counte
     )
     time.sleep(3)  # the last 2-second window is written
     profiled = sum(w.rows for w in list_traffic_windows(settings.traffic_dir, "mlplatform", "1"))
-    print(
-        f"\nrecorder restarted by Ray: down after {restarted[0]:.1f} s, back after "
-        f"{restarted[1]:.1f} s; recreated by the replica: down after {recreated[0]:.1f} s, "
-        f"back after {recreated[1]:.1f} s. {answered} records answered: {logged} logged, "
-        f"{final['dropped_rows']} dropped and counted; {profiled} profiled"
+    report_figure(
+        record_property,
+        "recorder_killed",
+        restarted_down_s=f"{restarted[0]:.1f}",
+        restarted_back_s=f"{restarted[1]:.1f}",
+        recreated_down_s=f"{recreated[0]:.1f}",
+        recreated_back_s=f"{recreated[1]:.1f}",
+        failed_requests=0,
+        rows_answered=answered,
+        rows_logged=logged,
+        rows_counted_dropped=final["dropped_rows"],
+        rows_profiled=profiled,
     )
