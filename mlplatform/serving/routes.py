@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -450,12 +451,17 @@ def build_api(
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        """Liveness, the served model's identity, the traffic profiler's and feedback's counters."""
+        """Liveness, the served model's identity, the traffic profiler's and feedback's counters.
+
+        ``pid`` is the answering replica's process, for an operator tracing one (its logs, its
+        memory) or a test stopping one.
+        """
         counters = dataclasses.asdict(await traffic.stats()) if traffic is not None else None
         return {
             "status": "ok",
             "model_name": model.name,
             "model_version": model.version,
+            "pid": os.getpid(),
             "traffic": counters,
             "feedback": (
                 {"failed_writes": feedback.failed_writes} if feedback is not None else None
