@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -28,7 +28,6 @@ from mlplatform_tests.support import (
     free_port,
     loan_records,
     report_figure,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray]
@@ -159,7 +158,10 @@ class _Platform:
     def sensor_ticks(self, after: float) -> list:
         """``endpoint_sensor``'s ticks since ``after`` (unix seconds), oldest first."""
         with dg.DagsterInstance.from_config(str(self.home / "dagster")) as instance:
-            (state,) = [s for s in instance.all_instigator_state() if s.name == "endpoint_sensor"]
+            states = [s for s in instance.all_instigator_state() if s.name == "endpoint_sensor"]
+            if not states:  # it has not ticked yet
+                return []
+            (state,) = states
             ticks = instance.get_ticks(
                 state.instigator_origin_id, state.selector_id, after=after, limit=100
             )
@@ -178,9 +180,18 @@ def live_platform(tmp_path: Path, small_loans_csv: Path) -> Iterator[_Platform]:
         started.stop_head()
 
 
+def _until(condition: Callable[[], bool], timeout_s: float) -> None:
+    """Check ``condition`` twice a second (each check opens an instance or sends a request)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def _serving_champion(platform: _Platform, timeout_s: float) -> float:
     """Wait until ``/predict`` answers with v1; when it did (monotonic seconds)."""
-    wait_for(lambda: (platform.answer() or {}).get("model_version") == "1", timeout=timeout_s)
+    _until(lambda: (platform.answer() or {}).get("model_version") == "1", timeout_s)
     return time.monotonic()
 
 
@@ -191,13 +202,13 @@ def test_the_endpoint_comes_back_after_a_head_crash_and_a_reboot_by_the_daemon_a
     assert platform.answer()["model_version"] == "1"
     platform.start_ui()
     # The daemon is up once the sensor has ticked (in sync: no run requested).
-    wait_for(lambda: bool(platform.sensor_ticks(0)), timeout=180)
+    _until(lambda: bool(platform.sensor_ticks(0)), 300)
     assert not platform.deploys()
 
     # 1. The Ray head crashes: its whole process group is killed.
     killed_at, killed_unix = time.monotonic(), time.time()
     os.killpg(platform.head_group(), signal.SIGKILL)
-    wait_for(lambda: not port_is_open(LOOPBACK, platform.ray_port), timeout=30)
+    _until(lambda: not port_is_open(LOOPBACK, platform.ray_port), 30)
     answered_at = _serving_champion(platform, timeout_s=600)
     crash_s = answered_at - killed_at
     (deploy,) = platform.deploys()
@@ -210,7 +221,7 @@ def test_the_endpoint_comes_back_after_a_head_crash_and_a_reboot_by_the_daemon_a
     )
 
     # 2. A reboot: the daemon and the head stop; only `make ui`'s command starts again.
-    wait_for(platform.idle, timeout=120)
+    _until(platform.idle, 300)
     platform.stop_ui()
     platform.command("stop")
     assert not port_is_open(LOOPBACK, platform.ray_port)
@@ -219,7 +230,7 @@ def test_the_endpoint_comes_back_after_a_head_crash_and_a_reboot_by_the_daemon_a
     platform.start_ui()
     reboot_s = _serving_champion(platform, timeout_s=600) - rebooted_at
     assert len(platform.deploys()) == 2
-    wait_for(platform.idle, timeout=120)
+    _until(platform.idle, 300)
 
     report_figure(
         record_property,
