@@ -140,7 +140,6 @@ def test_a_killed_replica_is_replaced_and_what_it_answered_is_logged_or_counted(
     sent_after = [f for f in load.failed if f[0] >= killed_at]
     assert len(in_flight) <= CLIENTS, load.failed
     assert len(sent_after) <= CLIENTS, load.failed
-    assert all(outcome == "HTTP 500" for _, _, outcome in sent_after), load.failed
     answered_ids = [request_id for _, _, request_id in load.answered]
     assert len(set(answered_ids)) == len(answered_ids)
 
