@@ -169,6 +169,17 @@ def train_champion(home: Path, seed: int) -> tuple[PlatformSettings, str]:
         return load_settings(), result.run_id
 
 
+def recorded_serving(platform: PlatformSettings, **knobs: Any) -> ServingSettings:
+    """The champion of ``platform`` served with traffic profiling and the prediction log."""
+    return ServingSettings(
+        model_uri="models:/mlplatform@champion",
+        tracking_uri=platform.tracking_uri,
+        traffic_dir=str(platform.traffic_dir),
+        feedback_db=str(platform.feedback_db),
+        **knobs,
+    )
+
+
 @contextlib.contextmanager
 def deployed(settings: ServingSettings, serve_port: int, app_name: str) -> Iterator[str]:
     """``settings`` served on the session's Ray Serve under ``/<app_name>``, deleted on exit.
@@ -269,6 +280,27 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+class RunningThreads:
+    """Threads started on entering a ``with`` block and stopped on leaving it.
+
+    ``stop`` is set on leaving; each target loops until it is, and is then joined.
+    """
+
+    def __init__(self, targets: list[Callable[[], None]]):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=target) for target in targets]
+
+    def __enter__(self) -> Any:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
 
 
 def report_figure(record_property: Callable[[str, Any], None], name: str, **figures: Any) -> str:

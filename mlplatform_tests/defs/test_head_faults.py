@@ -163,7 +163,7 @@ class _Platform:
                 return []
             (state,) = states
             ticks = instance.get_ticks(
-                state.instigator_origin_id, state.selector_id, after=after, limit=100
+                state.instigator_origin_id, state.selector_id, after=float(after), limit=100
             )
         return sorted(ticks, key=lambda tick: tick.timestamp)
 
@@ -202,7 +202,7 @@ def test_the_endpoint_comes_back_after_a_head_crash_and_a_reboot_by_the_daemon_a
     assert platform.answer()["model_version"] == "1"
     platform.start_ui()
     # The daemon is up once the sensor has ticked (in sync: no run requested).
-    _until(lambda: bool(platform.sensor_ticks(0)), 300)
+    _until(lambda: bool(platform.sensor_ticks(0)), 600)
     assert not platform.deploys()
 
     # 1. The Ray head crashes: its whole process group is killed.

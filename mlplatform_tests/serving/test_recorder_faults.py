@@ -5,7 +5,7 @@ Real Ray Serve over HTTP, a real actor killed as if it crashed (Ray restarts it)
 (the replica starts a new one), real SQLite.
 """
 
-import threading
+import functools
 import time
 from pathlib import Path
 
@@ -21,8 +21,14 @@ from mlplatform.monitoring.profiles import (
 )
 from mlplatform.serving import cluster
 from mlplatform.serving.recording import RECORDER_NAMESPACE, recorder_name
-from mlplatform.serving.settings import ServingSettings
-from mlplatform_tests.support import loan_records, report_figure, train_champion, wait_for
+from mlplatform_tests.support import (
+    RunningThreads,
+    loan_records,
+    recorded_serving,
+    report_figure,
+    train_champion,
+    wait_for,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -34,14 +40,7 @@ def recorded_endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory)
     """A champion served with traffic profiling and the prediction log: 2-second windows, and
     room for only 20 requests to wait, so that some are dropped while the recorder is down."""
     settings, _ = train_champion(tmp_path_factory.mktemp("recorder-faults-home"), seed=6)
-    serving = ServingSettings(
-        model_uri="models:/mlplatform@champion",
-        tracking_uri=settings.tracking_uri,
-        traffic_dir=str(settings.traffic_dir),
-        feedback_db=str(settings.feedback_db),
-        traffic_window_s=2,
-        traffic_max_queue=20,
-    )
+    serving = recorded_serving(settings, traffic_window_s=2, traffic_max_queue=20)
     cluster.deploy(
         serving,
         ray_address=None,
@@ -59,7 +58,7 @@ def recorded_endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory)
     serve.delete("faults")
 
 
-class _Traffic:
+class _Traffic(RunningThreads):
     """Clients sending single records and small batches, and one watching /healthz."""
 
     def __init__(self, url: str):
@@ -67,20 +66,7 @@ class _Traffic:
         self.records = loan_records(200, seed=3)
         self.answers: list[tuple[int, int]] = []  # (HTTP status, records)
         self.health: list[tuple[float, int, str | None]] = []  # (when, HTTP status, recorder)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._send, args=(seed,)) for seed in range(2)] + [
-            threading.Thread(target=self._watch)
-        ]
-
-    def __enter__(self) -> "_Traffic":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
+        super().__init__([functools.partial(self._send, seed) for seed in range(2)] + [self._watch])
 
     def _send(self, seed: int) -> None:
         with httpx.Client(timeout=30) as client:

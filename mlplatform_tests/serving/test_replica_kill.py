@@ -5,6 +5,7 @@ answered is in the prediction log or counted on disk (its tally outlives it).
 Real Ray Serve over HTTP, a real process killed, real SQLite.
 """
 
+import functools
 import os
 import signal
 import threading
@@ -15,13 +16,19 @@ import pytest
 
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.monitoring.profiles import read_replica_counters
-from mlplatform.serving import cluster
-from mlplatform.serving.settings import ServingSettings
-from mlplatform_tests.support import loan_records, report_figure, train_champion, wait_for
+from mlplatform_tests.support import (
+    RunningThreads,
+    deployed,
+    loan_records,
+    recorded_serving,
+    report_figure,
+    train_champion,
+    wait_for,
+)
 
 pytestmark = pytest.mark.faults
 
-PREFIX = "/replica-kill"
+APP = "replica-kill"
 CLIENTS = 4
 
 
@@ -29,31 +36,11 @@ CLIENTS = 4
 def endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory):
     """A champion served by one replica, with the prediction log, on an app of its own."""
     settings, _ = train_champion(tmp_path_factory.mktemp("replica-kill-home"), seed=6)
-    serving = ServingSettings(
-        model_uri="models:/mlplatform@champion",
-        tracking_uri=settings.tracking_uri,
-        traffic_dir=str(settings.traffic_dir),
-        feedback_db=str(settings.feedback_db),
-        traffic_window_s=2,
-    )
-    cluster.deploy(
-        serving,
-        ray_address=None,
-        host="127.0.0.1",
-        port=serve_port,
-        app_name="replica-kill",
-        local_head=None,
-        route_prefix=PREFIX,
-    )
-    url = f"http://127.0.0.1:{serve_port}{PREFIX}"
-    cluster.wait_until_serving(url, "1")
-    yield {"url": url, "settings": settings}
-    from ray import serve
-
-    serve.delete("replica-kill")
+    with deployed(recorded_serving(settings, traffic_window_s=2), serve_port, APP) as url:
+        yield {"url": url, "settings": settings}
 
 
-class _Load:
+class _Load(RunningThreads):
     """Clients each sending one single-record request after another, noting every outcome."""
 
     def __init__(self, url: str):
@@ -62,18 +49,7 @@ class _Load:
         self.lock = threading.Lock()
         self.answered: list[tuple[float, int, str]] = []  # (when, client, request id)
         self.failed: list[tuple[float, int, str]] = []  # (when sent, client, what)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._send, args=(n,)) for n in range(CLIENTS)]
-
-    def __enter__(self) -> "_Load":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
+        super().__init__([functools.partial(self._send, n) for n in range(CLIENTS)])
 
     def _send(self, client_number: int) -> None:
         i = client_number
