@@ -63,6 +63,7 @@ class _Platform:
         self.head = LocalHead(self.ray_port, home / "ray")
         self.ui: subprocess.Popen | None = None
         self.ui_starts = 0
+        self.head_sessions: set[int] = set()  # every head this home started, to clean up
 
     def command(self, *args: str) -> None:
         """``python -m mlplatform <args>``, output kept in the platform home."""
@@ -116,12 +117,21 @@ class _Platform:
             [sys.executable, "-m", "mlplatform", "stop"], env=self.env, cwd=REPO, timeout=120
         )
         if self.head.process_group_path.exists():  # recorded by this platform home's head
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.head_group(), signal.SIGKILL)
+            self.head_sessions.add(self.head_group())
+        # Ray's workers run in process groups of their own, in the head's session; they exit
+        # when they lose the head, and whatever is left after a while is killed.
+        for session in self.head_sessions:
+            with contextlib.suppress(AssertionError):
+                _until(lambda s=session: not _session_processes(s), 30)
+            for pid in _session_processes(session):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def head_group(self) -> int:
-        """The process group of the Ray head this platform home started."""
-        return int(self.head.process_group_path.read_text())
+        """The process group (and session) of the Ray head this platform home started."""
+        group = int(self.head.process_group_path.read_text())
+        self.head_sessions.add(group)
+        return group
 
     def answer(self) -> dict | None:
         """A ``/predict`` answer of one record, or ``None`` while the endpoint does not give one."""
@@ -180,6 +190,17 @@ def live_platform(tmp_path: Path, small_loans_csv: Path) -> Iterator[_Platform]:
         started.stop_head()
 
 
+def _session_processes(session: int) -> list[int]:
+    """The processes of a session (a Ray head started by this test, and its workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getsid(int(entry.name)) == session:
+                    found.append(int(entry.name))
+    return found
+
+
 def _until(condition: Callable[[], bool], timeout_s: float) -> None:
     """Check ``condition`` twice a second (each check opens an instance or sends a request)."""
     deadline = time.monotonic() + timeout_s
@@ -201,19 +222,34 @@ def test_the_endpoint_comes_back_after_a_head_crash_and_a_reboot_by_the_daemon_a
     platform = live_platform
     assert platform.answer()["model_version"] == "1"
     platform.start_ui()
-    # The daemon is up once the sensor has ticked (in sync: no run requested).
-    _until(lambda: bool(platform.sensor_ticks(0)), 600)
+    # The daemon is up once the sensor has finished a tick (in sync: no run requested).
+    _until(
+        lambda: any(
+            (tick.skip_reason or "").startswith("In sync") for tick in platform.sensor_ticks(0)
+        ),
+        600,
+    )
     assert not platform.deploys()
 
-    # 1. The Ray head crashes: its whole process group is killed.
+    # 1. The Ray head crashes: its process group is killed. Its workers (the replica, HAProxy)
+    # have groups of their own and exit on losing it: the endpoint goes down within seconds.
     killed_at, killed_unix = time.monotonic(), time.time()
     os.killpg(platform.head_group(), signal.SIGKILL)
     _until(lambda: not port_is_open(LOOPBACK, platform.ray_port), 30)
+    _until(lambda: platform.answer() is None, 120)
+    down_s = time.monotonic() - killed_at
     answered_at = _serving_champion(platform, timeout_s=600)
     crash_s = answered_at - killed_at
     (deploy,) = platform.deploys()
     requested_s = deploy.create_timestamp.timestamp() - killed_unix
-    ticks = platform.sensor_ticks(killed_unix)
+    # The ticks after the last one that saw the endpoint in sync before the kill.
+    ticks = platform.sensor_ticks(0)
+    in_sync = [
+        i
+        for i, tick in enumerate(ticks)
+        if tick.timestamp < killed_unix and (tick.skip_reason or "").startswith("In sync")
+    ]
+    ticks = ticks[in_sync[-1] + 1 :]
     requesting = [i for i, tick in enumerate(ticks) if tick.run_ids]
     assert requesting and requesting[0] <= 1, [(t.timestamp, t.skip_reason) for t in ticks]
     assert deploy.dagster_run.tags["mlplatform/endpoint-state"].startswith(
@@ -236,6 +272,7 @@ def test_the_endpoint_comes_back_after_a_head_crash_and_a_reboot_by_the_daemon_a
         record_property,
         "ray_head_killed",
         sensor_interval_s=CHECK_S,
+        endpoint_down_after_s=f"{down_s:.1f}",
         deploy_requested_after_s=f"{requested_s:.1f}",
         requested_on_tick=requesting[0] + 1,
         answering_after_s=f"{crash_s:.1f}",
