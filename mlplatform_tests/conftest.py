@@ -86,16 +86,18 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHead]:
         os.environ.setdefault(name, value)
     head = LocalHead(free_port(), tmp_path_factory.mktemp("ray"))
     address = head.ensure_running()
-    os.environ.update(head.auth_environment())
-    ray.init(
-        address=address,
-        log_to_driver=False,
-        namespace="mlplatform-tests",
-        _node_ip_address="127.0.0.1",
-    )
-    yield head
-    ray.shutdown()
-    head.stop()
+    try:  # stopped also when connecting to it fails, not only after the session
+        os.environ.update(head.auth_environment())
+        ray.init(
+            address=address,
+            log_to_driver=False,
+            namespace="mlplatform-tests",
+            _node_ip_address="127.0.0.1",
+        )
+        yield head
+    finally:
+        ray.shutdown()
+        head.stop()
 
 
 @pytest.fixture(scope="session")

@@ -172,6 +172,17 @@ def train_champion(home: Path, seed: int) -> tuple[PlatformSettings, str]:
         return load_settings(), result.run_id
 
 
+def recorded_serving(platform: PlatformSettings, **knobs: Any) -> ServingSettings:
+    """The champion of ``platform`` served with traffic profiling and the prediction log."""
+    return ServingSettings(
+        model_uri="models:/mlplatform@champion",
+        tracking_uri=platform.tracking_uri,
+        traffic_dir=str(platform.traffic_dir),
+        feedback_db=str(platform.feedback_db),
+        **knobs,
+    )
+
+
 @contextlib.contextmanager
 def deployed(
     settings: ServingSettings,
@@ -280,6 +291,42 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+class RunningThreads:
+    """Threads started on entering a ``with`` block and stopped on leaving it.
+
+    ``stop`` is set on leaving; each target loops until it is, and is then joined.
+    """
+
+    def __init__(self, targets: list[Callable[[], None]]):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=target) for target in targets]
+
+    def __enter__(self) -> Any:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def report_figure(record_property: Callable[[str, Any], None], name: str, **figures: Any) -> str:
+    """Report a fault test's measured figures: a recorded property and a ``FIGURE`` line.
+
+    The property (``record_property``, in the JUnit XML report) keeps the numbers with the test;
+    the printed line (``pytest -s``, or the captured output of a failure) shows them to a person.
+
+    Returns:
+        The line printed.
+    """
+    line = f"FIGURE {name}: " + ", ".join(f"{key}={value}" for key, value in figures.items())
+    record_property(name, json.dumps(figures))
+    print(f"\n{line}")
+    return line
 
 
 def sidecars(directory: Path) -> list[dict[str, Any]]:

@@ -47,6 +47,9 @@ from mlplatform.settings import load_settings
 DEPLOY_JOB_NAME = "deploy_job"
 
 ENDPOINT_TAGS = {"mlplatform/endpoint": "default"}
+
+RUN_KEY_TAG = "dagster/run_key"
+"""The tag Dagster gives a run requested with a run key (the key is its value)."""
 """The run tag of every job that deploys the endpoint: the run queue (``dagster.yaml``) admits
 one such run at a time, and the endpoint sensor waits while one is queued or running."""
 
@@ -340,6 +343,14 @@ def run_in_progress(
     return bool(records)
 
 
+def run_succeeded(instance: dg.DagsterInstance, run_key: str | None) -> bool:
+    """Whether the run a sensor requested with ``run_key`` finished successfully."""
+    if run_key is None:
+        return False
+    records = instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: run_key}), limit=1)
+    return bool(records) and records[0].dagster_run.status == dg.DagsterRunStatus.SUCCESS
+
+
 def deploy_in_progress(instance: dg.DagsterInstance) -> bool:
     """Whether a run that deploys the endpoint (retrain, rollback, deploy) is queued or running."""
     return run_in_progress(instance, tags=ENDPOINT_TAGS)
@@ -373,6 +384,7 @@ def endpoint_sensor(
         now=time.time(),
         deploy_in_progress=deploy_in_progress(context.instance),
         registry_error=registry_error,
+        requested_run_succeeded=run_succeeded(context.instance, cursor.run_key),
     )
     if not decision.deploy or decision.run_key is None:
         return dg.SensorResult(skip_reason=decision.reason, cursor=decision.cursor.dump())

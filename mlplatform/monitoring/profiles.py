@@ -5,6 +5,7 @@ Live traffic is profiled per replica into one profile per time window, written a
     <directory>/<model_name>/v<version>/<window start %Y%m%dT%H%M%SZ>-<replica_id>[-<n>].bin
     <directory>/<model_name>/v<version>/<same name>.json    # rows, window, model, replica
     <directory>/<model_name>/v<version>/replicas/<replica_id>.json    # the replica's counters
+    <directory>/<model_name>/v<version>/replicas/<replica_id>.tally   # the same, to the last answer
 
 Every file is written whole and durably (:mod:`mlplatform.monitoring.durable`), the JSON sidecar
 after the profile: it marks the window complete. Readers (:func:`list_traffic_windows`,
@@ -40,6 +41,7 @@ from mlplatform.model.pipeline import coerce_features
 from mlplatform.model.pyfunc import encode_target
 from mlplatform.model.spec import FeatureSpec
 from mlplatform.monitoring.durable import write_atomically
+from mlplatform.monitoring.tally import read_tally
 
 logger = logging.getLogger(__name__)
 
@@ -378,8 +380,8 @@ def _prune_oldest_over(files: list[tuple[str, int, Path]], max_bytes: int) -> in
 
 
 def _prune_counters(counters: Path, before: datetime) -> None:
-    """Delete replica counters last updated before ``before`` and their directory if emptied."""
-    for path in counters.glob("*.json") if counters.is_dir() else ():
+    """Delete replica counters and tallies last updated before ``before``; the emptied folder."""
+    for path in [*counters.glob("*.json"), *counters.glob("*.tally")] if counters.is_dir() else ():
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_mtime < before.timestamp():
                 path.unlink(missing_ok=True)
@@ -397,7 +399,10 @@ class ReplicaCounters:
     """What one replica answered and what of it never reached the prediction log.
 
     ``answered_rows = logged + dropped_rows + unsettled_rows``: every answered record is logged,
-    counted as dropped, or still on its way (its fate not known yet).
+    counted as dropped, or still on its way (its fate not known yet). The counts of records come
+    from the replica's tally (:mod:`mlplatform.monitoring.tally`) when it has one, current to
+    its last answer even if it was killed: then its ``unsettled_rows`` went with it, each logged
+    or lost.
 
     Attributes:
         model_name: the served model's registered name.
@@ -435,6 +440,11 @@ def replica_counters_path(directory: Path, model_name: str, version: str, replic
     )
 
 
+def replica_tally_path(directory: Path, model_name: str, version: str, replica_id: str) -> Path:
+    """Where a replica's tally is kept (:mod:`mlplatform.monitoring.tally`), beside its counters."""
+    return replica_counters_path(directory, model_name, version, replica_id).with_suffix(".tally")
+
+
 def write_replica_counters(directory: Path, counters: ReplicaCounters) -> Path:
     """Write a replica's counters (atomically, durably), replacing its previous ones."""
     path = replica_counters_path(
@@ -444,7 +454,12 @@ def write_replica_counters(directory: Path, counters: ReplicaCounters) -> Path:
 
 
 def read_replica_counters(directory: Path, model_name: str, version: str) -> list[ReplicaCounters]:
-    """Every replica's last written counters for one model version, by replica id.
+    """Every replica's last counters for one model version, by replica id.
+
+    The counts of a replica's tally, current to its last answer, replace those of its JSON
+    file, written every few seconds; a replica killed before it first wrote that file has only
+    its tally (then ``recorder_restarts`` is unknown, 0, and ``updated_at`` is the tally's
+    modification time).
 
     Raises:
         ValueError: if a counters file is corrupt.
@@ -452,11 +467,31 @@ def read_replica_counters(directory: Path, model_name: str, version: str) -> lis
     """
     counters_directory = version_directory(directory, model_name, version) / _COUNTERS_DIRECTORY
     found = []
-    for path in sorted(counters_directory.glob("*.json")):
+    names = {
+        p.stem for p in [*counters_directory.glob("*.json"), *counters_directory.glob("*.tally")]
+    }
+    for replica in sorted(names):
+        path = counters_directory / f"{replica}.json"
+        tally = read_tally(path.with_suffix(".tally"))
         try:
-            found.append(ReplicaCounters(**json.loads(path.read_text(encoding="utf-8"))))
+            counters = ReplicaCounters(**json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            if tally is None:
+                continue
+            changed = path.with_suffix(".tally").stat().st_mtime
+            counters = ReplicaCounters(
+                model_name,
+                version,
+                replica,
+                *tally,
+                0,
+                datetime.fromtimestamp(changed, UTC).isoformat(),
+            )
         except (ValueError, TypeError) as error:
             raise ValueError(f"unreadable replica counters {path}: {error}") from error
+        found.append(
+            counters if tally is None else dataclasses.replace(counters, **tally._asdict())
+        )
     return found
 
 

@@ -400,6 +400,7 @@ def decide_endpoint(
     now: float,
     deploy_in_progress: bool,
     registry_error: str | None = None,
+    requested_run_succeeded: bool = False,
 ) -> EndpointDecision:
     """Decide whether the endpoint must be redeployed to serve the desired release.
 
@@ -419,6 +420,9 @@ def decide_endpoint(
         deploy_in_progress: whether a run that deploys the endpoint is queued or running.
         registry_error: why the registry did not answer, if it did not: then nothing is
             decided (an unanswered question is not "no champion").
+        requested_run_succeeded: whether the run the cursor remembers finished successfully.
+            It healed that difference, so the same difference seen again is a new one (the
+            daemon stopped, or the machine rebooted, before a tick saw the endpoint healed).
 
     """
     if registry_error is not None:
@@ -445,7 +449,7 @@ def decide_endpoint(
         return EndpointDecision(
             False, None, f"{state}; a deploy or retrain is already queued or running.", cursor
         )
-    if cursor.difference == difference:
+    if cursor.difference == difference and not requested_run_succeeded:
         return EndpointDecision(
             False,
             None,

@@ -23,7 +23,10 @@ request is logged whole or not at all). So for every replica::
     answered rows = logged rows + dropped rows + unsettled rows (on their way, 0 once idle)
 
 The replica keeps these counts in a small file beside its traffic windows
-(:func:`~mlplatform.monitoring.profiles.write_replica_counters`).
+(:func:`~mlplatform.monitoring.profiles.write_replica_counters`), every few seconds, and in a
+memory-mapped tally with every answer (:mod:`mlplatform.monitoring.tally`): a replica killed
+outright leaves the counts of everything it answered, the records it held for the recorder
+among its unsettled rows.
 """
 
 from __future__ import annotations
@@ -48,7 +51,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mlplatform.model.spec import FeatureSpec
 from mlplatform.monitoring.feedback import FeedbackStore
-from mlplatform.monitoring.profiles import ReplicaCounters, write_replica_counters
+from mlplatform.monitoring.profiles import (
+    ReplicaCounters,
+    replica_tally_path,
+    write_replica_counters,
+)
+from mlplatform.monitoring.tally import ReplicaTally, TallyCounts
 from mlplatform.serving.recorder import RecorderStats, SettledItems, TrafficRecorder
 from mlplatform.serving.settings import TrafficKnobs
 
@@ -390,6 +398,7 @@ class TrafficSink:
         self._recreate_at = 0.0
         self._persisted: tuple[int, ...] = ()
         self._next_persist_at = 0.0
+        self._tally = self._open_tally()
         self._closed = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_every, args=(flush_interval_s,), name="traffic-sink", daemon=True
@@ -406,6 +415,35 @@ class TrafficSink:
             max_pending_calls=_MAX_CALLS_IN_FLIGHT,
             scheduling_strategy=NodeAffinitySchedulingStrategy(self._node_id, soft=False),
         ).remote(*self._process_args)
+
+    def _open_tally(self) -> ReplicaTally | None:
+        """The replica's tally, or ``None`` if it cannot be created (the JSON counters remain)."""
+        path = replica_tally_path(
+            self._directory, self._model_name, self._model_version, self._replica_id
+        )
+        try:
+            return ReplicaTally(path)
+        except OSError as error:
+            logger.warning("traffic sink: no tally at %s: %s", path, error)
+            return None
+
+    def _update_tally(self) -> None:
+        """Copy the counts to the tally (the caller holds the lock)."""
+        if self._tally is None:
+            return
+        dropped_requests, dropped_rows = self._dropped_requests, self._dropped_rows
+        if self._current is not None:
+            dropped_requests += self._current.settled_dropped_requests
+            dropped_rows += self._current.settled_dropped_rows
+        self._tally.update(
+            TallyCounts(
+                self._answered_requests,
+                self._answered_rows,
+                dropped_requests,
+                dropped_rows,
+                self._unsettled_rows + self._pending_rows,
+            )
+        )
 
     def ready(self, timeout_s: float = 120.0) -> None:
         """Wait until the recorder process runs.
@@ -441,9 +479,10 @@ class TrafficSink:
             if len(self._pending) < self._max_pending and not self._closed.is_set():
                 self._pending.append((request_id, records, result))
                 self._pending_rows += len(result)
-                return
-            self._dropped_requests += requests
-            self._dropped_rows += len(result)
+            else:
+                self._dropped_requests += requests
+                self._dropped_rows += len(result)
+            self._update_tally()  # before the answer leaves: it outlives this process
 
     async def stats(self) -> TrafficStatus:
         """The recording's state: the process asked now (``down`` if it cannot answer)."""
@@ -474,6 +513,8 @@ class TrafficSink:
             ray.kill(self._process)
             self._settle_abandoned()
             self._persist(force=True)
+            if self._tally is not None:
+                self._tally.close()
 
     # -- the flusher thread --
 
@@ -665,7 +706,12 @@ class TrafficSink:
         )
 
     def _persist(self, force: bool = False) -> None:
-        """Write the counters when they changed, at most every few seconds unless ``force``."""
+        """Write the counters when they changed, at most every few seconds unless ``force``.
+
+        The tally is brought up to date every time (settled hand-overs change its counts).
+        """
+        with self._lock:
+            self._update_tally()
         now = time.monotonic()
         if not force and now < self._next_persist_at:
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -486,8 +487,10 @@ def build_api(
     async def healthz(request: Request) -> dict[str, Any]:
         """Liveness, the served model's identity, the traffic profiler's and feedback's counters.
 
-        With API keys, a request without a ``predict`` key gets the status and served version
-        only: what a health check and the platform's endpoint sensor need, nothing else.
+        ``pid`` is the answering replica's process, for an operator tracing one (its logs, its
+        memory) or a test stopping one. With API keys, a request without a ``predict`` key gets
+        the status and served version only: what a health check and the platform's endpoint
+        sensor need, nothing else.
         """
         if api_keys and "predict" not in request.scope.get(GRANTED_SCOPES, ()):
             return {"status": "ok", "model_version": model.version}
@@ -496,6 +499,7 @@ def build_api(
             "status": "ok",
             "model_name": model.name,
             "model_version": model.version,
+            "pid": os.getpid(),
             "traffic": counters,
             "feedback": (
                 {"failed_writes": feedback.failed_writes} if feedback is not None else None

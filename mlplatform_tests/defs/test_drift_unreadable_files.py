@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pytest
 
 from mlplatform.defs.evaluation import evaluation_report
 from mlplatform.defs.features import features, reference_profile
@@ -20,7 +21,7 @@ from mlplatform.monitoring.profiles import version_directory
 from mlplatform.resources import MlflowTracking
 from mlplatform.serving.recorder import TrafficRecorder
 from mlplatform.settings import load_settings
-from mlplatform_tests.support import binary_result, inputs, tick
+from mlplatform_tests.support import binary_result, inputs, report_figure, tick
 
 
 def _truncate(path: Path) -> None:
@@ -28,8 +29,9 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.faults
 def test_drift_sensor_and_report_skip_unreadable_windows_and_name_them(
-    training_resources, instance, small_loans_csv
+    training_resources, instance, small_loans_csv, record_property
 ):
     trained = dg.materialize(
         [raw_data, features, reference_profile, candidate_model, evaluation_report, champion_model],
@@ -73,3 +75,10 @@ def test_drift_sensor_and_report_skip_unreadable_windows_and_name_them(
     empty = tick(drift_sensor, instance, cursor=ticked.cursor)
     assert not empty.run_requests
     assert "3 unreadable window files skipped" in empty.skip_reason.skip_message
+    report_figure(
+        record_property,
+        "truncated_windows",
+        files_cut=2,
+        files_skipped=len(skipped),
+        rows_compared=metadata["rows"].value,
+    )

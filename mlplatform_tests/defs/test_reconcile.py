@@ -75,6 +75,16 @@ def test_a_down_endpoint_is_redeployed_once_per_difference():
     assert crashed.cursor == EndpointCursor("v1/down", "endpoint-v1-down-2000", 2000.0)
 
 
+def test_the_same_difference_after_its_deploy_succeeded_is_requested_again():
+    first = _decide("1", DOWN)
+    # Healed by that run, then down again before any tick saw it serving (a reboot).
+    again = decide_endpoint(
+        "1", DOWN, first.cursor, 1300.0, deploy_in_progress=False, requested_run_succeeded=True
+    )
+    assert again.deploy and again.run_key == "endpoint-v1-down-1300"
+    assert again.cursor == EndpointCursor("v1/down", "endpoint-v1-down-1300", 1300.0)
+
+
 def test_another_version_or_a_bad_answer_is_a_difference_of_its_own():
     moved = _decide("2", SERVING_V1)
     assert moved.deploy and moved.run_key == "endpoint-v2-v1-1000"
@@ -184,6 +194,26 @@ def test_sensor_requests_one_deploy_for_a_down_endpoint_and_alerts(instance, tmp
     assert busy.cursor == EndpointCursor().dump()
 
 
+def test_sensor_asks_again_when_its_deploy_succeeded_and_the_endpoint_is_down_again(
+    instance, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLPLATFORM_SERVE_PORT", str(free_port()))  # nothing listens there
+    _register_champion(tmp_path)
+    first = tick(endpoint_sensor, instance)
+    (request,) = first.run_requests
+    # The requested deploy ran and succeeded; the daemon stopped before a tick saw it serving.
+    deploy_job = defs.resolve_job_def("deploy_job")
+    instance.create_run_for_job(
+        deploy_job,
+        status=dg.DagsterRunStatus.SUCCESS,
+        tags={**deploy_job.tags, **request.tags, "dagster/run_key": request.run_key},
+    )
+    again = tick(endpoint_sensor, instance, cursor=first.cursor)
+    (retry,) = again.run_requests
+    assert retry.run_key.startswith("endpoint-v1-down-")
+    assert EndpointCursor.parse(again.cursor).run_key == retry.run_key
+
+
 @pytest.mark.parametrize(
     ("job_name", "deploys"),
     [
@@ -200,6 +230,7 @@ def test_every_job_that_deploys_counts_as_a_deploy_in_progress(instance, job_nam
     assert deploy_in_progress(instance) is deploys
 
 
+@pytest.mark.faults
 def test_sensor_skips_while_the_registry_does_not_answer(instance, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")

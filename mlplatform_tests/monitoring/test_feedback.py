@@ -28,7 +28,7 @@ from mlplatform.monitoring.feedback import (
     live_performance,
 )
 from mlplatform.serving.recorder import TrafficRecorder
-from mlplatform_tests.support import T0, FakeClock, inputs, small_disk
+from mlplatform_tests.support import T0, FakeClock, inputs, report_figure, small_disk
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,8 +97,9 @@ def test_add_labels_rejects_malformed_items_and_stores_none(tmp_path):
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.faults
 def test_a_full_disk_fails_the_log_write_off_the_request_path_and_counts_it(
-    recorded_loans, tmp_path
+    recorded_loans, tmp_path, record_property
 ):
     frame, spec = recorded_loans
     settled: list[tuple[list, bool]] = []
@@ -131,6 +132,15 @@ def test_a_full_disk_fails_the_log_write_off_the_request_path_and_counts_it(
         assert settled == [([("hand-over 0", 1, 3)], False)]
         disk.free()
         assert store.count() == 0
+    report_figure(
+        record_property,
+        "disk_full_recorder",
+        rows_answered=3,
+        rows_profiled=stats.profiled_rows,
+        rows_logged=stats.logged_rows,
+        rows_counted_dropped=settled[0][0][0][2],
+        failed_writes=store.failed_writes,
+    )
 
 
 WRITER = """

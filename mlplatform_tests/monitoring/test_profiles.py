@@ -165,6 +165,7 @@ def _truncate(path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.faults
 def test_unreadable_windows_are_skipped_named_and_the_rest_merged(recorded_loans, tmp_path, caplog):
     for minute, replica, rows in [(0, "a", 3), (0, "b", 4), (1, "a", 5), (2, "a", 6)]:
         _record_window(tmp_path, recorded_loans, replica, T0 + 60 * minute + 1, rows)

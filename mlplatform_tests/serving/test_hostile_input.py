@@ -31,7 +31,13 @@ from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import answer_singles, build_api
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.serving.validation import InvalidRequest, check_labels, check_records
-from mlplatform_tests.support import deployed, loan_records, small_disk, train_champion
+from mlplatform_tests.support import (
+    deployed,
+    loan_records,
+    report_figure,
+    small_disk,
+    train_champion,
+)
 
 LIMITS = ServingKnobs(max_records=50, max_body_bytes=64 * 1024, max_feedback_labels=100)
 HUGE = 10**400
@@ -363,7 +369,8 @@ def test_the_store_refuses_what_sqlite_cannot_hold_and_stores_big_labels_as_floa
 # --- a full disk ------------------------------------------------------------------------------
 
 
-def test_a_full_disk_makes_feedback_a_503_and_predictions_go_on(model, tmp_path):
+@pytest.mark.faults
+def test_a_full_disk_makes_feedback_a_503_and_predictions_go_on(model, tmp_path, record_property):
     with small_disk(tmp_path / "disk") as disk:
         store = FeedbackStore(disk.directory / "feedback.sqlite")
         _logged(store, "r", 3)
@@ -389,8 +396,16 @@ def test_a_full_disk_makes_feedback_a_503_and_predictions_go_on(model, tmp_path)
         assert accepted.status_code == 200
         assert accepted.json() == {"matched": 3, "unknown": []}
         assert client.get("/healthz").json()["feedback"] == {"failed_writes": 1}
+    report_figure(
+        record_property,
+        "disk_full_feedback",
+        refused_503=1,
+        predictions_answered=2,
+        failed_writes=1,
+    )
 
 
+@pytest.mark.faults
 def test_a_failed_write_is_rolled_back_whole_and_counted(tmp_path):
     with small_disk(tmp_path / "disk") as disk:
         store = FeedbackStore(disk.directory / "feedback.sqlite")

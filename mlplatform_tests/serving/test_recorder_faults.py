@@ -5,7 +5,7 @@ Real Ray Serve over HTTP, a real actor killed as if it crashed (Ray restarts it)
 (the replica starts a new one), real SQLite.
 """
 
-import threading
+import functools
 import time
 from pathlib import Path
 
@@ -21,8 +21,16 @@ from mlplatform.monitoring.profiles import (
 )
 from mlplatform.serving import cluster
 from mlplatform.serving.recording import RECORDER_NAMESPACE, recorder_name
-from mlplatform.serving.settings import ServingSettings
-from mlplatform_tests.support import loan_records, train_champion, wait_for
+from mlplatform_tests.support import (
+    RunningThreads,
+    loan_records,
+    recorded_serving,
+    report_figure,
+    train_champion,
+    wait_for,
+)
+
+pytestmark = pytest.mark.faults
 
 PREFIX = "/faults"
 
@@ -32,14 +40,7 @@ def recorded_endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory)
     """A champion served with traffic profiling and the prediction log: 2-second windows, and
     room for only 20 requests to wait, so that some are dropped while the recorder is down."""
     settings, _ = train_champion(tmp_path_factory.mktemp("recorder-faults-home"), seed=6)
-    serving = ServingSettings(
-        model_uri="models:/mlplatform@champion",
-        tracking_uri=settings.tracking_uri,
-        traffic_dir=str(settings.traffic_dir),
-        feedback_db=str(settings.feedback_db),
-        traffic_window_s=2,
-        traffic_max_queue=20,
-    )
+    serving = recorded_serving(settings, traffic_window_s=2, traffic_max_queue=20)
     cluster.deploy(
         serving,
         ray_address=None,
@@ -57,7 +58,7 @@ def recorded_endpoint(serve_port: int, tmp_path_factory: pytest.TempPathFactory)
     serve.delete("faults")
 
 
-class _Traffic:
+class _Traffic(RunningThreads):
     """Clients sending single records and small batches, and one watching /healthz."""
 
     def __init__(self, url: str):
@@ -65,20 +66,7 @@ class _Traffic:
         self.records = loan_records(200, seed=3)
         self.answers: list[tuple[int, int]] = []  # (HTTP status, records)
         self.health: list[tuple[float, int, str | None]] = []  # (when, HTTP status, recorder)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._send, args=(seed,)) for seed in range(2)] + [
-            threading.Thread(target=self._watch)
-        ]
-
-    def __enter__(self) -> "_Traffic":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
+        super().__init__([functools.partial(self._send, seed) for seed in range(2)] + [self._watch])
 
     def _send(self, seed: int) -> None:
         with httpx.Client(timeout=30) as client:
@@ -115,7 +103,7 @@ def _kill_and_wait(traffic: _Traffic, recorder, no_restart: bool) -> tuple[float
 
 
 def test_a_killed_recorder_comes_back_and_every_answered_row_is_logged_or_counted(
-    recorded_endpoint,
+    recorded_endpoint, record_property
 ):
     url, settings = recorded_endpoint["url"], recorded_endpoint["settings"]
     replicas = version_directory(settings.traffic_dir, "mlplatform", "1") / "replicas"
@@ -160,9 +148,16 @@ def test_a_killed_recorder_comes_back_and_every_answered_row_is_logged_or_counte
     )
     time.sleep(3)  # the last 2-second window is written
     profiled = sum(w.rows for w in list_traffic_windows(settings.traffic_dir, "mlplatform", "1"))
-    print(
-        f"\nrecorder restarted by Ray: down after {restarted[0]:.1f} s, back after "
-        f"{restarted[1]:.1f} s; recreated by the replica: down after {recreated[0]:.1f} s, "
-        f"back after {recreated[1]:.1f} s. {answered} records answered: {logged} logged, "
-        f"{final['dropped_rows']} dropped and counted; {profiled} profiled"
+    report_figure(
+        record_property,
+        "recorder_killed",
+        restarted_down_s=f"{restarted[0]:.1f}",
+        restarted_back_s=f"{restarted[1]:.1f}",
+        recreated_down_s=f"{recreated[0]:.1f}",
+        recreated_back_s=f"{recreated[1]:.1f}",
+        failed_requests=0,
+        rows_answered=answered,
+        rows_logged=logged,
+        rows_counted_dropped=final["dropped_rows"],
+        rows_profiled=profiled,
     )
