@@ -115,6 +115,22 @@ def bundled_haproxy() -> str:
     return found
 
 
+def _owned_privately(directory: Path) -> Path:
+    """Create ``directory`` with mode 0700 unless it exists; refuse it if others own or enter it.
+
+    Raises:
+        PermissionError: if the directory belongs to another user or others can enter it.
+
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = directory.stat()
+    if status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise PermissionError(
+            f"{directory} belongs to another user or is open to others: remove it and retry"
+        )
+    return directory
+
+
 def private_directory() -> Path:
     """The private directory of the current user for runtime files: ``<tmp>/mlplatform-<uid>``.
 
@@ -124,14 +140,14 @@ def private_directory() -> Path:
         PermissionError: if the directory belongs to another user or others can enter it.
 
     """
-    directory = Path(tempfile.gettempdir()) / f"mlplatform-{os.getuid()}"
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    status = directory.stat()
-    if status.st_uid != os.getuid() or status.st_mode & 0o077:
-        raise PermissionError(
-            f"{directory} belongs to another user or is open to others: remove it and retry"
-        )
-    return directory
+    return _owned_privately(Path(tempfile.gettempdir()) / f"mlplatform-{os.getuid()}")
+
+
+# HAProxy binds Unix sockets whose path has at most 97 bytes (the address's 108, less room for
+# the temporary name it binds first). Ray puts HAProxy's sockets in a directory named by the
+# node's id (56 characters) inside the one it is given; the longest socket name is metrics.sock.
+_MAX_SOCKET_PATH = 97
+_NODE_SOCKET = "/" + "0" * 56 + "/metrics.sock"
 
 
 def loopback_haproxy(directory: Path | None = None) -> Path:
@@ -173,14 +189,25 @@ def loopback_haproxy(directory: Path | None = None) -> Path:
 def haproxy_directory(state_dir: Path) -> Path:
     """Where the HAProxy of the head kept in ``state_dir`` keeps its configuration and sockets.
 
-    A directory of :func:`private_directory` named by a hash of ``state_dir``, so each platform
-    home has its own and finds it again. It is not under the home itself because a Unix socket's
-    path is limited to 107 bytes, and Ray adds a 56-character node id to it.
+    ``<tmp>/mlp-<uid>-<hash of state_dir>``, mode 0700, so each platform home has its own and
+    finds it again. Short, and not under the home, because HAProxy's socket paths are limited to
+    97 bytes and Ray adds a 56-character node id to them; ``/tmp`` is used when the temporary
+    directory (``TMPDIR``) is too deep for that.
+
+    Raises:
+        PermissionError: if the directory belongs to another user or others can enter it.
+        RuntimeError: if neither the temporary directory nor ``/tmp`` is short enough.
+
     """
-    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
-    directory = private_directory() / f"h{digest}"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    return directory
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:6]
+    name = f"mlp-{os.getuid()}-{digest}"
+    for base in (Path(tempfile.gettempdir()), Path("/tmp")):
+        if len(str(base / name) + _NODE_SOCKET) <= _MAX_SOCKET_PATH and base.is_dir():
+            return _owned_privately(base / name)
+    raise RuntimeError(
+        "no temporary directory short enough for HAProxy's Unix sockets: set TMPDIR to a path "
+        f"of at most {_MAX_SOCKET_PATH - len(name + _NODE_SOCKET) - 1} characters"
+    )
 
 
 def haproxy_environment(directory: Path) -> dict[str, str]:

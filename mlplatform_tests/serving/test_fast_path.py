@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,20 +209,27 @@ def test_single_node_environment_keeps_everything_on_loopback_and_the_callers_ch
     )
 
 
-def test_each_platform_home_has_a_private_haproxy_directory_with_short_socket_paths(tmp_path):
+@pytest.mark.parametrize("temporary", ["default", "deep"])
+def test_each_platform_home_has_a_private_haproxy_directory_with_short_socket_paths(
+    tmp_path, monkeypatch, temporary
+):
+    if temporary == "deep":  # a CI job's TMPDIR: sockets under it would not fit
+        deep = tmp_path / ("t" * 60)
+        deep.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(deep))
     deep_home = tmp_path / ("very-long-platform-home-name" * 4) / "ray"
     directory = cluster.LocalHead(6379, deep_home).haproxy_dir
     assert directory == cluster.LocalHead(6380, deep_home).haproxy_dir  # found again
     assert directory != cluster.LocalHead(6379, tmp_path / "other").haproxy_dir
-    for private in (directory, directory.parent):
-        assert private.stat().st_uid == os.getuid()
-        assert private.stat().st_mode & 0o777 == 0o700
-    node_id = "f" * 56  # Ray puts each node's files in a directory named by its id
+    assert directory.stat().st_uid == os.getuid()
+    assert directory.stat().st_mode & 0o777 == 0o700
+    node_directory = directory / ("f" * 56)  # Ray puts a node's files in a directory of its id
     environment = cluster.loopback_environment(directory)
     for name in ("SOCKET_PATH", "METRICS_SOCKET_PATH"):
         socket_path = Path(environment[f"RAY_SERVE_HAPROXY_{name}"])
         assert socket_path.parent == directory
-        assert len(str(socket_path.parent / node_id / socket_path.name)) <= 107
+        assert len(str(node_directory / socket_path.name)) <= 97  # HAProxy's limit
+    assert len(str(node_directory / "l9101.sock")) <= 97  # the side listeners' sockets
     for home in (deep_home, tmp_path / "other"):
         stop_stray_haproxy(cluster.LocalHead(6379, home).haproxy_dir)
     assert not directory.exists()
@@ -301,9 +309,12 @@ def test_haproxy_listens_on_loopback_only_and_dies_with_its_parent(tmp_path):
 def test_stray_haproxy_of_a_directory_is_killed_and_others_are_left_alone(tmp_path):
     wrapper = loopback_haproxy(tmp_path / "bin")
     started = {}
-    for name in ("ours", "theirs"):
-        directory = tmp_path / name / "node"
-        directory.mkdir(parents=True)
+    directories = {
+        name: cluster.LocalHead(6379, tmp_path / name).haproxy_dir for name in ("ours", "theirs")
+    }
+    for name, home_directory in directories.items():
+        directory = home_directory / "node"  # short enough for HAProxy's Unix sockets
+        directory.mkdir()
         config = directory / "haproxy.cfg"
         port = free_port()
         config.write_text(HAPROXY_CONFIG.format(metrics=9101, stats=8404, port=port))
@@ -313,15 +324,16 @@ def test_stray_haproxy_of_a_directory_is_killed_and_others_are_left_alone(tmp_pa
             assert time.monotonic() < deadline, "HAProxy did not start"
             time.sleep(0.1)
     try:
-        killed = stop_stray_haproxy(tmp_path / "ours")
+        killed = stop_stray_haproxy(directories["ours"])
         assert killed == [started["ours"].pid]
         assert started["ours"].wait(timeout=10) == -signal.SIGKILL
         assert started["theirs"].poll() is None
-        assert not (tmp_path / "ours").exists()
+        assert not directories["ours"].exists()
     finally:
         for process in started.values():
             process.kill()
             process.wait()
+        stop_stray_haproxy(directories["theirs"])
 
 
 def test_haproxy_keeps_its_configuration_and_admin_socket_in_the_platform_directory(
@@ -336,9 +348,8 @@ def test_haproxy_keeps_its_configuration_and_admin_socket_in_the_platform_direct
         assert time.monotonic() < deadline, f"no admin socket in {node_directory}"
         time.sleep(0.2)
     assert stat.S_ISSOCK(admin_socket.stat().st_mode)
-    for private in (ray_head.haproxy_dir, ray_head.haproxy_dir.parent):
-        assert private.stat().st_uid == os.getuid()
-        assert private.stat().st_mode & 0o777 == 0o700, private  # nobody else may enter
+    assert ray_head.haproxy_dir.stat().st_uid == os.getuid()
+    assert ray_head.haproxy_dir.stat().st_mode & 0o777 == 0o700  # nobody else may enter
     config = (node_directory / "haproxy.cfg").read_text()
     assert re.search(rf"^\s*stats socket {re.escape(str(admin_socket))}\b", config, re.MULTILINE)
     assert not (Path("/tmp/haproxy-serve") / node_directory.name).exists()
