@@ -7,6 +7,7 @@ log file of that Ray session for the keys it sent.
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -320,6 +321,7 @@ def test_health_is_public_and_minimal_without_a_predict_key(keyed, champion):
     assert with_feedback_key.json() == minimal
     assert with_predict_key.json() == minimal | {
         "model_name": "mlplatform",
+        "pid": os.getpid(),  # the answering process: this one, in process
         "traffic": None,
         "feedback": {"failed_writes": 0},
     }
@@ -368,6 +370,7 @@ def test_without_keys_every_route_stays_open(champion):
         "status",
         "model_name",
         "model_version",
+        "pid",
         "traffic",
         "feedback",
     }
