@@ -19,7 +19,11 @@ SERVING_V1 = EndpointState("serving", version="1")
 
 
 class HealthProbe(threading.Thread):
-    """Polls ``GET /healthz`` until stopped and keeps every state it saw."""
+    """Polls ``GET /healthz`` until stopped, then once more, and keeps every state it saw.
+
+    The final poll makes "v1 answered throughout and after" checkable however quickly the
+    work inside the ``with`` block ends.
+    """
 
     def __init__(self, url: str):
         super().__init__(daemon=True)
@@ -39,6 +43,7 @@ class HealthProbe(threading.Thread):
     def __exit__(self, *_: object) -> None:
         self.stop.set()
         self.join()
+        self.states.append(observe_endpoint(self.url))
 
 
 @pytest.fixture
@@ -85,7 +90,7 @@ def test_forcing_a_version_that_cannot_load_is_refused_while_the_old_one_serves(
     assert f"v{broken} cannot serve, so it was not forced; the champion stays v1: " in message
     assert f"models:/mlplatform/{broken} cannot be loaded: UnpicklingError" in message
     assert "invalid load key" in message
-    assert len(probe.states) > 5 and set(probe.states) == {SERVING_V1}
+    assert len(probe.states) >= 2 and set(probe.states) == {SERVING_V1}
     assert _champion() == "1"
     tags = MlflowClient().get_model_version("mlplatform", broken).tags
     assert tags["promotion.decision"] == "denied"
@@ -119,7 +124,7 @@ def test_deploying_a_champion_that_cannot_load_keeps_the_served_version(
     assert message.endswith(
         "The champion is v1 again (decision recorded). The endpoint is serving v1."
     )
-    assert len(probe.states) > 5 and set(probe.states) == {SERVING_V1}
+    assert len(probe.states) >= 2 and set(probe.states) == {SERVING_V1}
     assert _champion() == "1"
     tags = MlflowClient().get_model_version("mlplatform", broken).tags
     assert tags["promotion.decision"] == "reverted"
@@ -174,8 +179,7 @@ def test_serving_beyond_loopback_needs_keys_and_a_keyed_deploy_checks_itself_wit
     assert message.endswith("Nothing was changed; the endpoint is serving v1.")
     # Nothing was rolled (v1 answered while the run ran, and after), and a configuration error
     # moves no alias.
-    assert probe.states and set(probe.states) == {SERVING_V1}
-    assert observe_endpoint(serving) == SERVING_V1
+    assert len(probe.states) >= 2 and set(probe.states) == {SERVING_V1}
     assert _champion() == v2
 
     key = "a-deploy-key-0123456789abcdef"
