@@ -1,0 +1,80 @@
+"""Which model of the release answers a request: sticky, hash-based canary assignment.
+
+In ``canary`` the challenger answers a share of the requests. The share is assigned by a hash of
+a request key (the ``X-Request-Key`` header a client sets, such as a user or session id, else the
+request id), so one client sees one model, and raising the share only adds keys: a key answered
+by the challenger at 10% is still answered by it at 20%. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+REQUEST_KEY_HEADER = "X-Request-Key"
+"""The header naming the key a request is assigned by (a user, a session); else the request id."""
+
+_HASH_SPACE = 2**64
+
+
+def answered_by_challenger(key: str, share: float) -> bool:
+    """Whether the challenger answers a request with this key when it answers ``share`` of them.
+
+    The key's BLAKE2b hash, read as a number in [0, 1), is compared with the share: uniform over
+    keys, the same for a key on every replica and every run.
+
+    Raises:
+        ValueError: if ``share`` is not within [0, 1].
+
+    """
+    if not 0 <= share <= 1:
+        raise ValueError(f"the challenger's share must be within [0, 1], got {share}")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / _HASH_SPACE < share
+
+
+class Release(BaseModel):
+    """What one deployment serves: the champion and, during a rollout, a challenger and its stage.
+
+    It is the deployment's ``user_config``: a change of stage or share reaches every replica
+    through Ray Serve's ``reconfigure``, with no restart and no model reload (both models are
+    loaded in every replica from the start of the rollout).
+
+    Attributes:
+        champion: the champion's model version; it answers every request not in the canary.
+        challenger: the challenger's version, or ``None`` when no rollout is under way.
+        stage: ``shadow`` (the challenger scores every request beside the champion, off the
+            answer's path) or ``canary`` (it answers ``canary_share`` of the requests).
+        canary_share: the share of request keys the challenger answers in ``canary``.
+
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    champion: str
+    challenger: str | None = None
+    stage: Literal["shadow", "canary"] | None = None
+    canary_share: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Release:
+        if (self.challenger is None) != (self.stage is None):
+            raise ValueError("a challenger needs a stage, and a stage needs a challenger")
+        if self.challenger == self.champion:
+            raise ValueError(f"v{self.champion} cannot be its own challenger")
+        if self.stage == "canary" and not 0 < self.canary_share < 1:
+            raise ValueError(f"a canary's share must be between 0 and 1, got {self.canary_share}")
+        return self
+
+    def answering_version(self, key: str) -> str:
+        """The version that answers a request with this key."""
+        if self.stage == "canary" and answered_by_challenger(key, self.canary_share):
+            return str(self.challenger)
+        return self.champion
+
+    @property
+    def shadowed(self) -> bool:
+        """Whether the challenger scores every request beside the champion."""
+        return self.stage == "shadow"
