@@ -20,7 +20,7 @@ from pydantic import Field, PrivateAttr
 
 from mlplatform.demo.data import TARGET as DEMO_TARGET
 from mlplatform.demo.data import write_demo_source
-from mlplatform.model.registry import version_by_alias
+from mlplatform.model.registry import CHAMPION_ALIAS, registered_model_tag, version_by_alias
 from mlplatform.model.spec import DataError
 from mlplatform.serving import cluster
 from mlplatform.serving.keys import (
@@ -31,6 +31,7 @@ from mlplatform.serving.keys import (
     load_api_keys,
     require_keys_beyond_loopback,
 )
+from mlplatform.serving.release import ROLLOUT_STATE_TAG, Release, RolloutState
 from mlplatform.serving.settings import ServingSettings
 from mlplatform.settings import (
     DEFAULT_MODEL_NAME,
@@ -243,6 +244,43 @@ class MlflowTracking(dg.ConfigurableResource):
 
         """
         return version_by_alias(self.client(), self.registered_model_name, alias)
+
+    def rollout_state(self) -> RolloutState | None:
+        """The rollout under way, as the registry keeps it; ``None`` when there is none.
+
+        Raises:
+            RegistryUnavailable: the registry did not answer (retried first).
+
+        """
+        raw = registered_model_tag(self.client(), self.registered_model_name, ROLLOUT_STATE_TAG)
+        return RolloutState.model_validate_json(raw) if raw else None
+
+    def set_rollout_state(self, state: RolloutState | None) -> None:
+        """Record the rollout under way in the registry (``None``: no rollout any more)."""
+        client, name = self.client(), self.registered_model_name
+        if state is None:
+            if registered_model_tag(client, name, ROLLOUT_STATE_TAG) is not None:
+                client.delete_registered_model_tag(name, ROLLOUT_STATE_TAG)
+        else:
+            client.set_registered_model_tag(name, ROLLOUT_STATE_TAG, state.model_dump_json())
+
+    def desired_release(self) -> Release | None:
+        """What the endpoint should serve: the `champion` alias and the rollout under way.
+
+        ``None`` when there is no champion yet. A rollout of the champion itself (promoted by
+        hand, say) is not part of the release.
+
+        Raises:
+            RegistryUnavailable: the registry did not answer (retried first).
+
+        """
+        champion = self.version_by_alias(CHAMPION_ALIAS)
+        if champion is None:
+            return None
+        state = self.rollout_state()
+        if state is None or state.challenger == str(champion.version):
+            return Release(champion=str(champion.version))
+        return state.release(str(champion.version))
 
 
 class RayServe(dg.ConfigurableResource):

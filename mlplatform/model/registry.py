@@ -4,6 +4,8 @@ import dataclasses
 import itertools
 import re
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import mlflow
 from mlflow import MlflowClient
@@ -11,6 +13,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mlplatform.model.pyfunc import TabularModel
+
+_T = TypeVar("_T")
 
 CHALLENGER_ALIAS = "challenger"
 CHAMPION_ALIAS = "champion"
@@ -94,21 +98,49 @@ def version_by_alias(
         RegistryUnavailable: the registry did not answer after ``attempts`` tries.
 
     """
+    return _read_registry(
+        lambda: client.get_model_version_by_alias(name, alias),
+        f"{name}@{alias}",
+        attempts,
+        backoff_s,
+    )
+
+
+def registered_model_tag(
+    client: MlflowClient, name: str, tag: str, attempts: int = 3, backoff_s: float = 1.0
+) -> str | None:
+    """A tag of registered model ``name``; ``None`` when the model or the tag does not exist.
+
+    Registry errors are retried and raised as in :func:`version_by_alias`.
+
+    Raises:
+        RegistryUnavailable: the registry did not answer after ``attempts`` tries.
+
+    """
+    model = _read_registry(
+        lambda: client.get_registered_model(name), f"{name}'s tags", attempts, backoff_s
+    )
+    return None if model is None else model.tags.get(tag)
+
+
+def _read_registry(read: Callable[[], _T], what: str, attempts: int, backoff_s: float) -> _T | None:
+    """``read()``, ``None`` when the registry says it does not exist, else retried, then raised."""
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     for attempt in itertools.count(1):
         try:
-            return client.get_model_version_by_alias(name, alias)
+            return read()
         except MlflowException as error:
             if _is_not_found(error):
                 return None
             if attempt == attempts:
                 raise RegistryUnavailable(
-                    f"the model registry did not answer for {name}@{alias} after {attempts} "
+                    f"the model registry did not answer for {what} after {attempts} "
                     f"tries ({error.error_code}: {_first_line(str(error.message))}); "
                     "nothing was changed"
                 ) from error
         time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 def _first_line(message: str) -> str:

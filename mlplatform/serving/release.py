@@ -9,6 +9,7 @@ by the challenger at 10% is still answered by it at 20%. Nothing here imports Ra
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -57,11 +58,14 @@ class Release(BaseModel):
     challenger: str | None = None
     stage: Literal["shadow", "canary"] | None = None
     canary_share: float = Field(default=0.0, ge=0, le=1)
+    rollout_id: str | None = Field(
+        default=None, description="Names the rollout's evidence on disk (one per challenger)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Release:
-        if (self.challenger is None) != (self.stage is None):
-            raise ValueError("a challenger needs a stage, and a stage needs a challenger")
+        if not (self.challenger is None) == (self.stage is None) == (self.rollout_id is None):
+            raise ValueError("a challenger, its stage and its rollout id go together")
         if self.challenger == self.champion:
             raise ValueError(f"v{self.champion} cannot be its own challenger")
         if self.stage == "canary" and not 0 < self.canary_share < 1:
@@ -78,3 +82,58 @@ class Release(BaseModel):
     def shadowed(self) -> bool:
         """Whether the challenger scores every request beside the champion."""
         return self.stage == "shadow"
+
+
+ROLLOUT_STATE_TAG = "mlplatform.rollout"
+"""The registered model's tag holding the rollout under way (:class:`RolloutState`, as JSON)."""
+
+
+class RolloutState(BaseModel):
+    """A rollout under way, as the registry keeps it beside the `champion` alias.
+
+    The registry is what the endpoint converges to: the champion alias plus this state give
+    the :class:`Release` to serve.
+
+    Attributes:
+        challenger: the version being rolled out.
+        stage: ``shadow`` or ``canary``.
+        canary_share: the share of request keys the challenger answers in ``canary``.
+        rollout_id: names this rollout's evidence on disk.
+        started_at: when the rollout began (unix seconds).
+        stage_since: when the current stage began (unix seconds).
+        paused: the rollout sensor leaves a paused rollout where it is.
+
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    challenger: str
+    stage: Literal["shadow", "canary"]
+    canary_share: float = Field(ge=0, le=1)
+    rollout_id: str
+    started_at: float
+    stage_since: float
+    paused: bool = False
+
+    @classmethod
+    def begin(cls, challenger: str, canary_share: float, now: float | None = None) -> RolloutState:
+        """A new rollout of ``challenger``, in shadow."""
+        now = time.time() if now is None else now
+        return cls(
+            challenger=str(challenger),
+            stage="shadow",
+            canary_share=canary_share,
+            rollout_id=f"v{challenger}-{int(now)}",
+            started_at=now,
+            stage_since=now,
+        )
+
+    def release(self, champion: str) -> Release:
+        """The release to serve with this rollout beside ``champion``."""
+        return Release(
+            champion=str(champion),
+            challenger=self.challenger,
+            stage=self.stage,
+            canary_share=self.canary_share,
+            rollout_id=self.rollout_id,
+        )
