@@ -342,10 +342,13 @@ class RayServe(dg.ConfigurableResource):
             )
         return keys
 
-    def deploy(self, serving: ServingSettings, timeout_s: float = 180.0) -> None:
+    def deploy(
+        self, serving: ServingSettings, release: Release | None = None, timeout_s: float = 180.0
+    ) -> None:
         """Deploy or roll forward the endpoint (see :func:`mlplatform.serving.cluster.deploy`).
 
-        The endpoint accepts the configured API keys (only their digests reach Ray).
+        The endpoint accepts the configured API keys (only their digests reach Ray). A change
+        of ``release`` alone is applied in place, without restarting replicas.
         """
         settings = load_settings()
         cluster.deploy(
@@ -357,4 +360,5 @@ class RayServe(dg.ConfigurableResource):
             local_head=cluster.LocalHead(settings.ray_port, settings.ray_dir),
             timeout_s=timeout_s,
             api_keys=key_digests(self.api_keys()),
+            release=release,
         )

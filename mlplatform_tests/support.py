@@ -37,6 +37,7 @@ from mlplatform.monitoring.profiles import list_traffic_windows
 from mlplatform.resources import DataSource, MlflowTracking
 from mlplatform.serving import cluster
 from mlplatform.serving.keys import KeyDigests
+from mlplatform.serving.release import Release
 from mlplatform.serving.settings import ServingSettings
 from mlplatform.settings import PlatformSettings, load_settings
 
@@ -189,13 +190,14 @@ def deployed(
     serve_port: int,
     app_name: str,
     api_keys: KeyDigests | None = None,
+    release: Release | None = None,
 ) -> Iterator[str]:
     """``settings`` served on the session's Ray Serve under ``/<app_name>``, deleted on exit.
 
     With ``api_keys``, the app accepts those keys only (their digests and scopes).
 
     Yields:
-        The app's URL, once it serves model version 1.
+        The app's URL, once it serves the release (model version 1 when none is given).
 
     """
     cluster.deploy(
@@ -207,9 +209,13 @@ def deployed(
         local_head=None,
         route_prefix=f"/{app_name}",
         api_keys=api_keys,
+        release=release,
     )
     url = f"http://127.0.0.1:{serve_port}/{app_name}"
-    cluster.wait_until_serving(url, "1")
+    if release is None:
+        cluster.wait_until_serving(url, "1")
+    else:
+        cluster.wait_until_serving(url, release.champion, rollout=release.rollout_label)
     try:
         yield url
     finally:

@@ -22,7 +22,7 @@ import httpx
 from pydantic import Field
 
 from mlplatform.defs.registry import current_champion, revert_champion
-from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef, RegistryUnavailable
+from mlplatform.model.registry import ModelRef, RegistryUnavailable
 from mlplatform.monitoring.rules import (
     EndpointCursor,
     EndpointState,
@@ -41,6 +41,7 @@ from mlplatform.serving.keys import (
     key_for,
 )
 from mlplatform.serving.preflight import UnservableModel, preflight
+from mlplatform.serving.release import REQUEST_KEY_HEADER, Release, key_answered_by
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.settings import load_settings
 
@@ -69,6 +70,7 @@ class EndpointInfo:
     deployed_at: str
     example_record: dict[str, Any]
     requires_key: bool = False
+    rollout: str | None = None
 
     @property
     def curl_example(self) -> str:
@@ -100,15 +102,15 @@ class EndpointConfig(ServingKnobs, dg.Config):
         "POST /feedback) under the platform home.",
     )
 
-    def serving_settings(self, model_uri: str, tracking_uri: str) -> ServingSettings:
-        """The serving app's settings for ``model_uri`` under these knobs.
+    def serving_settings(self, model_name: str, tracking_uri: str) -> ServingSettings:
+        """The serving app's settings for releases of ``model_name`` under these knobs.
 
         Traffic profiles and the prediction log go under the platform home (``MLPLATFORM_HOME``).
         """
         platform = load_settings()
         return ServingSettings.for_deployment(
             self,
-            model_uri=model_uri,
+            model_name=model_name,
             tracking_uri=tracking_uri,
             traffic_dir=str(platform.traffic_dir) if self.traffic_profiling else None,
             feedback_db=str(platform.feedback_db) if self.traffic_profiling else None,
@@ -120,6 +122,7 @@ def smoke_test(
     record: dict[str, Any],
     expected_version: str,
     headers: Mapping[str, str] | None = None,
+    release: Release | None = None,
 ) -> dict[str, Any]:
     """POST one real record; the answer must come from ``expected_version``.
 
@@ -128,11 +131,18 @@ def smoke_test(
         record: a record the model scores.
         expected_version: the version that must answer.
         headers: the request's headers (an API key).
+        release: the release served; in canary, the request carries a key that this release
+            assigns to ``expected_version``.
 
     Raises:
         RuntimeError: on any non-200 answer or a different serving version.
 
     """
+    if release is not None:
+        headers = {
+            **(headers or {}),
+            REQUEST_KEY_HEADER: key_answered_by(release, expected_version),
+        }
     response = httpx.post(f"{url}/predict", json={"records": [record]}, headers=headers, timeout=30)
     if response.status_code != 200:
         raise RuntimeError(f"smoke test got HTTP {response.status_code}: {response.text[:500]}")
@@ -160,39 +170,52 @@ def measure_latency_ms(
     return latencies
 
 
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    """What one deploy put on Ray Serve: the app's settings and the release it serves."""
+
+    settings: ServingSettings
+    release: Release
+
+
 def _previous_deployment(
     context: dg.AssetExecutionContext,
     config: EndpointConfig,
     before: EndpointState,
     champion: ModelRef,
     tracking_uri: str,
-) -> ServingSettings | None:
+) -> Deployment | None:
     """The deployment to restore if the new one fails: the one serving before it, if any.
 
-    Its settings as the last deploy recorded them when that deploy served the same version;
-    otherwise this run's knobs for the version the endpoint served.
+    Its settings and release as the last deploy recorded them when that deploy served what the
+    endpoint serves now; otherwise this run's knobs for the champion the endpoint served.
     """
-    if before.status != "serving":
+    if before.status != "serving" or before.version is None:
         return None
-    uri = f"models:/{champion.name}/{before.version}"
     event = context.instance.get_latest_materialization_event(context.asset_key)
-    recorded = event.asset_materialization.metadata.get("serving_settings") if event else None
-    if recorded is not None:
-        settings = ServingSettings.model_validate(recorded.value)
-        if settings.model_uri == uri:
-            return settings
-    return config.serving_settings(uri, tracking_uri)
+    metadata = event.asset_materialization.metadata if event else {}
+    if "serving_settings" in metadata and "release" in metadata:
+        release = Release.model_validate(metadata["release"].value)
+        if release.champion == before.version and release.rollout_label == before.rollout:
+            settings = ServingSettings.model_validate(metadata["serving_settings"].value)
+            return Deployment(settings, release)
+    return Deployment(
+        config.serving_settings(champion.name, tracking_uri), Release(champion=before.version)
+    )
 
 
-def _restore(ray_serve: RayServe, url: str, previous: ServingSettings, timeout_s: float) -> str:
+def _restore(ray_serve: RayServe, url: str, previous: Deployment, timeout_s: float) -> str:
     """Deploy ``previous`` again after a failed deploy; what happened, as a phrase."""
-    version = previous.model_uri.rsplit("/", 1)[-1]
+    release = previous.release
+    served = f"v{release.champion}" + (
+        f" with {release.rollout_label}" if release.challenger else ""
+    )
     try:
-        ray_serve.deploy(previous, timeout_s=timeout_s)
-        wait_until_serving(url, version, timeout_s=timeout_s)
+        ray_serve.deploy(previous.settings, previous.release, timeout_s=timeout_s)
+        wait_until_serving(url, release.champion, timeout_s, rollout=release.rollout_label)
     except Exception as error:  # reported with the failure that made the restore necessary
-        return f"restoring v{version} failed too: {type(error).__name__}: {error}"
-    return f"restored the previous deployment (v{version})"
+        return f"restoring {served} failed too: {type(error).__name__}: {error}"
+    return f"restored the previous deployment ({served})"
 
 
 def _deploy_failed(
@@ -241,11 +264,20 @@ def model_endpoint(
     ray_serve: RayServe,
     mlflow_tracking: MlflowTracking,
 ) -> Iterator[dg.Output[EndpointInfo] | dg.AssetCheckResult]:
-    """The registry's champion live on Ray Serve over HTTP, never replaced by one that fails."""
+    """The registry's release live on Ray Serve over HTTP, never replaced by one that fails.
+
+    The release is the `champion` alias and the rollout under way (a challenger in shadow or
+    canary). A change of stage, share or champion among versions the replicas already hold is
+    applied in place (Ray Serve's ``reconfigure``): no restart, no reload, no failed request.
+    """
     champion = current_champion(mlflow_tracking)  # what the alias names now, not a stored input
+    release = mlflow_tracking.desired_release() or Release(champion=champion.version)
     url = ray_serve.url
     before = observe_endpoint(url)
-    context.log.info(f"deploying champion v{champion.version}; the endpoint is {before.describe()}")
+    wanted = EndpointState("serving", release.champion, rollout=release.rollout_label).describe()
+    context.log.info(
+        f"deploying {wanted.removeprefix('serving ')}; the endpoint is {before.describe()}"
+    )
     try:
         keys = ray_serve.check_access()
     except (ApiKeyError, ExposedWithoutKeys) as error:
@@ -262,16 +294,21 @@ def model_endpoint(
     except UnservableModel as error:
         # Nothing was rolled: whatever served before still serves.
         raise _deploy_failed(context, mlflow_tracking, champion, before, str(error)) from None
-    serving = config.serving_settings(champion.uri, mlflow_tracking.tracking_uri)
+    release = _challenger_that_serves(context, mlflow_tracking, release, before)
+    serving = config.serving_settings(champion.name, mlflow_tracking.tracking_uri)
     previous = _previous_deployment(context, config, before, champion, mlflow_tracking.tracking_uri)
     started = time.perf_counter()
     try:
-        ray_serve.deploy(serving, timeout_s=config.ready_timeout_s)
-        wait_until_serving(url, champion.version, timeout_s=config.ready_timeout_s)
+        ray_serve.deploy(serving, release, timeout_s=config.ready_timeout_s)
+        wait_until_serving(
+            url, champion.version, config.ready_timeout_s, rollout=release.rollout_label
+        )
         deploy_seconds = time.perf_counter() - started
         card = httpx.get(f"{url}/model", headers=headers, timeout=30).json()
         record = card["example_record"]
-        answer = smoke_test(url, record, champion.version, headers)
+        answer = smoke_test(url, record, champion.version, headers, release)
+        if release.stage == "canary" and release.challenger is not None:
+            smoke_test(url, record, release.challenger, headers, release)
     except Exception as error:  # whatever failed, the previous deployment comes back first
         failure = f"{type(error).__name__}: {error}"
         if previous is not None:
@@ -288,8 +325,9 @@ def model_endpoint(
         deployed_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         example_record=record,
         requires_key=bool(keys),
+        rollout=release.rollout_label,
     )
-    context.log.info(f"serving {champion.uri} at {url}")
+    context.log.info(f"serving {wanted.removeprefix('serving ')} at {url}")
     yield dg.Output(
         info,
         metadata={
@@ -298,6 +336,8 @@ def model_endpoint(
             "model_version": champion.version,
             "model_uri": champion.uri,
             "mlflow_run_id": champion.mlflow_run_id,
+            "rollout": release.rollout_label or "none",
+            "release": dg.MetadataValue.json(release.model_dump()),
             "previously": before.describe(),
             "deploy_seconds": round(deploy_seconds, 1),
             "smoke_test": dg.MetadataValue.json(answer),
@@ -319,6 +359,37 @@ def model_endpoint(
             "bound_ms": config.max_p50_latency_ms,
         },
     )
+
+
+def _challenger_that_serves(
+    context: dg.AssetExecutionContext,
+    mlflow_tracking: MlflowTracking,
+    release: Release,
+    before: EndpointState,
+) -> Release:
+    """The release to deploy: without its challenger if that cannot load and score.
+
+    A challenger the endpoint already serves was checked when it entered. One that fails its
+    check is taken out of the rollout (recorded on the version, the rollout state cleared) and
+    the champion is deployed alone: a broken challenger never costs the champion its endpoint.
+    """
+    challenger = release.challenger
+    if challenger is None or (before.rollout or "").startswith(f"v{challenger} "):
+        return release
+    try:
+        preflight(
+            f"models:/{mlflow_tracking.registered_model_name}/{challenger}",
+            mlflow_tracking.tracking_uri,
+        )
+    except UnservableModel as error:
+        reason = f"v{challenger} cannot serve, so it left the rollout: {error}"
+        context.log.error(reason)
+        mlflow_tracking.set_rollout_state(None)
+        client, name = mlflow_tracking.client(), mlflow_tracking.registered_model_name
+        client.set_model_version_tag(name, challenger, "rollout.decision", "rolled_back")
+        client.set_model_version_tag(name, challenger, "rollout.reason", reason[:5000])
+        return Release(champion=release.champion)
+    return release
 
 
 def run_in_progress(
@@ -362,8 +433,9 @@ def deploy_in_progress(instance: dg.DagsterInstance) -> bool:
     job_name=DEPLOY_JOB_NAME,
     minimum_interval_seconds=load_monitoring_settings().endpoint_check_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Compares the registry's champion with what the endpoint serves (GET /healthz) "
-    "and requests a deploy when the endpoint is down, unhealthy or serving another version.",
+    description="Compares the registry's release (champion, and a challenger in rollout) with "
+    "what the endpoint serves (GET /healthz) and requests a deploy when the endpoint is down, "
+    "unhealthy or serving another release.",
 )
 def endpoint_sensor(
     context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking, ray_serve: RayServe
@@ -371,20 +443,21 @@ def endpoint_sensor(
     """Redeploy the champion when the endpoint does not serve it; alert when it does so."""
     cursor = EndpointCursor.parse(context.cursor)
     try:
-        champion = mlflow_tracking.version_by_alias(CHAMPION_ALIAS)
+        release = mlflow_tracking.desired_release()
     except RegistryUnavailable as error:
-        champion, registry_error = None, str(error)
+        release, registry_error = None, str(error)
     else:
         registry_error = None
     url = ray_serve.url
     decision = decide_endpoint(
-        str(champion.version) if champion is not None else None,
+        release.champion if release is not None else None,
         observe_endpoint(url),
         cursor,
         now=time.time(),
         deploy_in_progress=deploy_in_progress(context.instance),
         registry_error=registry_error,
         requested_run_succeeded=run_succeeded(context.instance, cursor.run_key),
+        desired_rollout=release.rollout_label if release is not None else None,
     )
     if not decision.deploy or decision.run_key is None:
         return dg.SensorResult(skip_reason=decision.reason, cursor=decision.cursor.dump())

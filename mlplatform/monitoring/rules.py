@@ -337,25 +337,36 @@ class EndpointState:
     Attributes:
         status: ``serving`` (answered ok, naming its model version), ``unhealthy`` (answered,
             but not with a served version) or ``down`` (no answer).
-        version: the model version it serves, when serving.
+        version: the champion's model version it serves, when serving.
         detail: what was wrong, when not serving (the HTTP status or the connection error).
+        rollout: the challenger beside it, when a rollout is under way (``v4 in shadow``,
+            ``v4 in canary at 20%``).
 
     """
 
     status: EndpointStatus
     version: str | None = None
     detail: str = ""
+    rollout: str | None = None
 
     @property
     def key(self) -> str:
-        """The state in a word, for run keys: ``v3``, ``unhealthy`` or ``down``."""
-        return f"v{self.version}" if self.status == "serving" else self.status
+        """The state in a word, for run keys: ``v3``, ``v3+v4-shadow``, ``unhealthy``, ``down``."""
+        if self.status != "serving":
+            return self.status
+        return f"v{self.version}" + (f"+{_keyword(self.rollout)}" if self.rollout else "")
 
     def describe(self) -> str:
         """The state in a phrase: ``serving v3``, ``down (ConnectError: ...)``."""
         if self.status == "serving":
-            return f"serving v{self.version}"
+            return f"serving v{self.version}" + (f" with {self.rollout}" if self.rollout else "")
         return f"{self.status} ({self.detail})" if self.detail else self.status
+
+
+def _keyword(phrase: str) -> str:
+    """A phrase as one word for a run key (``v4 in canary at 20%`` -> ``v4-canary-20``)."""
+    words = [w.strip("%") for w in phrase.split() if w not in {"in", "at"}]
+    return "-".join(words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,6 +412,7 @@ def decide_endpoint(
     deploy_in_progress: bool,
     registry_error: str | None = None,
     requested_run_succeeded: bool = False,
+    desired_rollout: str | None = None,
 ) -> EndpointDecision:
     """Decide whether the endpoint must be redeployed to serve the desired release.
 
@@ -423,6 +435,8 @@ def decide_endpoint(
         requested_run_succeeded: whether the run the cursor remembers finished successfully.
             It healed that difference, so the same difference seen again is a new one (the
             daemon stopped, or the machine rebooted, before a tick saw the endpoint healed).
+        desired_rollout: the challenger the registry's rollout puts beside the champion
+            (``v4 in shadow``, as :attr:`EndpointState.rollout` says it); ``None``: none.
 
     """
     if registry_error is not None:
@@ -436,15 +450,19 @@ def decide_endpoint(
             f"No champion in the registry yet: nothing to serve (endpoint {observed.describe()}).",
             EndpointCursor(),
         )
-    if observed.status == "serving" and observed.version == desired_version:
+    desired = EndpointState("serving", desired_version, rollout=desired_rollout)
+    if observed.status == "serving" and observed.key == desired.key:
         return EndpointDecision(
             False,
             None,
-            f"In sync: the endpoint serves the champion v{desired_version}.",
+            f"In sync: the endpoint serves the champion v{desired_version}"
+            + (f" with {desired_rollout}." if desired_rollout else "."),
             EndpointCursor(),
         )
-    difference = f"v{desired_version}/{observed.key}"
-    state = f"The champion is v{desired_version} but the endpoint is {observed.describe()}"
+    difference = f"{desired.key}/{observed.key}"
+    wanted = desired.describe().removeprefix("serving ")
+    subject = "The champion is" if desired_rollout is None else "The release is"
+    state = f"{subject} {wanted} but the endpoint is {observed.describe()}"
     if deploy_in_progress:
         return EndpointDecision(
             False, None, f"{state}; a deploy or retrain is already queued or running.", cursor
@@ -457,11 +475,11 @@ def decide_endpoint(
             "requested again until the endpoint changes.",
             cursor,
         )
-    run_key = f"endpoint-v{desired_version}-{observed.key}-{now:.0f}"
+    run_key = f"endpoint-{desired.key}-{observed.key}-{now:.0f}"
     return EndpointDecision(
         True,
         run_key,
-        f"{state}: redeploying v{desired_version}.",
+        f"{state}: redeploying {wanted}.",
         EndpointCursor(difference=difference, run_key=run_key, requested_at=now),
     )
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import ray
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.schema import ApplicationStatus
 
@@ -34,6 +35,7 @@ from mlplatform.serving.ingress import (
     stop_stray_haproxy,
 )
 from mlplatform.serving.keys import KeyDigests, require_keys_beyond_loopback
+from mlplatform.serving.release import Release
 from mlplatform.serving.settings import ServingSettings
 
 LOOPBACK = "127.0.0.1"
@@ -294,6 +296,7 @@ def deploy(
     route_prefix: str = "/",
     timeout_s: float = 180.0,
     api_keys: KeyDigests | None = None,
+    release: Release | None = None,
 ) -> None:
     """Deploy (or roll forward) the serving app and wait until Ray Serve reports it running.
 
@@ -301,10 +304,12 @@ def deploy(
     otherwise connects to ``ray_address`` or to the local head, which it starts if needed, and
     disconnects after. A redeploy is a rolling update: with several replicas the old ones answer
     until the new ones are ready; with one, Ray Serve stops the old replica first (check that a
-    version loads before deploying it: :mod:`mlplatform.serving.preflight`).
+    version loads before deploying it: :mod:`mlplatform.serving.preflight`). A deploy that changes
+    only the release (champion, challenger, stage, share) is applied to the running replicas in
+    place (``reconfigure``): nothing restarts.
 
     Args:
-        settings: the serving app's arguments (model URI, limits, replicas).
+        settings: the serving app's arguments (model name or URI, limits, replicas).
         ray_address: an existing cluster's address; ``None`` for the local head.
         host: interface for Serve's HTTP proxy (applies when Serve first starts in a cluster).
         port: port for Serve's HTTP proxy.
@@ -314,6 +319,8 @@ def deploy(
         timeout_s: how long the app may take to be running.
         api_keys: digests and scopes of the keys requests must present
             (:mod:`mlplatform.serving.keys`); ``None``: an open endpoint, refused beyond loopback.
+        release: the release to serve (with ``settings.model_name``); ``None``: the one model
+            of ``settings.model_uri``.
 
     Raises:
         ExposedWithoutKeys: if ``host`` is not a loopback address and there are no keys; raised
@@ -350,7 +357,7 @@ def deploy(
         serve.run_many(
             [
                 serve.RunTarget(
-                    build_app(settings.model_dump(), api_keys),
+                    build_app(settings.model_dump(), api_keys, release),
                     name=app_name,
                     route_prefix=route_prefix,
                 )
@@ -415,27 +422,41 @@ def observe_endpoint(url: str, timeout_s: float = 5.0) -> EndpointState:
     version = body.get("model_version") if isinstance(body, dict) else None
     if not version or body.get("status") != "ok":
         return EndpointState("unhealthy", detail=f"unexpected answer: {response.text[:200]}")
-    return EndpointState("serving", version=str(version))
+    try:
+        release = Release.model_validate(body.get("release") or {"champion": str(version)})
+    except ValidationError:
+        return EndpointState("unhealthy", detail=f"unexpected release: {response.text[:200]}")
+    return EndpointState("serving", version=str(version), rollout=release.rollout_label)
 
 
-def wait_until_serving(url: str, model_version: str, timeout_s: float = 120.0) -> EndpointState:
-    """Poll ``GET /healthz`` until the endpoint serves ``model_version``.
+def wait_until_serving(
+    url: str, model_version: str, timeout_s: float = 120.0, rollout: str | None = None
+) -> EndpointState:
+    """Poll ``GET /healthz`` until the endpoint serves ``model_version`` (with ``rollout``).
+
+    Args:
+        url: the endpoint.
+        model_version: the champion it must serve.
+        timeout_s: how long to wait.
+        rollout: the challenger it must serve beside it (:attr:`Release.rollout_label`);
+            ``None``: none.
 
     Returns:
-        The endpoint's state, serving that version.
+        The endpoint's state, serving that release.
 
     Raises:
-        TimeoutError: if that version is not served within ``timeout_s``.
+        TimeoutError: if that release is not served within ``timeout_s``.
 
     """
+    wanted = EndpointState("serving", model_version, rollout=rollout)
     deadline = time.monotonic() + timeout_s
     while True:
         state = observe_endpoint(url)
-        if state.status == "serving" and state.version == model_version:
+        if state == wanted:
             return state
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"{url} did not serve model version {model_version} within {timeout_s:.0f}s "
-                f"(it is {state.describe()})"
+                f"{url} did not serve {wanted.describe().removeprefix('serving ')} within "
+                f"{timeout_s:.0f}s (it is {state.describe()})"
             )
         time.sleep(0.5)

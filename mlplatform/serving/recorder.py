@@ -174,6 +174,7 @@ class TrafficRecorder:
         *,
         feedback: FeedbackStore | None = None,
         on_settled: Callable[[SettledItems, bool], None] | None = None,
+        shadow: bool = False,
     ):
         """Start recording (the background thread starts now).
 
@@ -195,6 +196,8 @@ class TrafficRecorder:
                 items: their ``(tag, requests, rows)`` (tags as given to :meth:`record`), and
                 whether their predictions are in the log (``False``: an error lost them).
                 Lets a caller account for every record it handed over.
+            shadow: the version scores in shadow beside the champion: its predictions are
+                logged as shadow predictions (:meth:`FeedbackStore.log_shadow_predictions`).
 
         Raises:
             ValueError: for an unusable name.
@@ -212,6 +215,7 @@ class TrafficRecorder:
         self._clock = clock
         self._feedback = feedback
         self._on_settled = on_settled
+        self._shadow = shadow
         self._retention_s = settings.traffic_retention_days * 86_400
         self._retention_bytes = int(settings.traffic_retention_mb * 2**20)
         self._max_logged_predictions = settings.prediction_log_max_rows
@@ -486,7 +490,12 @@ class TrafficRecorder:
                 strict=False,
             ),
         )
-        self._logged_rows += self._feedback.log_predictions(records)
+        log = (
+            self._feedback.log_shadow_predictions
+            if self._shadow
+            else self._feedback.log_predictions
+        )
+        self._logged_rows += log(records)
 
     def _window_start(self, timestamp: float) -> int:
         return int(timestamp // self.window_s) * self.window_s

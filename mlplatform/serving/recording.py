@@ -330,6 +330,7 @@ class TrafficSink:
         settings: TrafficKnobs,
         *,
         feedback_db: str | None,
+        shadow: bool = False,
         niceness: int = 10,
         flush_interval_s: float = 0.1,
         poll_interval_s: float = 1.0,
@@ -346,6 +347,8 @@ class TrafficSink:
             settings: the recorder's settings; ``traffic_max_queue`` also bounds the requests
                 waiting here to be handed over (more are dropped and counted).
             feedback_db: the prediction log; ``None`` = profiles only.
+            shadow: the version scores in shadow: its predictions go to the log's shadow table,
+                beside the champion's answers.
             niceness: added to the process's niceness: on a busy machine monitoring yields the
                 CPU to serving, and catches up when there is some to spare (its queue is
                 bounded; what does not fit is dropped and counted).
@@ -371,6 +374,7 @@ class TrafficSink:
                 "spec": spec,
                 "replica_id": replica_id,
                 "settings": settings,
+                "shadow": shadow,
             },
         )
         self._node_id = ray.get_runtime_context().get_node_id()

@@ -9,6 +9,7 @@ by the challenger at 10% is still answered by it at 20%. Nothing here imports Ra
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from typing import Literal
 
@@ -79,9 +80,34 @@ class Release(BaseModel):
         return self.champion
 
     @property
+    def rollout_label(self) -> str | None:
+        """The challenger in a phrase (``v4 in shadow``, ``v4 in canary at 20%``); else ``None``."""
+        if self.challenger is None:
+            return None
+        if self.stage == "canary":
+            return f"v{self.challenger} in canary at {self.canary_share:.0%}"
+        return f"v{self.challenger} in shadow"
+
+    @property
     def shadowed(self) -> bool:
         """Whether the challenger scores every request beside the champion."""
         return self.stage == "shadow"
+
+
+def key_answered_by(release: Release, version: str, prefix: str = "check") -> str:
+    """A request key this release assigns to ``version`` (for a smoke test of each version).
+
+    Raises:
+        ValueError: if ``version`` answers no request in this release.
+
+    """
+    if version not in {release.champion, release.challenger if release.stage == "canary" else None}:
+        raise ValueError(f"v{version} answers no request in {release}")
+    return next(
+        key
+        for key in (f"{prefix}-{n}" for n in itertools.count())
+        if release.answering_version(key) == version
+    )
 
 
 ROLLOUT_STATE_TAG = "mlplatform.rollout"

@@ -1,9 +1,13 @@
-"""The endpoint's HTTP routes, as a plain FastAPI app around one loaded model.
+"""The endpoint's HTTP routes, as a plain FastAPI app around a release of loaded models.
 
 :func:`build_api` gives ``POST /predict``, ``POST /feedback``, ``GET /healthz``, ``GET /model``,
-``GET /model/card`` and OpenAPI at ``/docs`` for a :class:`~mlplatform.serving.model.ServedModel`.
-The Ray Serve deployment (:mod:`mlplatform.serving.app`) serves this app in every replica and
-hands it its micro-batcher and traffic recorder; tests serve it as is, without Ray. Given API
+``GET /model/card`` and OpenAPI at ``/docs`` for a
+:class:`~mlplatform.serving.served.ServedRelease`: the champion answers, and during a rollout the
+challenger either scores every request after its answer left (shadow) or answers the requests
+whose key falls in its share (canary; a challenger that fails a request hands it to the
+champion, and the failure counts against it). The Ray Serve deployment
+(:mod:`mlplatform.serving.app`) serves this app in every replica, swaps the release in on every
+``reconfigure`` and hands the app its micro-batcher; tests serve it as is, without Ray. Given API
 keys (their digests, :mod:`mlplatform.serving.keys`), every route but ``GET /healthz`` needs one.
 """
 
@@ -16,7 +20,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -27,6 +31,14 @@ from mlplatform.model.spec import FeatureKind, FeatureSpec
 from mlplatform.monitoring.feedback import FeedbackStore, FeedbackUnavailable
 from mlplatform.serving.keys import GRANTED_SCOPES, ApiKeyMiddleware, KeyDigests
 from mlplatform.serving.model import ServedModel
+from mlplatform.serving.release import REQUEST_KEY_HEADER
+from mlplatform.serving.served import (
+    ReleaseMember,
+    ServedRelease,
+    ShadowJob,
+    ShadowScorer,
+    SingleRequest,
+)
 from mlplatform.serving.settings import ServingKnobs
 from mlplatform.serving.validation import (
     MAX_DATETIME_LENGTH,
@@ -34,9 +46,6 @@ from mlplatform.serving.validation import (
     check_labels,
     check_records,
 )
-
-if TYPE_CHECKING:  # the sink runs a Ray actor; the routes need only its two methods
-    from mlplatform.serving.recording import TrafficSink
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +107,17 @@ class PredictResponse(BaseModel):
 SingleAnswer = dict[str, Any] | Exception
 """The answer body of a single-record request, or the error that request alone answers with."""
 
-SinglePredictor = Callable[[dict[str, Any]], Awaitable[SingleAnswer]]
-"""Answers one single-record request: ``record -> answer body`` (a micro-batcher, in Ray)."""
+SinglePredictor = Callable[[SingleRequest], Awaitable[SingleAnswer]]
+"""Answers one single-record request: ``request -> answer body`` (a micro-batcher, in Ray)."""
+
+ReleaseSource = Callable[[], ServedRelease]
+"""Gives the release to answer with now (a replica swaps a new one in on every change)."""
+
+MODEL_VERSION_HEADER = "X-Model-Version"
+"""The response header naming the model version that answered a prediction."""
+
+MODEL_ROLE_HEADER = "X-Model-Role"
+"""The response header naming that version's part in the release (champion, canary)."""
 
 
 def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -159,29 +177,6 @@ def _feedback_schema(spec: FeatureSpec, settings: ServingKnobs) -> dict[str, Any
     return schema
 
 
-def _document_bearer_auth(api: FastAPI) -> None:
-    """Declare the bearer key in the app's OpenAPI: on every route but ``/healthz``."""
-    generate = api.openapi
-
-    def openapi() -> dict[str, Any]:
-        if api.openapi_schema is None:
-            schema = generate()
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "apiKey": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "An API key: `Authorization: Bearer <key>`.",
-                }
-            }
-            for path, operations in schema["paths"].items():
-                if path != "/healthz":
-                    for operation in operations.values():
-                        operation["security"] = [{"apiKey": []}]
-        return api.openapi_schema  # FastAPI's own openapi() keeps the schema it made there
-
-    api.openapi = openapi  # type: ignore[method-assign]
-
-
 def _too_large(size: int, limit: int) -> InvalidRequest:
     return InvalidRequest(
         413,
@@ -224,14 +219,16 @@ def _parse_body(raw: bytes, max_body_bytes: int) -> Any:
     return payload["records"]
 
 
-def _json(body: dict[str, Any]) -> Response:
+def _json(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     """A JSON answer, encoded directly (NaN as null).
 
     The routes' ``response_model`` documents the answer in OpenAPI; returning a Response skips
     FastAPI's validation and re-encoding of it through that model (about 50 us per answer, a few
     percent of a single-record request).
     """
-    return Response(to_json(body, inf_nan_mode="null"), media_type="application/json")
+    return Response(
+        to_json(body, inf_nan_mode="null"), media_type="application/json", headers=headers
+    )
 
 
 def _parse_json(raw: bytes, max_body_bytes: int) -> Any:
@@ -307,44 +304,81 @@ def _unscorable(error: Exception, loc: list[Any]) -> InvalidRequest:
 
 
 def answer_singles(
-    model: ServedModel, traffic: TrafficSink | None, records: list[dict[str, Any]]
+    served: ServedRelease, requests: list[SingleRequest], shadow: ShadowScorer | None = None
 ) -> list[SingleAnswer]:
-    """Answer many single-record requests with one model call, one answer per record.
+    """Answer many single-record requests with one model call per answering version.
 
-    The records are predicted and recorded for monitoring together (each its own request id),
-    and the answer is split per request: the body of a micro-batch. If that call fails, each
-    record is answered on its own, so a record that cannot be scored fails its own request and
-    no other: its error takes its place in the answers (a 422 :class:`InvalidRequest` when its
-    values are the cause, else the exception, a server error of that request only).
+    Each request is answered by the version its key assigns it to (the challenger only in
+    canary). The records of one version are predicted and recorded for monitoring together
+    (each its own request id), and the answer is split per request: the body of a micro-batch.
+    If that call fails, each record is answered on its own, so a record that cannot be scored
+    fails its own request and no other: its error takes its place in the answers (a 422
+    :class:`InvalidRequest` when its values are the cause, else the exception, a server error of
+    that request only). A request the challenger fails is answered by the champion instead.
+    In shadow, the records the champion answered go to ``shadow`` for the challenger.
 
     Args:
-        model: the served model.
-        traffic: where the predictions are recorded; ``None`` = nowhere.
-        records: one checked record per request.
+        served: the release to answer with.
+        requests: one checked record per request.
+        shadow: scores the challenger in shadow off the answer's path; ``None``: not at all.
 
     Returns:
-        The answer bodies or errors, in the order of ``records``.
+        The answer bodies or errors, in the order of ``requests``.
 
     """
+    answers: list[SingleAnswer | None] = [None] * len(requests)
+    by_member: dict[int, tuple[ReleaseMember, list[int]]] = {}
+    for position, request in enumerate(requests):
+        member = served.answering(request.key)
+        by_member.setdefault(id(member), (member, []))[1].append(position)
+    for member, positions in by_member.values():
+        group = [requests[position] for position in positions]
+        for position, answer in zip(positions, _answer_with(member, group), strict=True):
+            answers[position] = answer
+        if member is not served.champion:
+            failed = [p for p in positions if isinstance(answers[p], Exception)]
+            fallback = _answer_with(served.champion, [requests[p] for p in failed])
+            for position, answer in zip(failed, fallback, strict=True):
+                answers[position] = answer
+    if shadow is not None and served.shadow is not None:
+        answered = [r for r, a in zip(requests, answers, strict=True) if isinstance(a, dict)]
+        if answered:
+            shadow.submit(
+                ShadowJob(
+                    served.shadow,
+                    [r.request_id for r in answered],
+                    [r.record for r in answered],
+                    len(answered),
+                )
+            )
+    return answers  # type: ignore[return-value]  # every position was answered
+
+
+def _answer_with(member: ReleaseMember, requests: list[SingleRequest]) -> list[SingleAnswer]:
+    """One version's answers to single-record requests (see :func:`answer_singles`)."""
+    if not requests:
+        return []
+    records = [request.record for request in requests]
+    started = time.perf_counter()
     try:
-        result = model.predict(records)
+        result = member.model.predict(records)
     except Exception as error:
-        if len(records) > 1:
-            return [
-                answer for record in records for answer in answer_singles(model, traffic, [record])
-            ]
+        if len(requests) > 1:
+            return [answer for request in requests for answer in _answer_with(member, [request])]
+        member.count(1, 1, time.perf_counter() - started)
         if isinstance(error, _VALUE_ERRORS):
             return [_unscorable(error, ["records", 0])]
-        logger.exception("a single record could not be scored")
+        logger.exception("v%s could not score a single record", member.version)
         return [error]
-    request_ids = [uuid.uuid4().hex for _ in records]
-    if traffic is not None:
-        traffic.record(request_ids, records, result)
-    fields = model.response_fields(result)
+    member.count(len(requests), 0, time.perf_counter() - started)
+    request_ids = [request.request_id for request in requests]
+    if member.traffic is not None:
+        member.traffic.record(request_ids, records, result)
+    fields = member.model.response_fields(result)
     predictions, probabilities = fields["predictions"], fields["probabilities"]
     return [
         _answer(
-            model,
+            member.model,
             request_id,
             predictions[i : i + 1],
             None if probabilities is None else probabilities[i : i + 1],
@@ -353,47 +387,62 @@ def answer_singles(
     ]
 
 
+def _release_source(serving: ServedModel | ServedRelease | ReleaseSource) -> ReleaseSource:
+    """Whatever the app is given to answer with, as a function giving the release now."""
+    if isinstance(serving, ServedModel):
+        serving = ServedRelease.of(serving)
+    if isinstance(serving, ServedRelease):
+        fixed = serving
+        return lambda: fixed
+    return serving
+
+
 def build_api(
-    model: ServedModel,
+    serving: ServedModel | ServedRelease | ReleaseSource,
     settings: ServingKnobs,
     *,
     feedback: FeedbackStore | None = None,
-    traffic: TrafficSink | None = None,
     predict_single: SinglePredictor | None = None,
     api_keys: KeyDigests | None = None,
+    shadow: ShadowScorer | None = None,
 ) -> FastAPI:
-    """The endpoint's FastAPI app around a loaded model.
+    """The endpoint's FastAPI app around a release of loaded models.
 
     Args:
-        model: the model the routes answer with.
+        serving: what the routes answer with: one model, a release, or a function giving the
+            release now (read once per request: a replica swaps in a new one on every change).
         settings: the request limits (``max_records``, ``max_body_bytes``).
         feedback: the prediction log ``POST /feedback`` joins labels to; ``None``: the route
             answers 404.
-        traffic: where predictions are recorded for monitoring; ``None`` = nowhere.
         predict_single: answers single-record requests (Ray Serve's micro-batcher in a replica);
             ``None`` answers each on its own, the same way (:func:`answer_singles`).
         api_keys: the digests and scopes of the keys requests must present
             (:mod:`mlplatform.serving.keys`); ``None``: no keys, every route is open. With keys,
-            ``GET /healthz`` answers only its status and served version to a request without a
+            ``GET /healthz`` answers only its status and release to a request without a
             ``predict`` key.
+        shadow: scores a challenger in shadow off the answer's path; ``None``: a scorer of the
+            app's own.
 
     Returns:
         The app, ready for any ASGI server (Ray Serve, uvicorn, FastAPI's ``TestClient``).
 
     """
+    current = _release_source(serving)
+    shadow = shadow or ShadowScorer()
 
-    async def on_its_own(record: dict[str, Any]) -> SingleAnswer:
-        return answer_singles(model, traffic, [record])[0]
+    async def on_its_own(request: SingleRequest) -> SingleAnswer:
+        return answer_singles(current(), [request], shadow)[0]
 
     answer_single = predict_single or on_its_own
     api = FastAPI(
         title="mlplatform model endpoint",
-        description="Predictions from the champion model registered in MLflow.",
+        description="Predictions from the champion model registered in MLflow (and, during a "
+        "rollout, its challenger).",
     )
 
     if api_keys:
         api.add_middleware(ApiKeyMiddleware, digests=api_keys)
-        _document_bearer_auth(api)
+    _document_request_bodies(api, current, settings, bearer_auth=bool(api_keys))
 
     @api.exception_handler(InvalidRequest)
     async def _invalid_request(_: Request, error: InvalidRequest) -> JSONResponse:
@@ -404,7 +453,7 @@ def build_api(
     @api.post(
         "/predict",
         response_model=PredictResponse,
-        openapi_extra=_json_body(_predict_schema(model.spec, settings)),
+        openapi_extra=_json_body({}),
         responses={
             400: {"description": "Not JSON"},
             413: {"description": "Too large"},
@@ -412,33 +461,39 @@ def build_api(
         },
     )
     async def predict(request: Request) -> Response:
-        """Predict the posted records: class labels with probabilities, or values."""
+        """Predict the posted records: class labels with probabilities, or values.
+
+        During a canary, the ``X-Request-Key`` header (a user or session id) decides which
+        version answers, the same one for the same key; without it, the request id does.
+        """
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise _too_large(int(declared), settings.max_body_bytes)
         body = await request.body()
+        served = current()
         records = check_records(
-            _parse_body(body, settings.max_body_bytes), model.spec, settings.max_records
+            _parse_body(body, settings.max_body_bytes),
+            served.champion.model.spec,
+            settings.max_records,
         )
+        request_id = uuid.uuid4().hex
+        key = request.headers.get(REQUEST_KEY_HEADER) or request_id
         if len(records) == 1:
-            answer = await answer_single(records[0])
+            answer = await answer_single(SingleRequest(records[0], request_id, key))
             if isinstance(answer, Exception):
                 raise answer
-            return _json(answer)
-        try:
-            result = model.predict(records)
-        except _VALUE_ERRORS as error:
-            raise _unscorable(error, ["records"]) from error
-        request_id = uuid.uuid4().hex
-        if traffic is not None:  # the body as posted: bytes cross processes for free
-            traffic.record(request_id, body, result)
-        fields = model.response_fields(result)
-        return _json(_answer(model, request_id, fields["predictions"], fields["probabilities"]))
+        else:
+            answer = _answer_many(served, served.answering(key), request_id, records, body, shadow)
+        version = answer["model_version"]
+        return _json(
+            answer,
+            {MODEL_VERSION_HEADER: version, MODEL_ROLE_HEADER: served.role_of(version)},
+        )
 
     @api.post(
         "/feedback",
         response_model=FeedbackResponse,
-        openapi_extra=_json_body(_feedback_schema(model.spec, settings)),
+        openapi_extra=_json_body({}),
         responses={
             400: {"description": "Not JSON"},
             404: {"description": "Feedback not enabled"},
@@ -457,7 +512,7 @@ def build_api(
         items = _parse_feedback(
             await request.body(), settings.max_body_bytes, settings.max_feedback_labels
         )
-        check_labels(items, model.spec, settings.max_records)
+        check_labels(items, current().champion.model.spec, settings.max_records)
         try:
             result = await asyncio.to_thread(feedback.add_labels, items)
         except ValueError as error:
@@ -485,22 +540,34 @@ def build_api(
 
     @api.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
-        """Liveness, the served model's identity, the traffic profiler's and feedback's counters.
+        """Liveness, the release (versions, stage, share), recorders' and feedback's counters.
 
-        ``pid`` is the answering replica's process, for an operator tracing one (its logs, its
-        memory) or a test stopping one. With API keys, a request without a ``predict`` key gets
-        the status and served version only: what a health check and the platform's endpoint
-        sensor need, nothing else.
+        ``model_version`` is the champion's. ``pid`` is the answering replica's process, for an
+        operator tracing one (its logs, its memory) or a test stopping one. With API keys, a
+        request without a ``predict`` key gets the status and the release only: what a health
+        check and the platform's endpoint sensor need, nothing else.
         """
-        if api_keys and "predict" not in request.scope.get(GRANTED_SCOPES, ()):
-            return {"status": "ok", "model_version": model.version}
-        counters = dataclasses.asdict(await traffic.stats()) if traffic is not None else None
-        return {
+        served = current()
+        summary = {
             "status": "ok",
-            "model_name": model.name,
-            "model_version": model.version,
+            "model_version": served.champion.version,
+            "release": served.release.model_dump(),
+        }
+        if api_keys and "predict" not in request.scope.get(GRANTED_SCOPES, ()):
+            return summary
+        return summary | {
+            "model_name": served.champion.model.name,
             "pid": os.getpid(),
-            "traffic": counters,
+            "traffic": await _traffic_counters(served.champion),
+            "versions": [
+                {
+                    "version": member.version,
+                    "role": member.role,
+                    "traffic": await _traffic_counters(member),
+                }
+                for member in served.members
+            ],
+            "shadow": dataclasses.asdict(shadow.stats),
             "feedback": (
                 {"failed_writes": feedback.failed_writes} if feedback is not None else None
             ),
@@ -512,7 +579,8 @@ def build_api(
         responses={200: {"content": {"text/markdown": {}}}, 404: {"description": "No card"}},
     )
     async def model_card() -> PlainTextResponse:
-        """The served model's card (Markdown): data, features, metrics, slices, lineage."""
+        """The champion's model card (Markdown): data, features, metrics, slices, lineage."""
+        model = current().champion.model
         if model.card_markdown is None:
             message = f"model version {model.version} has no model card (it was not evaluated)"
             return PlainTextResponse(message, status_code=404)
@@ -520,9 +588,93 @@ def build_api(
 
     @api.get("/model")
     async def model_info() -> dict[str, Any]:
-        """The served model's card: version, lineage, metrics, input schema, an example record."""
-        return dataclasses.asdict(model.card) | {
-            "uptime_s": round(time.time() - model.card.loaded_at, 1)
-        }
+        """The champion's card: version, lineage, metrics, input schema, an example record."""
+        card = current().champion.model.card
+        return dataclasses.asdict(card) | {"uptime_s": round(time.time() - card.loaded_at, 1)}
 
     return api
+
+
+def _answer_many(
+    served: ServedRelease,
+    member: ReleaseMember,
+    request_id: str,
+    records: list[dict[str, Any]],
+    body: bytes,
+    shadow: ShadowScorer,
+) -> dict[str, Any]:
+    """The answer of ``member`` to a request of several records, in one model call.
+
+    A challenger that cannot score them hands them to the champion (counted as its failure).
+
+    Raises:
+        InvalidRequest: 422 when the champion cannot score these values.
+
+    """
+    started = time.perf_counter()
+    try:
+        result = member.model.predict(records)
+    except Exception as error:
+        member.count(1, 1, time.perf_counter() - started)
+        if member is not served.champion:
+            return _answer_many(served, served.champion, request_id, records, body, shadow)
+        if isinstance(error, _VALUE_ERRORS):
+            raise _unscorable(error, ["records"]) from error
+        raise
+    member.count(1, 0, time.perf_counter() - started)
+    if member.traffic is not None:  # the body as posted: bytes cross processes for free
+        member.traffic.record(request_id, body, result)
+    if served.shadow is not None:
+        shadow.submit(ShadowJob(served.shadow, request_id, records, 1))
+    fields = member.model.response_fields(result)
+    return _answer(member.model, request_id, fields["predictions"], fields["probabilities"])
+
+
+async def _traffic_counters(member: ReleaseMember) -> dict[str, Any] | None:
+    """A member's traffic recording counters (``None`` when it records nothing)."""
+    if member.traffic is None:
+        return None
+    return dataclasses.asdict(await member.traffic.stats())
+
+
+def _document_request_bodies(
+    api: FastAPI, current: ReleaseSource, settings: ServingKnobs, *, bearer_auth: bool
+) -> None:
+    """OpenAPI with the bodies of the champion served now (and the bearer key, if required).
+
+    The routes read their bodies themselves; the schema of their records and labels is the
+    champion's feature spec, which changes with the release, so it is filled in when the
+    schema is asked for, and made anew when the champion changed.
+    """
+    generate = api.openapi
+    made_for: list[str] = []
+
+    def openapi() -> dict[str, Any]:
+        champion = current().champion.model
+        if api.openapi_schema is None or made_for != [champion.version]:
+            api.openapi_schema = None
+            schema = generate()
+            paths = schema["paths"]
+            paths["/predict"]["post"] |= _json_body(_predict_schema(champion.spec, settings))
+            paths["/feedback"]["post"] |= _json_body(_feedback_schema(champion.spec, settings))
+            if bearer_auth:
+                _require_bearer(schema)
+            made_for[:] = [champion.version]
+        return api.openapi_schema  # FastAPI's own openapi() keeps the schema it made there
+
+    api.openapi = openapi  # type: ignore[method-assign]
+
+
+def _require_bearer(schema: dict[str, Any]) -> None:
+    """Declare the bearer key in an OpenAPI schema: on every route but ``/healthz``."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "apiKey": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key: `Authorization: Bearer <key>`.",
+        }
+    }
+    for path, operations in schema["paths"].items():
+        if path != "/healthz":
+            for operation in operations.values():
+                operation["security"] = [{"apiKey": []}]

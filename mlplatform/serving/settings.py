@@ -9,7 +9,7 @@ or a default. Imports nothing from Dagster or Ray.
 
 from typing import Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class TrafficKnobs(BaseModel):
@@ -95,7 +95,15 @@ class ServingSettings(ServingKnobs):
     The knobs, plus what this deployment serves and where it writes.
     """
 
-    model_uri: str = Field(description="models:/<name>/<version> or models:/<name>@<alias>.")
+    model_uri: str | None = Field(
+        default=None,
+        description="models:/<name>/<version> or models:/<name>@<alias>: the one model served "
+        "when the deployment is given no release (``user_config``).",
+    )
+    model_name: str | None = Field(
+        default=None,
+        description="The registered model whose versions the release (``user_config``) names.",
+    )
     tracking_uri: str | None = Field(default=None, description="MLflow tracking/registry URI.")
     traffic_dir: str | None = Field(
         default=None, description="Where live-traffic profiles go; None = no traffic profiling."
@@ -104,6 +112,12 @@ class ServingSettings(ServingKnobs):
         default=None, description="Prediction log for POST /feedback; None = no feedback."
     )
 
+    @model_validator(mode="after")
+    def _names_a_model(self) -> Self:
+        if self.model_uri is None and self.model_name is None:
+            raise ValueError("give model_uri (one model) or model_name (a release of its versions)")
+        return self
+
     @classmethod
     def for_deployment(cls, knobs: ServingKnobs, **deployment: str | None) -> Self:
         """The settings of one deployment: ``knobs`` (any subclass) plus its own values.
@@ -111,8 +125,8 @@ class ServingSettings(ServingKnobs):
         Args:
             knobs: the tuned knobs; fields of a subclass beyond :class:`ServingKnobs` (a Dagster
                 config's own, say) are left out.
-            **deployment: ``model_uri`` and optionally ``tracking_uri``, ``traffic_dir``,
-                ``feedback_db``.
+            **deployment: ``model_uri`` or ``model_name``, and optionally ``tracking_uri``,
+                ``traffic_dir``, ``feedback_db``.
 
         Returns:
             The validated settings.

@@ -105,14 +105,14 @@ def test_validation_limits_batch_size_and_rejects_empty():
 def test_endpoint_config_is_the_serving_knobs_with_their_defaults():
     config = EndpointConfig()
     platform = load_settings()
-    assert config.serving_settings("models:/m/1", "sqlite:///x.db") == ServingSettings(
-        model_uri="models:/m/1",
+    assert config.serving_settings("m", "sqlite:///x.db") == ServingSettings(
+        model_name="m",
         tracking_uri="sqlite:///x.db",
         traffic_dir=str(platform.traffic_dir),
         feedback_db=str(platform.feedback_db),
     )
     tuned = EndpointConfig(traffic_profiling=False, max_batch_size=8, traffic_window_s=2)
-    settings = tuned.serving_settings("models:/m/1", "sqlite:///x.db")
+    settings = tuned.serving_settings("m", "sqlite:///x.db")
     assert (settings.max_batch_size, settings.traffic_window_s) == (8, 2)
     assert settings.traffic_dir is None and settings.feedback_db is None
     # Every knob is in the Launchpad with the serving app's own default and description.

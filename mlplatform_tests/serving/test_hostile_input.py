@@ -29,6 +29,7 @@ from mlplatform.model.training import example_record
 from mlplatform.monitoring.feedback import FeedbackStore, FeedbackUnavailable, PredictionRecord
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import answer_singles, build_api
+from mlplatform.serving.served import ServedRelease, SingleRequest
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.serving.validation import InvalidRequest, check_labels, check_records
 from mlplatform_tests.support import (
@@ -135,17 +136,29 @@ def test_a_record_that_cannot_be_scored_fails_alone_in_its_micro_batch(
     assert (model.fast_path is not None) == (scored_by == "fast path")
     good = loan_records(4, seed=21)
     hostile = good[1] | {"income": HUGE}
-    answers = answer_singles(model, None, [good[0], hostile, good[2], good[3]])
+    answers = answer_singles(
+        ServedRelease.of(model), _singles([good[0], hostile, good[2], good[3]])
+    )
     assert len(answers) == 4
     refused = answers[1]
     assert isinstance(refused, InvalidRequest) and refused.status_code == 422
     assert refused.errors[0]["loc"] == ["body", "records", 0]
     assert "OverflowError" in refused.errors[0]["msg"]
-    alone = [answer_singles(model, None, [record])[0] for record in (good[0], good[2], good[3])]
+    alone = [
+        answer_singles(ServedRelease.of(model), _singles([record]))[0]
+        for record in (good[0], good[2], good[3])
+    ]
     innocent = [answers[0], answers[2], answers[3]]
     assert [a["predictions"] for a in innocent] == [a["predictions"] for a in alone]
     assert [a["probabilities"] for a in innocent] == [a["probabilities"] for a in alone]
     assert len({a["request_id"] for a in innocent}) == 3
+
+
+def _singles(records: list[dict]) -> list[SingleRequest]:
+    """One-record requests, each with its own id and key."""
+    return [
+        SingleRequest(record, f"request-{i}", f"request-{i}") for i, record in enumerate(records)
+    ]
 
 
 def unscorable(model: ServedModel) -> dict:
@@ -172,8 +185,9 @@ def test_an_error_a_batcher_returns_is_the_answer_of_its_request_only(model):
     """The route raises a returned error for its own request (Ray's batcher would raise it for
     every request of the batch)."""
 
-    async def batcher(record: dict) -> dict | Exception:
-        return answer_singles(model, None, [record | {"income": HUGE}])[0]
+    async def batcher(request: SingleRequest) -> dict | Exception:
+        hostile = request._replace(record=request.record | {"income": HUGE})
+        return answer_singles(ServedRelease.of(model), [hostile])[0]
 
     client = TestClient(build_api(model, LIMITS, predict_single=batcher))
     response = client.post("/predict", json={"records": loan_records(1, seed=11)})

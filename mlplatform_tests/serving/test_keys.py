@@ -316,13 +316,23 @@ def test_health_is_public_and_minimal_without_a_predict_key(keyed, champion):
     unknown = keyed.get("/healthz", headers={"Authorization": f"Bearer {UNKNOWN_KEY}"})
     malformed = keyed.get("/healthz", headers={"Authorization": "Bearer"})
 
-    minimal = {"status": "ok", "model_version": champion.version}
+    # The release (versions, stage, share) is public: the endpoint sensor compares it.
+    release = {
+        "champion": champion.version,
+        "challenger": None,
+        "stage": None,
+        "canary_share": 0.0,
+        "rollout_id": None,
+    }
+    minimal = {"status": "ok", "model_version": champion.version, "release": release}
     assert public.status_code == 200 and public.json() == minimal
     assert with_feedback_key.json() == minimal
     assert with_predict_key.json() == minimal | {
         "model_name": "mlplatform",
         "pid": os.getpid(),  # the answering process: this one, in process
         "traffic": None,
+        "versions": [{"version": champion.version, "role": "champion", "traffic": None}],
+        "shadow": {"scored_requests": 0, "failed_records": 0, "dropped_requests": 0},
         "feedback": {"failed_writes": 0},
     }
     # A key sent to /healthz is checked like anywhere else: a wrong one is not ignored.

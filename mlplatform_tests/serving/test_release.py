@@ -37,13 +37,17 @@ def test_a_release_without_a_rollout_is_answered_by_the_champion():
 
 
 def test_in_shadow_the_champion_answers_and_the_challenger_scores_beside_it():
-    release = Release(champion="3", challenger="4", stage="shadow")
+    release = Release(champion="3", challenger="4", stage="shadow", rollout_id="v4-1")
     assert {release.answering_version(key) for key in KEYS[:100]} == {"3"}
     assert release.shadowed
+    assert release.rollout_label == "v4 in shadow"
 
 
 def test_in_canary_the_challenger_answers_the_keys_of_its_share():
-    release = Release(champion="3", challenger="4", stage="canary", canary_share=0.2)
+    release = Release(
+        champion="3", challenger="4", stage="canary", canary_share=0.2, rollout_id="v4-1"
+    )
+    assert release.rollout_label == "v4 in canary at 20%"
     answered = {key: release.answering_version(key) for key in KEYS}
     assert {key for key, version in answered.items() if version == "4"} == {
         key for key in KEYS if answered_by_challenger(key, 0.2)
@@ -54,11 +58,15 @@ def test_in_canary_the_challenger_answers_the_keys_of_its_share():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"challenger": "4"}, "needs a stage"),
-        ({"stage": "shadow"}, "needs a stage"),
-        ({"challenger": "3", "stage": "shadow"}, "its own challenger"),
-        ({"challenger": "4", "stage": "canary"}, "between 0 and 1"),
-        ({"challenger": "4", "stage": "canary", "canary_share": 1.0}, "between 0 and 1"),
+        ({"challenger": "4", "rollout_id": "r"}, "go together"),
+        ({"stage": "shadow", "rollout_id": "r"}, "go together"),
+        ({"challenger": "4", "stage": "shadow"}, "go together"),
+        ({"challenger": "3", "stage": "shadow", "rollout_id": "r"}, "its own challenger"),
+        ({"challenger": "4", "stage": "canary", "rollout_id": "r"}, "between 0 and 1"),
+        (
+            {"challenger": "4", "stage": "canary", "canary_share": 1.0, "rollout_id": "r"},
+            "between 0 and 1",
+        ),
         ({"stage": "promoted", "challenger": "4"}, "stage"),
         ({"canary_share": 2}, "canary_share"),
         ({"replicas": 2}, "replicas"),

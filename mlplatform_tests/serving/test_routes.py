@@ -18,6 +18,7 @@ from mlplatform.demo.data import generate_loans
 from mlplatform.monitoring.feedback import FeedbackStore, PredictionRecord
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import answer_singles, build_api
+from mlplatform.serving.served import ServedRelease, SingleRequest
 from mlplatform.serving.settings import ServingKnobs
 from mlplatform_tests.support import train_champion
 
@@ -79,7 +80,16 @@ def check_health_card_and_docs(
         "status": "ok",
         "model_name": "mlplatform",
         "model_version": "1",
+        "release": {
+            "champion": "1",
+            "challenger": None,
+            "stage": None,
+            "canary_share": 0.0,
+            "rollout_id": None,
+        },
         "traffic": None,  # served without traffic profiling
+        "versions": [{"version": "1", "role": "champion", "traffic": None}],
+        "shadow": {"scored_requests": 0, "failed_records": 0, "dropped_requests": 0},
         "feedback": feedback,
     }
     card = get("/model").json()
@@ -145,9 +155,9 @@ def test_single_records_go_through_the_given_batcher_and_batches_do_not(champion
     model = champion["model"]
     batched: list[dict] = []
 
-    async def batcher(record: dict) -> dict:
-        batched.append(record)
-        return answer_singles(model, None, [record])[0]
+    async def batcher(request: SingleRequest) -> dict:
+        batched.append(request.record)
+        return answer_singles(ServedRelease.of(model), [request])[0]
 
     client = TestClient(build_api(model, LIMITS, predict_single=batcher))
     records = _records(model, 3, seed=13)
