@@ -211,15 +211,23 @@ class LocalHead:
         self.process_group_path.write_text(f"{starter.pid}\n")
         output, _ = starter.communicate()
         if starter.returncode != 0:
+            self._abandon(starter.pid)
             raise RuntimeError(f"`{' '.join(command)}` failed:\n{output}")
         deadline = time.monotonic() + timeout_s
         while not port_is_open(LOOPBACK, self.port):
             if time.monotonic() > deadline:
+                self._abandon(starter.pid)
                 raise RuntimeError(
                     f"Ray head did not listen on {self.address} within {timeout_s:.0f}s"
                 )
             time.sleep(0.2)
         return self.address
+
+    def _abandon(self, group: int) -> None:
+        """Kill what a head that failed to start left running (``ray start`` leaves its GCS)."""
+        _signal_group(group, signal.SIGKILL)
+        stop_stray_haproxy(self.haproxy_dir)
+        self.process_group_path.unlink(missing_ok=True)
 
     def stop(self, grace_s: float = 2.0) -> bool:
         """Stop this head, its Serve apps and the endpoint: its whole process group.
