@@ -33,20 +33,9 @@ def _with_freshness(spec: dg.AssetSpec) -> dg.AssetSpec:
     return spec if policy is None else spec.replace_attributes(freshness_policy=policy)
 
 
-def _release_deciders(spec: dg.AssetSpec) -> dg.AssetSpec:
-    """The endpoint serves the release that champion_model and rollout_report decide.
-
-    The dependency orders ``rollout_job``: the rollout's decision is applied to the registry
-    before the endpoint converges to it.
-    """
-    if spec.key != dg.AssetKey("model_endpoint"):
-        return spec
-    return spec.replace_attributes(deps=[*spec.deps, dg.AssetDep("rollout_report")])
-
-
 ASSETS = list(
     dg.map_asset_specs(
-        lambda spec: _release_deciders(_with_freshness(spec)),
+        _with_freshness,
         [
             raw_data,
             features,
