@@ -150,8 +150,7 @@ def test_gather_shadow_evidence_from_replica_files_and_the_prediction_log(tmp_pa
         _record(f"r{i}", 0, "1", int(s >= 0.5), float(s), T0 + i) for i, s in enumerate(champion)
     )
     store.log_shadow_predictions(
-        _record(f"r{i}", 0, "2", int(s >= 0.5), float(s), T0 + i)
-        for i, s in enumerate(challenger)
+        _record(f"r{i}", 0, "2", int(s >= 0.5), float(s), T0 + i) for i, s in enumerate(challenger)
     )
     store.add_labels([{"request_id": f"r{i}", "label": int(labels[i])} for i in range(250)])
     for replica, (requests, errors) in {"a": (200, 0), "b": (100, 1)}.items():
@@ -215,9 +214,7 @@ def test_regression_evidence_uses_the_values_themselves():
     champion = pd.DataFrame({"prediction": truth, "label": truth + 0.3, "score": truth})
     challenger = champion.assign(prediction=truth + 0.3, score=truth + 0.3)
     result = labelled_comparison(champion, challenger, "regression", paired=True)
-    assert result.difference.point == pytest.approx(
-        mean_absolute_error(truth + 0.3, truth) - 0.0
-    )
+    assert result.difference.point == pytest.approx(mean_absolute_error(truth + 0.3, truth) - 0.0)
 
 
 def test_settings_from_the_environment():
