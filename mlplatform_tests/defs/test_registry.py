@@ -4,6 +4,7 @@ import dagster as dg
 import pytest
 from mlflow import MlflowClient
 
+from mlplatform.cli import _rollout_text
 from mlplatform.defs.evaluation import evaluation_report
 from mlplatform.defs.features import features
 from mlplatform.defs.ingest import raw_data
@@ -60,6 +61,10 @@ def test_second_run_compares_against_the_champion_and_starts_a_rollout(
     assert metadata["champion_version"].value == "1"
     assert metadata["rollout_id"].value == state.rollout_id
     assert second.output_for_node("champion_model").version == "1"
+    # `make run` ends saying so, and how the rollout goes on.
+    summary = _rollout_text(second.asset_materializations_for_node("champion_model")[0])
+    assert "v2 passed the gate and is in shadow beside champion v1" in summary
+    assert "python -m mlplatform rollout promote" in summary
 
     # A newer challenger replaces the rollout under way; the old one's is recorded superseded.
     third = dg.materialize(TRAIN_AND_PROMOTE, resources=training_resources, instance=instance)

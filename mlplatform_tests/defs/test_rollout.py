@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from mlplatform.cli import main
+from mlplatform.definitions import defs
 from mlplatform.defs.registry import ROLLOUT_DECISION_TAG
 from mlplatform.defs.rollout import rollout_report, rollout_sensor
-from mlplatform.definitions import defs
 from mlplatform.model.registry import CHAMPION_ALIAS
 from mlplatform.monitoring.evidence import VersionCounts, write_counts
 from mlplatform.monitoring.feedback import FeedbackStore, PredictionRecord
@@ -24,7 +25,8 @@ from mlplatform.monitoring.rollout import RolloutCursor
 from mlplatform.resources import MlflowTracking
 from mlplatform.serving.release import RolloutState
 from mlplatform.settings import load_settings
-from mlplatform_tests.support import running_webhook, scored, tick
+from mlplatform.status import collect_status
+from mlplatform_tests.support import free_port, running_webhook, scored, tick
 
 POLICY = {
     "MLPLATFORM_ROLLOUT_MIN_REQUESTS": "100",
@@ -300,3 +302,36 @@ def test_rollout_job_judges_before_it_deploys():
     assert [output.node.name for outputs in upstream.values() for output in outputs] == [
         "rollout_report"
     ]
+
+
+def test_status_shows_the_release_and_the_last_verdict(
+    rollout, instance, capsys, monkeypatch, tmp_path
+):
+    _counts(rollout, 40)
+    assert _report(instance).success
+    uri = load_settings().tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    down = f"http://127.0.0.1:{free_port()}"
+    status = collect_status(instance, client, "mlplatform", down, timeout_s=2)
+    assert (status.rollout["challenger"], status.rollout["stage"]) == ("2", "shadow")
+    assert status.last_rollout["verdict"] == "wait"
+    assert status.last_rollout["evidence"]["challenger_requests"] == 40
+    text = status.to_text()
+    assert "Rollout:   v2 in shadow since" in text
+    assert "Verdict:   wait" in text and "40 of 100 requests" in text
+    assert "challenger_requests 40" in text
+    assert status.to_dict()["rollout"]["rollout_id"] == rollout.rollout_id
+
+    # The command line shows the same without a run, and refuses a promotion without a reason
+    # before anything is deployed.
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "cli-dagster"))
+    assert main(["rollout"]) == 0
+    shown = capsys.readouterr().out
+    assert "Champion:  v1" in shown and "Rollout:   v2 in shadow" in shown
+    assert main(["rollout", "promote"]) == 1
+    assert "needs a reason" in capsys.readouterr().err
+    assert MlflowTracking().rollout_state() == rollout and _champion() == "1"
+
+    MlflowTracking().set_rollout_state(None)
+    none = collect_status(instance, client, "mlplatform", down, timeout_s=2)
+    assert none.rollout is None and "Rollout:   none under way" in none.to_text()

@@ -245,7 +245,8 @@ ADVANCE = RolloutVerdict("advance", "canary", ("all held",))
 ROLL_BACK = RolloutVerdict("roll_back", "rolled_back", ("error rate 5%",))
 
 
-def _tick(verdict, cursor=RolloutCursor(), now=T0, busy=False, stage="shadow", rollout="v2-1"):
+def _tick(verdict, cursor=None, now=T0, busy=False, stage="shadow", rollout="v2-1"):
+    cursor = cursor or RolloutCursor()
     return decide_rollout_tick(rollout, verdict, stage, cursor, now, busy, history_s=600)
 
 
