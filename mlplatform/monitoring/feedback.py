@@ -308,6 +308,8 @@ class FeedbackStore:
                 parameters,
             ).fetchall()
         frame = pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+        # Labels as posted: an unlabelled record's None must not turn the others into floats.
+        frame["label"] = pd.Series([row[6] for row in rows], dtype=object)
         frame["predicted_at"] = pd.to_datetime(
             frame["predicted_at"].astype(float), unit="s", utc=True
         )
