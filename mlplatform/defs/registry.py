@@ -315,7 +315,9 @@ def _refuse_unless_servable(
     try:
         preflight(candidate.uri, tracking.tracking_uri)
     except UnservableModel as error:
-        done = decision.decision.replace("_", " ")
+        done = {"rollout_started": "rolled out"}.get(
+            decision.decision, decision.decision.replace("_", " ")
+        )
         refused = Decision(
             "denied", decision.subject_version, current_version or "", f"not {done}: {error}"
         )
