@@ -76,8 +76,21 @@ class PlatformStatus:
 
     @property
     def in_sync(self) -> bool:
-        """Whether the endpoint serves exactly the registry's champion."""
-        return self.champion is not None and self.served_version == self.champion
+        """Whether the endpoint serves exactly the registry's release.
+
+        The champion, and the challenger in rollout in its stage (when the endpoint names its
+        release).
+        """
+        if self.champion is None or self.served_version != self.champion:
+            return False
+        served = (self.endpoint or {}).get("release")
+        if not isinstance(served, dict):
+            return True
+        rollout = (
+            self.rollout if self.rollout and self.rollout["challenger"] != self.champion else None
+        )
+        desired = (rollout["challenger"], rollout["stage"]) if rollout else (None, None)
+        return (served.get("challenger"), served.get("stage")) == desired
 
     def to_dict(self) -> dict[str, Any]:
         """The status as JSON-ready values (``status --json``)."""
