@@ -1,4 +1,4 @@
-"""Command line: ``python -m mlplatform run | serve | stop | status | rollback | lineage``.
+"""Command line: ``python -m mlplatform run|serve|stop|status|rollout|rollback|lineage``.
 
 ``run`` materializes the whole asset graph (``retrain_job``) on the Dagster instance in
 ``DAGSTER_HOME`` (default: under the platform home), so the run appears in the web UI, and prints
@@ -8,8 +8,10 @@ the endpoint down. ``status [--json]`` shows the champion, the version the endpo
 traffic counters, the last drift verdict and the last decisions (exit code 1 when the endpoint
 does not serve the champion). ``rollback --to VERSION --reason TEXT`` runs ``rollback_job`` on
 the same instance: the ``champion`` alias goes back to an earlier version, the decision is
-recorded, and the endpoint serves that version. ``lineage --version N`` traces a model version
-back to the exact ``raw_data`` materialization it was trained on.
+recorded, and the endpoint serves that version. ``rollout status|judge|pause|resume|promote|abort
+[--reason TEXT]`` shows or acts on the rollout of a challenger (``rollout_job``).
+``lineage --version N`` traces a model version back to the exact ``raw_data`` materialization it
+was trained on.
 """
 
 import argparse
@@ -151,6 +153,21 @@ def _try_it_text(endpoint: "EndpointInfo") -> str:
     return _endpoint_text(endpoint) + f"\nTry it:\n{key}  {endpoint.curl_example}\n"
 
 
+def _rollout_text(decision: Any) -> str:
+    """How a challenger that entered the release in shadow goes on from here."""
+    metadata = {name: value.value for name, value in decision.metadata.items()}
+    if metadata.get("decision") != "rollout_started":
+        return ""
+    return (
+        f"\nv{metadata['decided_version']} passed the gate and is in shadow beside champion "
+        f"v{metadata['champion_version']}: it scores every request, the champion answers.\n"
+        "The rollout sensor moves it on (shadow -> canary -> champion) or rolls it back on its "
+        "live evidence while the Dagster daemon runs (`make ui`). By hand:\n"
+        "  python -m mlplatform rollout status\n"
+        "  python -m mlplatform rollout promote --reason '...'   (or: abort, pause, resume)\n"
+    )
+
+
 def run_pipeline() -> int:
     """Materialize every asset and print how to call the endpoint; returns an exit code."""
     outcome = execute_job("retrain_job")
@@ -158,7 +175,8 @@ def run_pipeline() -> int:
         return 1
     result, elapsed = outcome
     endpoint = result.output_for_node("model_endpoint")
-    print(f"\nAll assets materialized in {elapsed:.0f}s.\n" + _try_it_text(endpoint))
+    rollout = _rollout_text(result.asset_materializations_for_node("champion_model")[0])
+    print(f"\nAll assets materialized in {elapsed:.0f}s.\n" + _try_it_text(endpoint) + rollout)
     return 0
 
 
@@ -214,6 +232,31 @@ def rollback(version: str, reason: str) -> int:
         f"\nRolled back in {elapsed:.0f}s (Dagster run {result.run_id}): "
         f"{endpoint.model_name} v{endpoint.model_version} is the champion{was}.\n"
         f"Reason: {decision['reason'].value}\n" + _endpoint_text(endpoint)
+    )
+    return 0
+
+
+def rollout(action: str, reason: str) -> int:
+    """Show the rollout, or judge, pause, resume, promote or abort it; returns an exit code.
+
+    ``status`` reads the registry and the last verdict (no run); every other action runs
+    ``rollout_job`` with that action, so it is recorded like the sensor's and the endpoint
+    serves the release after it. ``promote`` and ``abort`` need a reason.
+    """
+    if action == "status":
+        return show_status(rollout_only=True)
+    config = {"action": action, "reason": reason or None}
+    outcome = execute_job(
+        "rollout_job", {"ops": {"rollout_report": {"config": config}}}, what=f"The {action}"
+    )
+    if outcome is None:
+        return 1
+    result, elapsed = outcome
+    report = result.asset_materializations_for_node("rollout_report")[0].metadata
+    endpoint = result.output_for_node("model_endpoint")
+    print(
+        f"\n{report['summary'].value} ({elapsed:.0f}s, Dagster run {result.run_id}).\n"
+        + _endpoint_text(endpoint)
     )
     return 0
 
@@ -288,8 +331,12 @@ def stop_endpoint() -> int:
     return 0
 
 
-def show_status(as_json: bool = False) -> int:
-    """Print the champion, what the endpoint serves, drift and decisions; 0 when in sync."""
+def show_status(as_json: bool = False, rollout_only: bool = False) -> int:
+    """Print the release, what the endpoint serves, drift and decisions; 0 when in sync.
+
+    With ``rollout_only``, only the rollout (the champion, the challenger, its stage and the
+    last verdict with its evidence).
+    """
     from mlflow import MlflowClient
 
     from mlplatform.serving.keys import ApiKeyError, bearer_headers, client_key
@@ -306,6 +353,9 @@ def show_status(as_json: bool = False) -> int:
         status = collect_status(
             instance, client, settings.model_name, settings.endpoint_url, headers=headers
         )
+    if rollout_only:
+        print(status.rollout_text())
+        return 0
     print(json.dumps(status.to_dict(), indent=2, default=str) if as_json else status.to_text())
     return 0 if status.in_sync else 1
 
@@ -339,6 +389,17 @@ def main(argv: list[str] | None = None) -> int:
         help="model version to serve again (earlier than the current champion)",
     )
     back.add_argument("--reason", default="", help="why (required; recorded on the version)")
+    staged = commands.add_parser(
+        "rollout", help="show, judge, pause, resume, promote or abort the challenger's rollout"
+    )
+    staged.add_argument(
+        "action",
+        nargs="?",
+        default="status",
+        choices=["status", "judge", "pause", "resume", "promote", "abort"],
+        help="status (default): the release and the last verdict; judge: apply the rules now",
+    )
+    staged.add_argument("--reason", default="", help="why (required for promote and abort)")
     trace = commands.add_parser(
         "lineage", help="trace a model version back to the raw data it was trained on"
     )
@@ -371,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         return rollback(args.version, args.reason)
     if args.command == "status":
         return show_status(args.json)
+    if args.command == "rollout":
+        return rollout(args.action, args.reason)
     if args.command == "lineage":
         return show_lineage(args.model or load_settings().model_name, args.version, args.json)
     return stop_endpoint()

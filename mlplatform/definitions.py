@@ -12,6 +12,7 @@ from mlplatform.defs.monitoring import (
     freshness_policies,
 )
 from mlplatform.defs.registry import champion_model
+from mlplatform.defs.rollout import ROLLOUT_JOB_NAME, rollout_report, rollout_sensor
 from mlplatform.defs.serving import (
     DEPLOY_JOB_NAME,
     ENDPOINT_TAGS,
@@ -44,6 +45,7 @@ ASSETS = list(
             champion_model,
             model_endpoint,
             drift_report,
+            rollout_report,
         ],
     )
 )
@@ -77,6 +79,14 @@ deploy_job = dg.define_asset_job(
     "retraining (what `python -m mlplatform serve` and the endpoint sensor run).",
 )
 
+rollout_job = dg.define_asset_job(
+    ROLLOUT_JOB_NAME,
+    selection=dg.AssetSelection.assets("rollout_report", "model_endpoint"),
+    tags=ENDPOINT_TAGS,
+    description="Judge the challenger in the release on its live evidence and apply the verdict "
+    "(or pause, resume, promote or abort it: `action` and `reason`), then serve the release.",
+)
+
 drift_report_job = dg.define_asset_job(
     "drift_report_job",
     selection=dg.AssetSelection.assets("drift_report"),
@@ -85,8 +95,8 @@ drift_report_job = dg.define_asset_job(
 
 defs = dg.Definitions(
     assets=ASSETS,
-    jobs=[retrain_job, rollback_job, deploy_job, drift_report_job],
-    sensors=[*SENSORS, endpoint_sensor],
+    jobs=[retrain_job, rollback_job, deploy_job, rollout_job, drift_report_job],
+    sensors=[*SENSORS, endpoint_sensor, rollout_sensor],
     resources={
         "data_source": DataSource(),
         "mlflow_tracking": MlflowTracking(),

@@ -61,6 +61,7 @@ HEADLINES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     ),
     "model_endpoint": _endpoint_headline,
     "drift_report": lambda m: str(_value(m, "summary")),
+    "rollout_report": lambda m: f"{_value(m, 'verdict')}: {_value(m, 'summary')}",
 }
 """The figure that matters, per asset, from its materialization's metadata."""
 

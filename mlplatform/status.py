@@ -1,4 +1,4 @@
-"""What the platform is doing now: the champion, what the endpoint serves, drift and decisions.
+"""What the platform is doing now: the release, what the endpoint serves, drift and decisions.
 
 Gathered from the three places that know (the MLflow registry, the endpoint's ``/healthz`` and
 the Dagster instance), each asked on its own: one that does not answer is reported as such and
@@ -16,10 +16,26 @@ import dagster as dg
 import httpx
 from mlflow import MlflowClient
 
-from mlplatform.model.registry import CHAMPION_ALIAS, RegistryUnavailable, version_by_alias
+from mlplatform.model.registry import (
+    CHAMPION_ALIAS,
+    RegistryUnavailable,
+    registered_model_tag,
+    version_by_alias,
+)
+from mlplatform.serving.release import ROLLOUT_STATE_TAG, RolloutState
 
 _DRIFT_FIELDS = ("model_version", "summary", "should_retrain", "drifted_share", "rows", "window")
 _DECISION_FIELDS = ("decision", "decided_version", "champion_version", "reason")
+_ROLLOUT_FIELDS = (
+    "challenger_version",
+    "stage",
+    "verdict",
+    "stage_after",
+    "reasons",
+    "evidence",
+    "summary",
+    "sensor_decision",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +51,10 @@ class PlatformStatus:
         endpoint_error: why the endpoint did not answer, if it did not.
         last_drift: the latest drift verdict (from a sensor tick or a drift_report run).
         decisions: the latest champion decisions, newest first.
+        rollout: the rollout under way as the registry keeps it (challenger, stage, share,
+            paused, since when); ``None`` when none is.
+        last_rollout: the latest rollout verdict with its evidence (from a sensor tick or a
+            rollout_report run).
 
     """
 
@@ -46,6 +66,8 @@ class PlatformStatus:
     endpoint_error: str | None
     last_drift: dict[str, Any] | None
     decisions: list[dict[str, Any]]
+    rollout: dict[str, Any] | None = None
+    last_rollout: dict[str, Any] | None = None
 
     @property
     def served_version(self) -> str | None:
@@ -54,8 +76,21 @@ class PlatformStatus:
 
     @property
     def in_sync(self) -> bool:
-        """Whether the endpoint serves exactly the registry's champion."""
-        return self.champion is not None and self.served_version == self.champion
+        """Whether the endpoint serves exactly the registry's release.
+
+        The champion, and the challenger in rollout in its stage (when the endpoint names its
+        release).
+        """
+        if self.champion is None or self.served_version != self.champion:
+            return False
+        served = (self.endpoint or {}).get("release")
+        if not isinstance(served, dict):
+            return True
+        rollout = (
+            self.rollout if self.rollout and self.rollout["challenger"] != self.champion else None
+        )
+        desired = (rollout["challenger"], rollout["stage"]) if rollout else (None, None)
+        return (served.get("challenger"), served.get("stage")) == desired
 
     def to_dict(self) -> dict[str, Any]:
         """The status as JSON-ready values (``status --json``)."""
@@ -83,6 +118,7 @@ class PlatformStatus:
         if traffic:
             counters = ", ".join(f"{name} {value}" for name, value in traffic.items())
             lines.append(f"Traffic:   {counters}")
+        lines += self._rollout_lines()
         if self.last_drift:
             drift = self.last_drift
             lines.append(f"Drift:     {drift.get('summary', '?')} ({drift.get('recorded_at')})")
@@ -95,6 +131,58 @@ class PlatformStatus:
             for d in self.decisions
         ]
         return "\n".join(lines)
+
+    def rollout_text(self) -> str:
+        """The champion and the rollout under way, as a person reads them."""
+        champion = f"v{self.champion}" if self.champion else f"unknown ({self.registry_error})"
+        return "\n".join([f"Champion:  {champion}", *self._rollout_lines()])
+
+    def _rollout_lines(self) -> list[str]:
+        """The release's challenger, its stage and share, and the last verdict on it."""
+        if self.rollout is None:
+            return ["Rollout:   none under way"]
+        rollout = self.rollout
+        share = (
+            f", canary share {rollout['canary_share']:.0%}" if rollout["stage"] == "canary" else ""
+        )
+        paused = " (PAUSED)" if rollout["paused"] else ""
+        lines = [
+            f"Rollout:   v{rollout['challenger']} in {rollout['stage']}{share} since "
+            f"{rollout['stage_since_utc']}{paused}"
+        ]
+        last = self.last_rollout
+        if last and last.get("challenger_version") == rollout["challenger"]:
+            lines.append(f"Verdict:   {last.get('verdict')} ({last['recorded_at']})")
+            lines += [f"  {reason}" for reason in str(last.get("reasons", "")).splitlines()]
+            evidence = last.get("evidence") or {}
+            if evidence:
+                numbers = ", ".join(f"{name} {value}" for name, value in evidence.items())
+                lines.append(f"Evidence:  {numbers}")
+        else:
+            lines.append("Verdict:   none yet")
+        return lines
+
+
+def _rollout(client: MlflowClient, model_name: str) -> dict[str, Any] | None:
+    """The rollout under way from the registry, with its times readable."""
+    raw = registered_model_tag(client, model_name, ROLLOUT_STATE_TAG, attempts=1)
+    if not raw:
+        return None
+    state = RolloutState.model_validate_json(raw)
+    since = dt.datetime.fromtimestamp(state.stage_since, dt.UTC)
+    return state.model_dump() | {"stage_since_utc": since.isoformat(timespec="seconds")}
+
+
+def _last_rollout(instance: dg.DagsterInstance) -> dict[str, Any] | None:
+    """The newest rollout verdict: a rollout_report run or a rollout sensor tick."""
+    key = dg.AssetKey("rollout_report")
+    candidates = [
+        *instance.fetch_materializations(key, limit=1).records,
+        *instance.fetch_observations(key, limit=1).records,
+    ]
+    if not candidates:
+        return None
+    return _metadata(max(candidates, key=lambda record: record.timestamp), _ROLLOUT_FIELDS)
 
 
 def _metadata(record: Any, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -141,10 +229,11 @@ def collect_status(
             version only).
 
     """
-    champion, registry_error = None, None
+    champion, registry_error, rollout = None, None, None
     try:
         version = version_by_alias(client, model_name, CHAMPION_ALIAS, attempts=1)
         champion = str(version.version) if version is not None else None
+        rollout = _rollout(client, model_name)
     except RegistryUnavailable as error:
         registry_error = str(error)
     endpoint, endpoint_error = None, None
@@ -168,4 +257,6 @@ def collect_status(
         endpoint_error=endpoint_error,
         last_drift=_last_drift(instance),
         decisions=[_metadata(record, _DECISION_FIELDS) for record in records.records],
+        rollout=rollout,
+        last_rollout=_last_rollout(instance),
     )

@@ -468,3 +468,32 @@ def small_disk(directory: Path) -> Iterator[SmallDisk]:
         yield SmallDisk(directory)
     finally:
         subprocess.run(["umount", str(directory)], check=True)
+
+
+def promote_rollout(
+    resources: dict[str, Any],
+    instance: dg.DagsterInstance,
+    run_config: dict[str, Any] | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Promote the challenger in rollout now and serve it (``rollout promote`` of the CLI).
+
+    A challenger that passes the gate enters the release in shadow; tests of what follows a
+    promotion take the operator's shortcut instead of waiting for live evidence.
+    """
+    from mlplatform.definitions import ASSETS
+
+    config = {"action": "promote", "reason": "promoted by the test"}
+    result = dg.materialize(
+        ASSETS,
+        selection=["rollout_report", "model_endpoint"],
+        resources=resources,
+        instance=instance,
+        run_config={
+            "ops": {
+                **(run_config or {}).get("ops", {}),
+                "rollout_report": {"config": config},
+            }
+        },
+    )
+    assert result.success
+    return result

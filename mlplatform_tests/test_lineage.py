@@ -19,6 +19,7 @@ from mlplatform.lineage import (
     trace_prediction,
 )
 from mlplatform.settings import load_settings
+from mlplatform_tests.support import promote_rollout
 
 RETRAIN = ["candidate_model", "evaluation_report", "champion_model", "model_endpoint"]
 
@@ -95,7 +96,8 @@ def test_a_model_retrained_later_traces_to_the_raw_data_of_the_first_run(resourc
     assert again.success
     second = dg.materialize(ASSETS, selection=RETRAIN, resources=resources, instance=instance)
     assert second.success
-    endpoint = second.output_for_node("model_endpoint")
+    assert second.output_for_node("model_endpoint").model_version == "1"  # v2 in shadow
+    endpoint = promote_rollout(resources, instance).output_for_node("model_endpoint")
     assert endpoint.model_version == "2"
 
     lineage = trace_prediction(instance, _predict(endpoint.url, endpoint.example_record))

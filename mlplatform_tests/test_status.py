@@ -9,7 +9,7 @@ from mlplatform.defs.registry import champion_model
 from mlplatform.defs.training import candidate_model
 from mlplatform.resources import DataSource, MlflowTracking
 from mlplatform.settings import load_settings
-from mlplatform.status import collect_status
+from mlplatform.status import PlatformStatus, collect_status
 from mlplatform_tests.support import free_port
 
 
@@ -67,3 +67,20 @@ def test_an_unreachable_registry_is_reported_not_read_as_no_champion(instance, m
     assert "the model registry did not answer for mlplatform@champion" in status.registry_error
     assert "Champion:  unknown (the model registry did not answer" in status.to_text()
     assert status.decisions == [] and "Decisions: none yet" in status.to_text()
+
+
+def test_in_sync_means_the_whole_release():
+    def status(release, rollout):
+        endpoint = {"model_version": "1", "release": release}
+        return PlatformStatus("m", "1", None, "http://e", endpoint, None, None, [], rollout)
+
+    shadow = {"challenger": "2", "stage": "shadow", "canary_share": 0.2, "paused": False}
+    alone = {"champion": "1", "challenger": None, "stage": None}
+    in_shadow = {"champion": "1", "challenger": "2", "stage": "shadow"}
+    assert status(alone, None).in_sync
+    assert status(in_shadow, shadow).in_sync
+    assert not status(alone, shadow).in_sync  # the challenger is not deployed yet
+    assert not status(in_shadow, None).in_sync  # its rollout ended, the endpoint still has it
+    assert not status(in_shadow, shadow | {"stage": "canary"}).in_sync
+    # A rollout of the champion itself (promoted by hand) is no part of the release.
+    assert status(alone, shadow | {"challenger": "1"}).in_sync

@@ -1,15 +1,19 @@
 """Registry: every change of the `champion` alias is a recorded decision.
 
 The gate decides by default (this asset only runs in a retrain once the blocking gate check
-passed); an operator can force a version, block a promotion or roll back, each with a reason.
-A version that cannot be loaded and score is never made champion, whoever asks. Decisions are
-written as MLflow model version tags and Dagster metadata: an audit trail.
+passed): a challenger that passes it beside a champion starts a rollout (it enters the release in
+``shadow``; the `champion` alias moves only when the rollout promotes it, see
+:mod:`mlplatform.defs.rollout`), and the first model of all is promoted at once. An operator can
+force a version, block a promotion or roll back, each with a reason; these act at once and end
+any rollout under way. A version that cannot be loaded and score is never made champion nor
+rolled out, whoever asks. Decisions are written as MLflow model version tags and Dagster
+metadata: an audit trail.
 """
 
 import dataclasses
 import datetime as dt
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 import mlflow
@@ -20,8 +24,10 @@ from pydantic import Field
 
 from mlplatform.evaluation.gate import EvaluationReport
 from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef
+from mlplatform.monitoring.rollout import load_rollout_settings
 from mlplatform.resources import MlflowTracking
 from mlplatform.serving.preflight import UnservableModel, preflight
+from mlplatform.serving.release import RolloutState
 
 
 class PromotionAction(Enum):
@@ -47,12 +53,18 @@ class PromotionConfig(dg.Config):
     )
 
 
-PromotionOutcome = Literal["promoted", "kept", "denied", "forced", "rolled_back", "reverted"]
+PromotionOutcome = Literal[
+    "promoted", "rollout_started", "kept", "denied", "forced", "rolled_back", "reverted"
+]
 """What a promotion decision did (the ``promotion.decision`` tag and metadata value).
 
-``reverted``: the alias went back to the version the endpoint serves, because the version it
-named could not be deployed.
+``rollout_started``: the challenger passed the gate and entered the release in shadow beside the
+champion, which stays. ``reverted``: the alias went back to the version the endpoint serves,
+because the version it named could not be deployed.
 """
+
+ROLLOUT_DECISION_TAG = "rollout.decision"
+"""The model version tag naming how its rollout ended (promoted, rolled_back, superseded, ...)."""
 
 
 class StaleEvaluationError(RuntimeError):
@@ -128,8 +140,15 @@ def decide(
         if report.gate is None or not report.gate.passed:
             reason = report.gate.reason if report.gate else "the report carries no gate verdict"
             decision = Decision("denied", challenger, current_version or "", reason)
-        else:
+        elif current_version is None:
             return Decision("promoted", challenger, challenger, report.gate.reason)
+        else:
+            return Decision(
+                "rollout_started",
+                challenger,
+                current_version,
+                f"{report.gate.reason}; rolled out in shadow beside champion v{current_version}",
+            )
     if not decision.champion_version:
         raise PromotionRequestError(
             f"v{challenger} denied and there is no champion to keep: {reason}"
@@ -160,6 +179,70 @@ def record_decision(
     for key, value in audit.items():
         client.set_model_version_tag(name, decision.subject_version, key, value)
     return audit
+
+
+def record_rollout_end(
+    client: MlflowClient, name: str, version: str, outcome: str, reason: str, run_id: str
+) -> dict[str, str]:
+    """Write how a version's rollout ended as ``rollout.*`` tags on it.
+
+    Returns:
+        The tags written (outcome, reason, Dagster run, time).
+
+    """
+    tags = {
+        ROLLOUT_DECISION_TAG: outcome,
+        "rollout.reason": reason,
+        "rollout.dagster_run_id": run_id,
+        "rollout.time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return tags
+
+
+def end_rollout(
+    tracking: MlflowTracking, outcome: str, reason: str, run_id: str
+) -> RolloutState | None:
+    """End the rollout under way, if any, leaving the `champion` alias alone.
+
+    The rollout is cleared from the registry and why it ended is recorded on its challenger.
+
+    Returns:
+        The rollout that was ended, or ``None`` when none was under way.
+
+    """
+    state = tracking.rollout_state()
+    if state is None:
+        return None
+    client, name = tracking.client(), tracking.registered_model_name
+    tracking.set_rollout_state(None)
+    record_rollout_end(client, name, state.challenger, outcome, reason, run_id)
+    return state
+
+
+def start_rollout(
+    tracking: MlflowTracking, challenger: str, canary_share: float, run_id: str
+) -> tuple[RolloutState, RolloutState | None]:
+    """Put ``challenger`` in the release in shadow, superseding another's rollout under way.
+
+    A rollout of the same challenger already under way is kept as it is (its evidence too).
+
+    Returns:
+        The rollout under way now, and the one it superseded (``None`` if none).
+
+    """
+    current = tracking.rollout_state()
+    if current is not None and current.challenger == challenger:
+        return current, None
+    superseded = None
+    if current is not None:
+        superseded = end_rollout(
+            tracking, "superseded", f"superseded by the rollout of v{challenger}", run_id
+        )
+    state = RolloutState.begin(challenger, canary_share)
+    tracking.set_rollout_state(state)
+    return state, superseded
 
 
 def model_ref(version: ModelVersion) -> ModelRef:
@@ -232,7 +315,9 @@ def _refuse_unless_servable(
     try:
         preflight(candidate.uri, tracking.tracking_uri)
     except UnservableModel as error:
-        done = decision.decision.replace("_", " ")
+        done = {"rollout_started": "rolled out"}.get(
+            decision.decision, decision.decision.replace("_", " ")
+        )
         refused = Decision(
             "denied", decision.subject_version, current_version or "", f"not {done}: {error}"
         )
@@ -260,10 +345,39 @@ def champion_model(
     current_version = str(current.version) if current is not None else None
     decision = decide(config, evaluation_report, current_version)
     ref = model_ref(client.get_model_version(name, decision.champion_version))  # raises if unknown
+    run_id = context.run.run_id
+    rollout: dict[str, Any] = {}
     if decision.moves_alias:
-        _refuse_unless_servable(mlflow_tracking, ref, decision, current_version, context.run.run_id)
+        _refuse_unless_servable(mlflow_tracking, ref, decision, current_version, run_id)
         client.set_registered_model_alias(name, CHAMPION_ALIAS, decision.champion_version)
-    audit = record_decision(client, name, decision, current_version, context.run.run_id)
+        # An operator's decision acts at once: whatever was being rolled out stops.
+        ended = end_rollout(
+            mlflow_tracking,
+            "ended",
+            f"{decision.decision} v{decision.subject_version}: {decision.reason}",
+            run_id,
+        )
+        if ended is not None:
+            rollout["ended_rollout"] = f"v{ended.challenger} ({ended.stage})"
+    elif decision.decision == "rollout_started":
+        challenger = model_ref(client.get_model_version(name, decision.subject_version))
+        # Both models load in every replica: one that cannot serve never enters the release.
+        _refuse_unless_servable(mlflow_tracking, challenger, decision, current_version, run_id)
+        state, superseded = start_rollout(
+            mlflow_tracking,
+            decision.subject_version,
+            load_rollout_settings().policy.canary_share,
+            run_id,
+        )
+        rollout = {"rollout_stage": state.stage, "rollout_id": state.rollout_id}
+        if superseded is not None:
+            rollout["superseded_rollout"] = f"v{superseded.challenger} ({superseded.stage})"
+    elif decision.decision == "denied":
+        state = mlflow_tracking.rollout_state()
+        if state is not None and state.challenger == decision.subject_version:
+            end_rollout(mlflow_tracking, "ended", decision.reason, run_id)
+            rollout["ended_rollout"] = f"v{state.challenger} ({state.stage})"
+    audit = record_decision(client, name, decision, current_version, run_id)
     mlflow.set_tags(
         {"promotion.decision": decision.decision, "promotion.version": decision.subject_version}
     )
@@ -282,5 +396,6 @@ def champion_model(
             "model_uri": ref.uri,
             "mlflow_run_id": ref.mlflow_run_id,
             "decided_at": audit["promotion.time"],
+            **rollout,
         },
     )

@@ -255,7 +255,9 @@ def _deploy_failed(
     group_name="serving",
     kinds={"ray"},
     owners=["team:ml-platform"],
-    deps=["champion_model"],
+    # The release is decided by champion_model (a new challenger) and rollout_report (its
+    # stages): in a job with either, the endpoint is deployed after the decision.
+    deps=["champion_model", "rollout_report"],
     check_specs=[dg.AssetCheckSpec("endpoint_health", asset="model_endpoint")],
 )
 def model_endpoint(

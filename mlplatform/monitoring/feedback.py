@@ -76,6 +76,20 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 CREATE INDEX IF NOT EXISTS predictions_labelled
     ON predictions (model_name, model_version, predicted_at) WHERE label IS NOT NULL;
+-- A challenger in shadow scores the same records as the champion; its predictions are kept apart
+-- (the answer is the champion's) and paired with the champion's by request id and row index.
+CREATE TABLE IF NOT EXISTS shadow_predictions (
+    request_id TEXT NOT NULL,
+    row_index INTEGER NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    prediction,
+    score REAL,
+    predicted_at REAL NOT NULL,
+    PRIMARY KEY (request_id, row_index, model_version)
+);
+CREATE INDEX IF NOT EXISTS shadow_predictions_version
+    ON shadow_predictions (model_name, model_version, predicted_at);
 """
 
 LABELLED_COLUMNS = (
@@ -90,6 +104,18 @@ LABELLED_COLUMNS = (
     "labelled_at",
 )
 """Columns of :meth:`FeedbackStore.labelled`."""
+
+PAIRED_COLUMNS = (
+    "request_id",
+    "index",
+    "champion_prediction",
+    "champion_score",
+    "challenger_prediction",
+    "challenger_score",
+    "label",
+    "predicted_at",
+)
+"""Columns of :meth:`FeedbackStore.shadow_pairs`."""
 
 
 # SQLite's INTEGER is 64-bit: larger Python integers cannot be bound to a statement.
@@ -223,6 +249,74 @@ class FeedbackStore:
             )
             return connection.total_changes - before
 
+    def log_shadow_predictions(self, records: Iterable[PredictionRecord]) -> int:
+        """Insert a shadowed challenger's predictions in one transaction (kept if logged already).
+
+        The records are the challenger's on the same requests and rows as the champion's answer
+        (:meth:`log_predictions`), so :meth:`shadow_pairs` can pair them.
+
+        Returns:
+            The number of rows inserted.
+
+        Raises:
+            FeedbackUnavailable: if the log cannot be written now; nothing is stored then.
+
+        """
+        with self._transaction() as connection:
+            before = connection.total_changes
+            connection.executemany(
+                "INSERT OR IGNORE INTO shadow_predictions (request_id, row_index, model_name,"
+                " model_version, prediction, score, predicted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                records,
+            )
+            return connection.total_changes - before
+
+    def shadow_pairs(
+        self,
+        model_name: str,
+        champion_version: str,
+        challenger_version: str,
+        since: datetime | None = None,
+    ) -> pd.DataFrame:
+        """The records both versions scored: the champion's answer beside the shadow's score.
+
+        Args:
+            model_name: the registered model.
+            champion_version: the version whose answers are in the prediction log.
+            challenger_version: the version that scored the same records in shadow.
+            since: only records the challenger scored at or after this moment (naive = UTC).
+
+        Returns:
+            One row per record with :data:`PAIRED_COLUMNS`, oldest first; ``label`` is the
+            ground truth posted for the champion's answer (``None`` until labelled),
+            ``predicted_at`` the shadow's time as a UTC timestamp.
+
+        """
+        parameters: list[Any] = [str(challenger_version), model_name, str(champion_version)]
+        clause = ""
+        if since is not None:
+            clause = " AND s.predicted_at >= ?"
+            parameters.append(as_utc(since).timestamp())
+        with self._connection() as connection:
+            rows = connection.execute(
+                "SELECT p.request_id, p.row_index, p.prediction, p.score, s.prediction, s.score,"
+                " p.label, s.predicted_at FROM shadow_predictions s JOIN predictions p"
+                " ON p.request_id = s.request_id AND p.row_index = s.row_index"
+                " WHERE s.model_version = ? AND s.model_name = p.model_name AND p.model_name = ?"
+                " AND p.model_version = ?" + clause + " ORDER BY s.predicted_at, p.request_id,"
+                " p.row_index",
+                parameters,
+            ).fetchall()
+        frame = pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+        # Labels as posted: an unlabelled record's None must not turn the others into floats.
+        frame["label"] = pd.Series([row[6] for row in rows], dtype=object)
+        frame["predicted_at"] = pd.to_datetime(
+            frame["predicted_at"].astype(float), unit="s", utc=True
+        )
+        for column in ("champion_score", "challenger_score"):
+            frame[column] = frame[column].astype(float)
+        return frame
+
     def add_labels(self, items: Sequence[Mapping[str, Any]]) -> FeedbackResult:
         """Join ground-truth labels to logged predictions.
 
@@ -319,6 +413,11 @@ class FeedbackStore:
                 f"DELETE FROM predictions WHERE {scope} AND predicted_at < ?",
                 [*parameters, as_utc(before).timestamp()],
             ).rowcount
+            # A shadow's predictions go with the time window of the answers they pair with.
+            connection.execute(
+                f"DELETE FROM shadow_predictions WHERE {scope} AND predicted_at < ?",
+                [*parameters, as_utc(before).timestamp()],
+            )
             if max_rows is not None:
                 deleted += connection.execute(
                     "DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions"

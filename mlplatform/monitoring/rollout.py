@@ -15,11 +15,27 @@ Nothing here imports Dagster or Ray; the comparisons take plain arrays and numbe
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import datetime as dt
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 
-from mlplatform.tasks.metrics import Interval
+from mlplatform.monitoring.evidence import VersionCounts, read_stage_counts
+from mlplatform.monitoring.feedback import FeedbackStore
+from mlplatform.monitoring.rules import SensorCursor
+from mlplatform.tasks.base import Task, TaskStrategy
+from mlplatform.tasks.metrics import (
+    Interval,
+    bootstrap_indices,
+    check_bootstrap_arguments,
+    percentile_interval,
+)
+from mlplatform.tasks.strategies import strategy_for
 
 RolloutStage = Literal["shadow", "canary", "promoted", "rolled_back"]
 """Where a challenger is: beside the champion, answering a share, the champion, or out."""
@@ -342,3 +358,381 @@ def compare_scores(
         score_shift=float(np.mean(np.abs(challenger - champion))),
         distribution_distance=hellinger,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# From what the endpoint recorded to the evidence the rules judge
+# --------------------------------------------------------------------------------------------
+
+
+def traffic_of(counts: VersionCounts) -> VersionTraffic:
+    """One version's stage counts (summed over replicas) as the rules read them."""
+    return VersionTraffic(counts.requests, counts.errors, counts.p99_ms)
+
+
+def _decisions(
+    strategy: TaskStrategy, champion: np.ndarray, challenger: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """What each model decided per record: its class, or the bin of its value.
+
+    A value's bins are the champion's deciles, so "the same decision" means the same tenth of
+    the champion's range of answers, whatever the scale of the target.
+    """
+    if strategy.has_classes:
+        return champion.astype(str), challenger.astype(str)
+    champion_values, challenger_values = champion.astype(float), challenger.astype(float)
+    edges = np.unique(np.quantile(champion_values, np.linspace(0, 1, 11)[1:-1]))
+    return np.searchsorted(edges, champion_values), np.searchsorted(edges, challenger_values)
+
+
+def shadow_comparison(pairs: pd.DataFrame, task: Task) -> ShadowComparison | None:
+    """The two models on the records both scored (a :meth:`FeedbackStore.shadow_pairs` frame).
+
+    Scores are the positive-class probability (binary) or the predicted value (regression); a
+    multiclass log keeps no single score per record, so there only the agreement of the classes
+    is measured (shift and distance are 0).
+
+    Returns:
+        The comparison, or ``None`` before any record was scored by both.
+
+    """
+    if pairs.empty:
+        return None
+    strategy = strategy_for(task)
+    champion = pairs["champion_prediction"].to_numpy(dtype=object)
+    challenger = pairs["challenger_prediction"].to_numpy(dtype=object)
+    if strategy.has_classes and task != "binary":
+        champion_scores = challenger_scores = np.zeros(len(pairs))
+    elif strategy.has_classes:
+        champion_scores = pairs["champion_score"].to_numpy(dtype=float)
+        challenger_scores = pairs["challenger_score"].to_numpy(dtype=float)
+    else:
+        champion_scores, challenger_scores = champion.astype(float), challenger.astype(float)
+    return compare_scores(
+        *_decisions(strategy, champion, challenger), champion_scores, challenger_scores
+    )
+
+
+def live_metric(frame: pd.DataFrame, task: Task, positive_class: Any = None) -> str:
+    """The metric two versions are compared on in live traffic.
+
+    The task's gate metric when labelled records give it (binary ``roc_auc``), else the task's
+    first live metric (``accuracy`` for multiclass, ``mae`` for regression).
+
+    Raises:
+        ValueError: when the labels cannot be scored (see ``TaskStrategy.live_metrics``).
+
+    """
+    strategy = strategy_for(task)
+    available = strategy.live_metrics(frame, positive_class)
+    return strategy.gate_metric if strategy.gate_metric in available else next(iter(available))
+
+
+def labelled_comparison(
+    champion: pd.DataFrame,
+    challenger: pd.DataFrame,
+    task: Task,
+    positive_class: Any = None,
+    paired: bool = False,
+    n_resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> LabelledComparison | None:
+    """Challenger minus champion on labelled records, with a bootstrap interval.
+
+    Paired (shadow: both scored the same records, in the same order) the same resamples are
+    drawn for both, so the interval is of the difference on the same records; unpaired
+    (canary: each answered its own requests) each version's records are resampled on their
+    own, as two independent samples.
+
+    Args:
+        champion: the champion's labelled records (``prediction``, ``score``, ``label``).
+        challenger: the challenger's.
+        task: the model's task.
+        positive_class: the class ``score`` is the probability of (binary only).
+        paired: whether row ``i`` of both frames is the same record.
+        n_resamples: bootstrap resamples.
+        confidence: the interval's coverage.
+        seed: the resamples' seed (the same evidence gives the same interval).
+
+    Returns:
+        The comparison (a loss's difference negated, so higher is better for the challenger),
+        or ``None`` while either side has no labelled record.
+
+    Raises:
+        ValueError: if paired frames differ in length, or the labels cannot be scored.
+
+    """
+    if champion.empty or challenger.empty:
+        return None
+    if paired and len(champion) != len(challenger):
+        raise ValueError(f"paired records: {len(champion)} and {len(challenger)}")
+    strategy = strategy_for(task)
+    metric = live_metric(pd.concat([champion, challenger], ignore_index=True), task, positive_class)
+    sign = -1.0 if metric in strategy.lower_is_better else 1.0
+
+    def value(frame: pd.DataFrame) -> float:
+        return strategy.live_metrics(frame, positive_class).get(metric, math.nan)
+
+    check_bootstrap_arguments(len(champion), n_resamples, confidence)
+    point = sign * (value(challenger) - value(champion))
+    champion_rows = bootstrap_indices(len(champion), n_resamples, seed)
+    challenger_rows = (
+        champion_rows if paired else bootstrap_indices(len(challenger), n_resamples, seed + 1)
+    )
+    resampled = np.array(
+        [
+            sign * (value(challenger.iloc[mine]) - value(champion.iloc[theirs]))
+            for mine, theirs in zip(challenger_rows, champion_rows, strict=True)
+        ]
+    )
+    labels = len(champion) if paired else min(len(champion), len(challenger))
+    return LabelledComparison(labels, metric, percentile_interval(point, resampled, confidence))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageUnderWay:
+    """The stage of a rollout that evidence is gathered for (what the registry keeps of it).
+
+    Attributes:
+        challenger: the version being rolled out.
+        stage: ``shadow`` or ``canary``.
+        rollout_id: names the rollout's evidence on disk.
+        stage_since: when the stage began (unix seconds).
+
+    """
+
+    challenger: str
+    stage: RolloutStage
+    rollout_id: str
+    stage_since: float
+
+
+def gather_evidence(
+    state: StageUnderWay,
+    champion_version: str,
+    model_name: str,
+    traffic_dir: Path,
+    feedback: FeedbackStore,
+    task: Task,
+    positive_class: Any,
+    now: float,
+) -> RolloutEvidence:
+    """Everything the endpoint recorded of the rollout's current stage, as the rules read it.
+
+    The stage's counts per version (summed over the replicas' files), in shadow the paired
+    comparison of the records both scored, and the labelled comparison: paired in shadow (on
+    the records both scored whose answer was labelled), unpaired in canary (each version's
+    answered records). Only what happened since the stage began counts.
+
+    Args:
+        state: the rollout under way (challenger, stage, since when, its evidence's id).
+        champion_version: the champion beside it.
+        model_name: the registered model.
+        traffic_dir: where the replicas write their stage counts.
+        feedback: the prediction log (answers, shadow scores, labels).
+        task: the model's task.
+        positive_class: the class ``score`` is the probability of (binary only).
+        now: the current time (unix seconds).
+
+    """
+    since = dt.datetime.fromtimestamp(state.stage_since, dt.UTC)
+
+    def counts(version: str) -> VersionTraffic:
+        return traffic_of(
+            read_stage_counts(traffic_dir, model_name, state.rollout_id, state.stage, version)
+        )
+
+    shadow, labelled = None, None
+    if state.stage == "shadow":
+        pairs = feedback.shadow_pairs(model_name, champion_version, state.challenger, since)
+        shadow = shadow_comparison(pairs, task)
+        marked = pairs[pairs["label"].notna()]
+        labelled = labelled_comparison(
+            _as_answers(marked, "champion"),
+            _as_answers(marked, "challenger"),
+            task,
+            positive_class,
+            paired=True,
+        )
+    else:
+        labelled = labelled_comparison(
+            feedback.labelled(model_version=champion_version, since=since, model_name=model_name),
+            feedback.labelled(model_version=state.challenger, since=since, model_name=model_name),
+            task,
+            positive_class,
+        )
+    return RolloutEvidence(
+        stage=state.stage,
+        seconds_in_stage=max(0.0, now - state.stage_since),
+        champion=counts(champion_version),
+        challenger=counts(state.challenger),
+        shadow=shadow,
+        labelled=labelled,
+    )
+
+
+def _as_answers(pairs: pd.DataFrame, side: str) -> pd.DataFrame:
+    """One side of the paired records as a labelled frame (``prediction``, ``score``, ``label``)."""
+    return pd.DataFrame(
+        {
+            "prediction": pairs[f"{side}_prediction"].to_numpy(dtype=object),
+            "score": pairs[f"{side}_score"].to_numpy(dtype=float),
+            "label": pairs["label"].to_numpy(dtype=object),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """The rollout's policy and how often the rollout sensor looks.
+
+    Attributes:
+        policy: the minimum evidence and the bounds (:class:`RolloutPolicy`).
+        interval_s: seconds between rollout sensor ticks.
+        history_s: the sensor also records a judgement this often while the rollout waits,
+            so the rollout's history shows how the evidence grew.
+
+    """
+
+    policy: RolloutPolicy = dataclasses.field(default_factory=RolloutPolicy)
+    interval_s: int = 30
+    history_s: float = 600.0
+
+
+def load_rollout_settings(environ: Mapping[str, str] | None = None) -> RolloutSettings:
+    """Read the rollout settings from the environment (defaults in :class:`RolloutSettings`).
+
+    Every field of :class:`RolloutPolicy` is ``MLPLATFORM_ROLLOUT_<FIELD>`` (``..._MIN_REQUESTS``,
+    ``..._CANARY_SHARE``, ``..._MAX_P99_RATIO``, ...); the sensor's are
+    ``MLPLATFORM_ROLLOUT_INTERVAL_S`` and ``MLPLATFORM_ROLLOUT_HISTORY_S``.
+
+    Raises:
+        ValueError: if a value is not a number, or the policy it gives is invalid.
+
+    """
+    env = os.environ if environ is None else environ
+    defaults = RolloutSettings()
+
+    def number(field: str, default: float) -> float:
+        name = f"MLPLATFORM_ROLLOUT_{field.upper()}"
+        raw = env.get(name)
+        if not raw:
+            return default
+        try:
+            return type(default)(float(raw))
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+    policy = RolloutPolicy(
+        **{
+            field.name: number(field.name, getattr(defaults.policy, field.name))
+            for field in dataclasses.fields(RolloutPolicy)
+        }
+    )
+    interval_s = int(number("interval_s", defaults.interval_s))
+    if interval_s < 1:
+        raise ValueError(f"MLPLATFORM_ROLLOUT_INTERVAL_S must be positive, got {interval_s}")
+    return RolloutSettings(policy, interval_s, number("history_s", defaults.history_s))
+
+
+# --------------------------------------------------------------------------------------------
+# The rollout sensor's decision
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutCursor(SensorCursor):
+    """The rollout sensor's memory between ticks (JSON in the sensor cursor).
+
+    Attributes:
+        rollout_id: the rollout judged last.
+        stage: its stage then.
+        verdict: the verdict of the last tick (``wait: ...``), to record a change once.
+        run_key: the run key of the last run requested.
+        requested_at: when a run was last requested (unix seconds).
+
+    """
+
+    rollout_id: str | None = None
+    stage: str | None = None
+    verdict: str | None = None
+    run_key: str | None = None
+    requested_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutTick:
+    """What the rollout sensor does on one tick.
+
+    Attributes:
+        run: whether to request a ``rollout_job`` run.
+        run_key: its run key (one per rollout, stage and verdict, or per history look).
+        reason: why, with the verdict (shown on the tick).
+        cursor: the cursor to store.
+        changed: whether the verdict differs from the last tick's (then it is recorded).
+
+    """
+
+    run: bool
+    run_key: str | None
+    reason: str
+    cursor: RolloutCursor
+    changed: bool
+
+
+def decide_rollout_tick(
+    rollout_id: str,
+    verdict: RolloutVerdict,
+    stage: str,
+    cursor: RolloutCursor,
+    now: float,
+    run_in_progress: bool,
+    history_s: float,
+) -> RolloutTick:
+    """Whether the rollout sensor requests a ``rollout_job`` run on this tick.
+
+    A run is requested when the verdict is ``advance`` or ``roll_back`` (the run judges again
+    and applies it), once per rollout, stage and verdict, and, while the rollout waits, every
+    ``history_s`` seconds so its history shows how the evidence grew. Nothing is requested while
+    a run that deploys the endpoint (this job included) is queued or running.
+
+    Args:
+        rollout_id: the rollout under way.
+        verdict: the rules' verdict on this tick's evidence.
+        stage: the stage the rollout is in.
+        cursor: the sensor's memory from the previous tick.
+        now: the current time (unix seconds).
+        run_in_progress: whether a run that deploys the endpoint is queued or running.
+        history_s: how often a waiting rollout is judged by a run, for its history.
+
+    """
+    summary = f"{verdict.action}: {'; '.join(verdict.reasons)}"
+    same_rollout = (cursor.rollout_id, cursor.stage) == (rollout_id, stage)
+    changed = not same_rollout or cursor.verdict != summary
+    state = f"Rollout {rollout_id} in {stage}: {summary}"
+    kept = dataclasses.replace(cursor, rollout_id=rollout_id, stage=stage, verdict=summary)
+    if not same_rollout:
+        kept = RolloutCursor(rollout_id=rollout_id, stage=stage, verdict=summary)
+    if run_in_progress:
+        return RolloutTick(False, None, f"{state} (a deploy is under way)", kept, changed)
+    if verdict.action != "wait":
+        run_key = f"rollout-{rollout_id}-{stage}-{verdict.action}"
+        if cursor.run_key == run_key:
+            return RolloutTick(False, None, f"{state} (already requested)", kept, changed)
+    else:
+        last = cursor.requested_at if same_rollout and cursor.requested_at else None
+        if last is not None and now - last < history_s:
+            return RolloutTick(False, None, state, kept, changed)
+        if last is None and not same_rollout:
+            # A new rollout or stage: its first look is recorded by the tick, a run follows later.
+            kept = dataclasses.replace(kept, requested_at=now)
+            return RolloutTick(False, None, state, kept, changed)
+        run_key = f"rollout-{rollout_id}-{stage}-history-{now:.0f}"
+    cursor_after = dataclasses.replace(kept, run_key=run_key, requested_at=now)
+    return RolloutTick(True, run_key, state, cursor_after, changed)

@@ -27,8 +27,9 @@ EXPECTED_GROUPS = {
     "champion_model": "registry",
     "model_endpoint": "serving",
     "drift_report": "monitoring",
+    "rollout_report": "monitoring",
 }
-RETRAIN_ASSETS = set(EXPECTED_GROUPS) - {"drift_report"}
+RETRAIN_ASSETS = set(EXPECTED_GROUPS) - {"drift_report", "rollout_report"}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -41,14 +42,25 @@ def test_definitions_load_with_groups_kinds_and_descriptions():
         assert specs[name].description
         assert specs[name].kinds
         assert specs[name].owners
-    assert graph.get(dg.AssetKey("model_endpoint")).parent_keys == {dg.AssetKey("champion_model")}
+    # The endpoint serves the release the registry decisions make (a new challenger, its stages).
+    assert graph.get(dg.AssetKey("model_endpoint")).parent_keys == {
+        dg.AssetKey("champion_model"),
+        dg.AssetKey("rollout_report"),
+    }
     blocking = {key.name for key in graph.asset_check_keys if graph.get(key).blocking}
     assert {"schema", "target_is_usable", "promotion_gate"} <= blocking
     assert "no_drift" not in blocking  # drift warns; the sensors act on it
     for name in ("raw_data", "candidate_model"):
         assert specs[name].freshness_policy is not None
     sensors = {sensor.name for sensor in defs.sensors}
-    assert sensors == {"drift_sensor", "freshness_sensor", "run_failure_alert", "endpoint_sensor"}
+    assert sensors == {
+        "drift_sensor",
+        "freshness_sensor",
+        "run_failure_alert",
+        "endpoint_sensor",
+        "rollout_sensor",
+    }
+    assert defs.resolve_sensor_def("rollout_sensor").minimum_interval_seconds == 30
 
 
 def test_instance_queue_admits_one_retrain_at_a_time(tmp_path):
@@ -68,7 +80,7 @@ def test_the_command_line_takes_turns_on_the_tags_the_queue_limits(config):
     queue = yaml.safe_load((REPO / config).read_text())["run_coordinator"]["config"]
     limited = {limit["key"] for limit in queue["tag_concurrency_limits"]}
     assert limited == set(SERIAL_TAG_KEYS)
-    for job in ("retrain_job", "rollback_job", "deploy_job"):
+    for job in ("retrain_job", "rollback_job", "deploy_job", "rollout_job"):
         assert serial_tags(defs.resolve_job_def(job).tags)  # each takes its turn
 
 

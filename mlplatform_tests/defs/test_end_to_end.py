@@ -15,6 +15,7 @@ from mlplatform.definitions import ASSETS
 from mlplatform.demo.data import generate_loans
 from mlplatform.progress import HEADLINES
 from mlplatform.resources import DataSource
+from mlplatform_tests.support import promote_rollout
 
 
 def _records(n: int, seed: int) -> list[dict]:
@@ -88,16 +89,22 @@ def test_second_run_redeploys_without_dropping_requests(first_run, resources, in
     probe = TrafficProbe(endpoint.url, endpoint.example_record)
     probe.start()
     second = dg.materialize(ASSETS, resources=resources, instance=instance)
-    probe.stop.set()
-    probe.join()
     assert second.success
-    assert len(probe.statuses) > 20
-    assert set(probe.statuses) == {200}
     report = second.output_for_node("evaluation_report")
     assert (report.challenger.version, report.champion.version) == ("2", "1")
     tags = MlflowClient().get_model_version("mlplatform", "2").tags
-    assert tags["promotion.decision"] == "promoted"
+    # v2 passed the gate: it enters the release in shadow, the champion v1 still answers ...
+    assert tags["promotion.decision"] == "rollout_started"
     assert "vs champion v1" in tags["promotion.reason"]
+    assert httpx.get(f"{endpoint.url}/healthz").json()["model_version"] == "1"
+    # ... until its rollout promotes it (here by hand), again without dropping a request.
+    promote_rollout(resources, instance)
+    probe.stop.set()
+    probe.join()
+    assert len(probe.statuses) > 20
+    assert set(probe.statuses) == {200}
+    tags = MlflowClient().get_model_version("mlplatform", "2").tags
+    assert tags["promotion.decision"] == "promoted"
     assert httpx.get(f"{endpoint.url}/healthz").json()["model_version"] == "2"
     assert probe.versions <= {"1", "2"}
 
@@ -164,9 +171,11 @@ def test_gate_promotes_a_better_challenger_and_stops_a_worse_one(resources, inst
     first = dg.materialize(ASSETS, resources=noisy, instance=instance, run_config=no_floor)
     assert first.success
     url = first.output_for_node("model_endpoint").url
-    # v2: trained on real labels, clearly better on the same test rows: promoted and served.
+    # v2: trained on real labels, clearly better on the same test rows: rolled out and served.
     better = dg.materialize(ASSETS, resources=resources, instance=instance)
     assert better.success
+    assert _champion_version() == "1"  # in shadow until its rollout promotes it
+    promote_rollout(resources, instance)
     assert _champion_version() == "2"
     difference = better.output_for_node("evaluation_report").difference["roc_auc"]
     assert difference["low"] > 0

@@ -15,7 +15,12 @@ from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.monitoring.rules import DriftCursor
 from mlplatform.resources import MlflowTracking
 from mlplatform.settings import load_settings
-from mlplatform_tests.support import FAST_WINDOWS, tick, wait_for_profiled_rows
+from mlplatform_tests.support import (
+    FAST_WINDOWS,
+    promote_rollout,
+    tick,
+    wait_for_profiled_rows,
+)
 
 RETRAIN = dg.AssetSelection.assets("raw_data").downstream() - dg.AssetSelection.assets(
     "drift_report"
@@ -95,6 +100,9 @@ def test_undrifted_traffic_fires_nothing_and_drift_retrains_to_a_better_champion
     report = retrain.output_for_node("evaluation_report")
     assert report.champion.version == "1" and report.challenger.version == "2"
     assert report.difference["roc_auc"]["point"] > 0
+    # The retrained model is rolled out in shadow; its rollout (here by hand) promotes it.
+    assert httpx.get(f"{url}/healthz", timeout=10).json()["model_version"] == "1"
+    promote_rollout(resources, instance, FAST_WINDOWS)
     assert httpx.get(f"{url}/healthz", timeout=10).json()["model_version"] == "2"
 
     # The new champion's traffic starts a new window of evidence: drifted traffic is now normal.

@@ -4,10 +4,12 @@ import dagster as dg
 import pytest
 from mlflow import MlflowClient
 
+from mlplatform.cli import _rollout_text
 from mlplatform.defs.evaluation import evaluation_report
 from mlplatform.defs.features import features
 from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.registry import (
+    ROLLOUT_DECISION_TAG,
     PromotionConfig,
     PromotionOutcome,
     PromotionRequestError,
@@ -17,6 +19,7 @@ from mlplatform.defs.registry import (
 from mlplatform.defs.training import candidate_model
 from mlplatform.evaluation.gate import EvaluationReport, GateDecision
 from mlplatform.model.registry import CHAMPION_ALIAS, ModelRef
+from mlplatform.resources import MlflowTracking
 
 TRAIN_AND_PROMOTE = [raw_data, features, candidate_model, evaluation_report, champion_model]
 
@@ -34,7 +37,9 @@ def test_first_model_is_promoted_and_the_decision_recorded(training_resources, i
     assert metadata["decision"].value == "promoted"
 
 
-def test_second_run_compares_against_the_champion(training_resources, instance):
+def test_second_run_compares_against_the_champion_and_starts_a_rollout(
+    training_resources, instance
+):
     assert dg.materialize(
         TRAIN_AND_PROMOTE, resources=training_resources, instance=instance
     ).success
@@ -42,10 +47,34 @@ def test_second_run_compares_against_the_champion(training_resources, instance):
     assert second.success
     report = second.output_for_node("evaluation_report")
     assert (report.challenger.version, report.champion.version) == ("2", "1")
-    version = MlflowClient().get_model_version_by_alias(report.challenger.name, CHAMPION_ALIAS)
-    assert str(version.version) == "2"
-    assert "vs champion v1" in version.tags["promotion.reason"]
-    assert version.tags["promotion.previous_champion"] == "1"
+    # The gate passed: v2 enters the release in shadow, the champion stays v1 until it passes.
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("mlplatform", CHAMPION_ALIAS).version) == "1"
+    tags = client.get_model_version("mlplatform", "2").tags
+    assert tags["promotion.decision"] == "rollout_started"
+    assert "vs champion v1" in tags["promotion.reason"]
+    assert tags["promotion.previous_champion"] == "1"
+    state = MlflowTracking().rollout_state()
+    assert (state.challenger, state.stage, state.paused) == ("2", "shadow", False)
+    metadata = second.asset_materializations_for_node("champion_model")[0].metadata
+    assert metadata["decision"].value == "rollout_started"
+    assert metadata["champion_version"].value == "1"
+    assert metadata["rollout_id"].value == state.rollout_id
+    assert second.output_for_node("champion_model").version == "1"
+    # `make run` ends saying so, and how the rollout goes on.
+    summary = _rollout_text(second.asset_materializations_for_node("champion_model")[0])
+    assert "v2 passed the gate and is in shadow beside champion v1" in summary
+    assert "python -m mlplatform rollout promote" in summary
+
+    # A newer challenger replaces the rollout under way; the old one's is recorded superseded.
+    third = dg.materialize(TRAIN_AND_PROMOTE, resources=training_resources, instance=instance)
+    assert third.success
+    assert MlflowTracking().rollout_state().challenger == "3"
+    superseded = client.get_model_version("mlplatform", "2").tags
+    assert superseded[ROLLOUT_DECISION_TAG] == "superseded"
+    assert "v3" in superseded["rollout.reason"]
+    metadata = third.asset_materializations_for_node("champion_model")[0].metadata
+    assert metadata["superseded_rollout"].value == "v2 (shadow)"
 
 
 def test_promotion_refuses_a_stale_evaluation(training_resources, instance):
@@ -88,7 +117,8 @@ def _report(challenger: str, champion: str | None, passed: bool) -> EvaluationRe
 @pytest.mark.parametrize(
     ("config", "report", "current", "expected"),
     [
-        (PromotionConfig(), _report("2", "1", True), "1", ("promoted", "2", "2")),
+        (PromotionConfig(), _report("2", "1", True), "1", ("rollout_started", "2", "1")),
+        (PromotionConfig(), _report("1", None, True), None, ("promoted", "1", "1")),
         (PromotionConfig(), _report("2", "1", False), "1", ("denied", "2", "1")),
         (PromotionConfig(), _report("2", "1", True), "2", ("kept", "2", "2")),
         (
@@ -143,6 +173,7 @@ def test_force_promotion_from_the_launchpad_config(training_resources, instance)
     assert dg.materialize(
         TRAIN_AND_PROMOTE, resources=training_resources, instance=instance
     ).success
+    assert MlflowTracking().rollout_state().challenger == "2"
     result = dg.materialize(
         TRAIN_AND_PROMOTE,
         selection=[champion_model],
@@ -151,14 +182,19 @@ def test_force_promotion_from_the_launchpad_config(training_resources, instance)
         run_config={
             "ops": {
                 "champion_model": {
-                    "config": {"action": "force", "version": "1", "reason": "pin v1"}
+                    "config": {"action": "force", "version": "2", "reason": "pin v2"}
                 }
             }
         },
     )
     assert result.success
     client = MlflowClient()
-    assert str(client.get_model_version_by_alias("mlplatform", CHAMPION_ALIAS).version) == "1"
-    tags = client.get_model_version("mlplatform", "1").tags
-    assert (tags["promotion.decision"], tags["promotion.reason"]) == ("forced", "pin v1")
-    assert tags["promotion.previous_champion"] == "2"
+    assert str(client.get_model_version_by_alias("mlplatform", CHAMPION_ALIAS).version) == "2"
+    tags = client.get_model_version("mlplatform", "2").tags
+    assert (tags["promotion.decision"], tags["promotion.reason"]) == ("forced", "pin v2")
+    assert tags["promotion.previous_champion"] == "1"
+    # A forced decision acts at once and ends the rollout under way.
+    assert MlflowTracking().rollout_state() is None
+    assert tags[ROLLOUT_DECISION_TAG] == "ended"
+    metadata = result.asset_materializations_for_node("champion_model")[0].metadata
+    assert metadata["ended_rollout"].value == "v2 (shadow)"

@@ -57,7 +57,8 @@ def two_versions(tmp_path_factory: pytest.TempPathFactory, serve_port: int) -> P
         for name, value in env.items():
             patch.setenv(name, value)
         assert run_pipeline() == 0
-        assert run_pipeline() == 0
+        assert run_pipeline() == 0  # v2 passes the gate and is rolled out in shadow ...
+        assert main(["rollout", "promote", "--reason", "two champions to roll back between"]) == 0
         with dg.DagsterInstance.get() as instance:
             first = instance.fetch_materializations(
                 dg.AssetKey("raw_data"), limit=1, ascending=True

@@ -22,6 +22,7 @@ from sklearn.metrics import (
 
 from mlplatform.monitoring.feedback import (
     LABELLED_COLUMNS,
+    PAIRED_COLUMNS,
     FeedbackResult,
     FeedbackStore,
     PredictionRecord,
@@ -245,3 +246,50 @@ def test_live_performance_per_task_equals_sklearn():
     assert live_performance(regression.iloc[:0], "regression") == {"rows": 0}
     with pytest.raises(ValueError, match="task"):
         live_performance(regression, "ranking")
+
+
+def test_shadow_predictions_pair_with_the_champions_answers_and_their_labels(tmp_path):
+    path = tmp_path / "feedback.db"
+    # A prediction log from before shadow predictions existed opens and gains their table.
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            "CREATE TABLE predictions (request_id TEXT NOT NULL, row_index INTEGER NOT NULL,"
+            " model_name TEXT NOT NULL, model_version TEXT NOT NULL, prediction, score REAL,"
+            " predicted_at REAL NOT NULL, label, labelled_at REAL,"
+            " PRIMARY KEY (request_id, row_index));"
+        )
+        old.execute(
+            "INSERT INTO predictions VALUES ('old', 0, 'loans', '1', 1, 0.8, ?, 1, ?)", (T0, T0)
+        )
+    store = FeedbackStore(path)
+    store.log_predictions(
+        [
+            PredictionRecord("a", 0, "loans", "1", 1, 0.9, T0 + 10),
+            PredictionRecord("a", 1, "loans", "1", 0, 0.2, T0 + 10),
+            PredictionRecord("b", 0, "loans", "1", 0, 0.3, T0 + 20),
+        ]
+    )
+    shadow = [
+        PredictionRecord("old", 0, "loans", "2", 0, 0.4, T0),
+        PredictionRecord("a", 0, "loans", "2", 1, 0.7, T0 + 10),
+        PredictionRecord("a", 1, "loans", "2", 1, 0.6, T0 + 10),
+        PredictionRecord("b", 0, "loans", "3", 1, 0.9, T0 + 20),  # another challenger's
+    ]
+    assert store.log_shadow_predictions(shadow) == 4
+    assert store.log_shadow_predictions(shadow[1:2]) == 0  # logged once
+    store.add_labels([{"request_id": "a", "index": 1, "label": 0}])
+
+    pairs = store.shadow_pairs("loans", "1", "2", since=datetime.fromtimestamp(T0 + 5, UTC))
+    assert list(pairs.columns) == list(PAIRED_COLUMNS)
+    assert pairs[["request_id", "index"]].values.tolist() == [["a", 0], ["a", 1]]
+    assert pairs["champion_score"].tolist() == [0.9, 0.2]
+    assert pairs["challenger_score"].tolist() == [0.7, 0.6]
+    assert pairs["label"].tolist() == [None, 0]
+    assert len(store.shadow_pairs("loans", "1", "2")) == 3  # the old answer too
+    assert store.shadow_pairs("other", "1", "2").empty
+    assert store.count() == 4  # shadow predictions are not answers
+
+    # Retention prunes both tables.
+    store.prune(datetime.fromtimestamp(T0 + 15, UTC))
+    assert store.shadow_pairs("loans", "1", "3")["request_id"].tolist() == ["b"]
+    assert store.shadow_pairs("loans", "1", "2").empty
