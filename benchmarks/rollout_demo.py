@@ -176,11 +176,10 @@ class Demo:
         result, _ = outcome
         found = result.asset_materializations_for_node("rollout_report")
         values = {key: getattr(value, "value", value) for key, value in found[0].metadata.items()}
-        action = str(values.get("action", values.get("verdict", "?")))
-        reasons = values.get("reasons", "")
-        if isinstance(reasons, list | tuple):
-            reasons = "; ".join(map(str, reasons))
-        self.note(f"judged: {action}", str(reasons))
+        action = str(values.get("verdict", "?"))
+        reasons = " ".join(str(values.get("reasons", "")).replace("- ", "").splitlines())
+        numbers = verdict_numbers(values.get("evidence") or {})
+        self.note(f"judged: {action}", f"{numbers}; {reasons}" if reasons != "-" else numbers)
         return action
 
     def judge_until_done(self, challenger: str, every_s: float, timeout_s: float) -> str:
@@ -214,6 +213,31 @@ class Demo:
         return f"endpoint: champion v{health.get('model_version', '?')}, release " + ", ".join(
             f"{k} {v}" for k, v in release.items() if v is not None
         )
+
+
+def verdict_numbers(evidence: dict[str, Any]) -> str:
+    """The numbers a verdict rests on, in a line: requests, the shadow comparison, the labels."""
+    parts = [
+        f"{evidence.get('seconds_in_stage', 0):.0f} s in stage",
+        f"requests champion {evidence.get('champion_requests', 0)} / challenger "
+        f"{evidence.get('challenger_requests', 0)}, challenger errors "
+        f"{evidence.get('challenger_errors', 0)}",
+    ]
+    if "champion_p99_ms" in evidence and evidence.get("challenger_p99_ms") is not None:
+        parts.append(f"p99 {evidence['champion_p99_ms']} / {evidence['challenger_p99_ms']} ms")
+    if "shadow_rows" in evidence:
+        parts.append(
+            f"{evidence['shadow_rows']} paired records: agreement {evidence['agreement']:.1%}, "
+            f"score shift {evidence['score_shift']:.3f}, distance "
+            f"{evidence['distribution_distance']:.3f}"
+        )
+    if "labels" in evidence:
+        parts.append(
+            f"{evidence['labels']} labels: {evidence['labelled_metric']} difference "
+            f"{evidence['difference']:+.4f} [{evidence['difference_low']:+.4f}, "
+            f"{evidence['difference_high']:+.4f}]"
+        )
+    return "; ".join(parts)
 
 
 def main() -> int:
