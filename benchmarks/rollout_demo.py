@@ -44,15 +44,18 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 # The rollout policy of the demo (`MLPLATFORM_ROLLOUT_<FIELD>`). Minimum evidence: 200 requests
 # and labels and 30 s per stage, a minute or two at 20 requests/s with a 20% canary. Bounds: the
 # demo's loans carry a weak signal (AUC about 0.7) and each model flags at its own F1 threshold,
-# so two sound models (v1 and v2) already decide differently on about 30% of applications and
-# their scores differ by about 0.12 on average, as the population moved; v3 differs from v2 by
-# about 0.2 (mlplatform_tests/demo/test_rollout_scenario.py measures both).
+# so two sound models (v1 and v2) already decide differently on about 30% of applications, and
+# their scores differ by about 0.11 on average, as the population moved. Over 200 records, the
+# v1 -> v2 figures stay within agreement 0.63, score shift 0.13 and distance 0.20 in 99% of
+# samples; v2 -> v3 shifts scores by at least 0.17 (mlplatform_tests/demo/
+# test_rollout_scenario.py checks the gap on the full traffic sample).
 DEMO_POLICY = {
     "MLPLATFORM_ROLLOUT_MIN_REQUESTS": "200",
     "MLPLATFORM_ROLLOUT_MIN_SECONDS": "30",
     "MLPLATFORM_ROLLOUT_MIN_LABELS": "200",
     "MLPLATFORM_ROLLOUT_MIN_AGREEMENT": "0.6",
     "MLPLATFORM_ROLLOUT_MAX_SCORE_SHIFT": "0.15",
+    "MLPLATFORM_ROLLOUT_MAX_DISTRIBUTION_DISTANCE": "0.25",
 }
 
 
