@@ -180,9 +180,10 @@ class Demo:
         found = result.asset_materializations_for_node("rollout_report")
         values = {key: getattr(value, "value", value) for key, value in found[0].metadata.items()}
         action = str(values.get("verdict", "?"))
-        reasons = " ".join(str(values.get("reasons", "")).replace("- ", "").splitlines())
+        lines = str(values.get("reasons", "")).splitlines()
+        reasons = "; ".join(line.removeprefix("- ") for line in lines if line != "-")
         numbers = verdict_numbers(values.get("evidence") or {})
-        self.note(f"judged: {action}", f"{numbers}; {reasons}" if reasons != "-" else numbers)
+        self.note(f"judged: {action}", f"{numbers}; {reasons}" if reasons else numbers)
         return action
 
     def judge_until_done(self, challenger: str, every_s: float, timeout_s: float) -> str:
@@ -213,8 +214,9 @@ class Demo:
         """What the endpoint says it serves."""
         health = self.served()
         release = health.get("release") or {}
-        return f"endpoint: champion v{health.get('model_version', '?')}, release " + ", ".join(
-            f"{k} {v}" for k, v in release.items() if v is not None
+        served = ", ".join(f"{k} {v}" for k, v in release.items() if v is not None)
+        return f"endpoint: champion v{health.get('model_version', '?')}" + (
+            f", release {served}" if served else ""
         )
 
 
@@ -275,6 +277,7 @@ def main() -> int:
     processes: list[subprocess.Popen] = []
     traffic: Traffic | None = None
     outcomes: dict[str, str] = {}
+    failure: Exception | None = None
     try:
         # The head the platform would start itself, but in the foreground so it stops by pid.
         processes.append(start_ray_head(ray_port, os.environ.copy(), home / "ray.log"))
@@ -290,6 +293,9 @@ def main() -> int:
         demo.retrain(2)
         demo.note("endpoint", demo.healthz_line())
         outcomes["v3"] = demo.judge_until_done("3", args.judge_every_s, args.timeout_s)
+    except (RuntimeError, TimeoutError) as error:  # the timeline so far is still worth keeping
+        failure = error
+        demo.note("stopped", str(error))
     finally:
         if traffic is not None:
             traffic.halt.set()
@@ -307,10 +313,10 @@ def main() -> int:
         )
     if not args.no_record:
         record(demo.timeline, args, outcomes)
-    if not args.keep:
+    if not args.keep and failure is None:
         shutil.rmtree(home, ignore_errors=True)
     else:
-        print(f"platform home kept: {home}")
+        print(f"platform home kept (logs under logs/): {home}")
     return 0 if outcomes == {"v2": "promoted", "v3": "rolled_back"} else 1
 
 
