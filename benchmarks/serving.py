@@ -53,6 +53,7 @@ from processes import LOOPBACK, REPO, free_port, start, stop, wait_for_port
 
 if TYPE_CHECKING:
     from mlplatform.serving.cluster import LocalHead
+    from mlplatform.serving.release import Release
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CONCURRENCIES = (1, 8, 32)
@@ -201,22 +202,34 @@ def in_process_rows_per_s(model_uri: str, tracking_uri: str, records: list[dict]
     return rates
 
 
-def deploy_unprofiled(head: "LocalHead", serve_port: int, tracking_uri: str) -> None:
-    """The default deployment's settings without traffic profiling, as app ``noprofile``."""
+def deploy_app(
+    head: "LocalHead",
+    serve_port: int,
+    tracking_uri: str,
+    app_name: str,
+    release: "Release",
+    traffic_profiling: bool = True,
+) -> None:
+    """The default deployment's settings serving ``release``, as app ``app_name``.
+
+    The app answers under ``/<app_name>`` beside the platform's own endpoint, on the same head.
+    """
     from mlplatform.defs.serving import EndpointConfig
     from mlplatform.serving import cluster
+    from mlplatform.settings import load_settings
 
-    settings = EndpointConfig(traffic_profiling=False).serving_settings(
-        "models:/mlplatform@champion", tracking_uri
+    settings = EndpointConfig(traffic_profiling=traffic_profiling).serving_settings(
+        load_settings().model_name, tracking_uri
     )
     cluster.deploy(
         settings,
+        release=release,
         ray_address=None,
         host=LOOPBACK,
         port=serve_port,
-        app_name="noprofile",
+        app_name=app_name,
         local_head=head,
-        route_prefix="/noprofile",
+        route_prefix=f"/{app_name}",
     )
 
 
@@ -381,7 +394,10 @@ def main() -> int:
         )
         results["startup_s"]["baseline"] = first_200(f"{baseline}/predict", probe, started)
         started = time.monotonic()
-        deploy_unprofiled(head, serve_port, tracking_uri)
+        from mlplatform.serving.release import Release
+
+        champion = httpx.get(f"{ours}/healthz", timeout=10).json()["model_version"]
+        deploy_app(head, serve_port, tracking_uri, "noprofile", Release(champion=champion), False)
         results["startup_s"]["ours_new_app"] = first_200(
             f"{ours}/noprofile/predict", probe, started
         )
@@ -547,7 +563,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def releases() -> dict[str, Any]:
+def releases() -> dict[str, "Release"]:
     """The three releases compared: v1 alone, v2 in canary beside it, v2 in shadow beside it."""
     from mlplatform.serving.release import Release
 
@@ -566,26 +582,6 @@ def releases() -> dict[str, Any]:
     }
 
 
-def deploy_release(stack: Platform, app_name: str, release: Any) -> None:
-    """The default deployment serving ``release``, as app ``app_name`` under ``/<app_name>``."""
-    from mlplatform.defs.serving import EndpointConfig
-    from mlplatform.serving import cluster
-    from mlplatform.settings import load_settings
-
-    settings = EndpointConfig().serving_settings("models:/mlplatform@champion", stack.tracking_uri)
-    settings = settings.model_copy(update={"model_name": load_settings().model_name})
-    cluster.deploy(
-        settings,
-        release=release,
-        ray_address=None,
-        host=LOOPBACK,
-        port=stack.serve_port,
-        app_name=app_name,
-        local_head=stack.head,
-        route_prefix=f"/{app_name}",
-    )
-
-
 def release_cost(args: argparse.Namespace) -> int:
     """Single-record throughput of a one-model release, a canary and a shadow, side by side."""
     home = Path(tempfile.mkdtemp(prefix="mlplatform-release-bench-"))
@@ -600,7 +596,7 @@ def release_cost(args: argparse.Namespace) -> int:
         run_platform(stack)  # v2, the challenger of the canary and the shadow
         apps = {name: name.replace(" ", "-") for name in releases()}
         for name, release in releases().items():
-            deploy_release(stack, apps[name], release)
+            deploy_app(stack.head, stack.serve_port, stack.tracking_uri, apps[name], release)
         print(f"platform home {home}; apps {', '.join(f'/{app}' for app in apps.values())}")
         for round_ in range(args.rounds):
             names = list(apps)
