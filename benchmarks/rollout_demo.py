@@ -214,6 +214,8 @@ class Demo:
         """What the endpoint says it serves."""
         health = self.served()
         release = health.get("release") or {}
+        if not release.get("challenger"):
+            release = {"champion": release.get("champion")} if release else {}
         served = ", ".join(f"{k} {v}" for k, v in release.items() if v is not None)
         return f"endpoint: champion v{health.get('model_version', '?')}" + (
             f", release {served}" if served else ""
