@@ -15,7 +15,7 @@ UV := .tools/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run serve test test-fast ui stop demo-drift lint format lock clean
+.PHONY: install run serve test test-fast ui stop demo-drift demo-rollout lint format lock clean
 
 install: $(BIN)/.installed
 
@@ -65,6 +65,10 @@ stop:
 ## demo-drift: the self-healing loop with the real daemon, timed (records benchmarks/RESULTS.md)
 demo-drift: install
 	$(BIN)/python benchmarks/drift_loop.py
+
+## demo-rollout: v2 rolled out shadow -> canary -> champion under live traffic, a bad v3 rolled back
+demo-rollout: install
+	$(BIN)/python benchmarks/rollout_demo.py
 
 ## lint: style (ruff) and the package's layers (import-linter contracts in pyproject.toml)
 lint: install

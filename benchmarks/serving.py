@@ -19,12 +19,20 @@ round with a closed-loop async client (aiohttp, a separate process, one connecti
 Appends a dated section to benchmarks/RESULTS.md (machine, load average, versions, medians with
 min-max over rounds, ratios against the targets). Every process it starts is stopped by pid.
 
+With ``--release-cost`` it measures what a rollout costs instead: ``python -m mlplatform run``
+twice (v1, v2), then three apps of the default deployment side by side on the same head, each
+serving a release: v1 alone, v1 with v2 in canary (v2 answers 20% of the requests) and v1 with
+v2 in shadow (v2 scores every request after the answer left, its predictions logged); single
+records from ``--concurrency`` closed-loop clients, the three alternating round by round.
+
     python benchmarks/serving.py [--duration-s 6] [--rounds 3] [--keep] [--no-record]
+    python benchmarks/serving.py --release-cost [--concurrency 16] [--rounds 3]
 """
 
 import argparse
 import asyncio
 import collections
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -45,10 +53,13 @@ from processes import LOOPBACK, REPO, free_port, start, stop, wait_for_port
 
 if TYPE_CHECKING:
     from mlplatform.serving.cluster import LocalHead
+    from mlplatform.serving.release import Release
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CONCURRENCIES = (1, 8, 32)
 BATCH_ROWS = 1_000
+RELEASE_TARGETS = {"canary": 0.90, "shadow": 0.75}  # req/s as a share of the one-model release
+CANARY_SHARE = 0.2
 TARGETS = {
     "ratio_32": 1.0,  # single records at concurrency 32: >= 1.0x the baseline's requests/s
     "p99_32_ms": 30.0,
@@ -191,22 +202,34 @@ def in_process_rows_per_s(model_uri: str, tracking_uri: str, records: list[dict]
     return rates
 
 
-def deploy_unprofiled(head: "LocalHead", serve_port: int, tracking_uri: str) -> None:
-    """The default deployment's settings without traffic profiling, as app ``noprofile``."""
+def deploy_app(
+    head: "LocalHead",
+    serve_port: int,
+    tracking_uri: str,
+    app_name: str,
+    release: "Release",
+    traffic_profiling: bool = True,
+) -> None:
+    """The default deployment's settings serving ``release``, as app ``app_name``.
+
+    The app answers under ``/<app_name>`` beside the platform's own endpoint, on the same head.
+    """
     from mlplatform.defs.serving import EndpointConfig
     from mlplatform.serving import cluster
+    from mlplatform.settings import load_settings
 
-    settings = EndpointConfig(traffic_profiling=False).serving_settings(
-        "models:/mlplatform@champion", tracking_uri
+    settings = EndpointConfig(traffic_profiling=traffic_profiling).serving_settings(
+        load_settings().model_name, tracking_uri
     )
     cluster.deploy(
         settings,
+        release=release,
         ray_address=None,
         host=LOOPBACK,
         port=serve_port,
-        app_name="noprofile",
+        app_name=app_name,
         local_head=head,
-        route_prefix="/noprofile",
+        route_prefix=f"/{app_name}",
     )
 
 
@@ -222,6 +245,90 @@ def endpoint_deploy_seconds(dagster_home: Path) -> float:
     with dg.DagsterInstance.get() as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey("model_endpoint"))
     return float(event.asset_materialization.metadata["deploy_seconds"].value)
+
+
+@dataclasses.dataclass
+class Platform:
+    """The platform the benchmark started: its home, Ray head, environment and endpoint."""
+
+    home: Path
+    head: "LocalHead"
+    env: dict[str, str]
+    serve_port: int
+    tracking_uri: str
+    startup_s: dict[str, float]
+
+    @property
+    def url(self) -> str:
+        """The endpoint's base URL."""
+        return f"http://{LOOPBACK}:{self.serve_port}"
+
+
+def start_platform(home: Path, processes: list[subprocess.Popen]) -> Platform:
+    """A Ray head on free ports, then ``python -m mlplatform run`` in the platform home ``home``.
+
+    The head is started here in the foreground (added to ``processes``, so it stops by pid) with
+    the environment the platform gives its own head, so the endpoint is the default deployment.
+    """
+    ray_port, serve_port = free_port(), free_port()
+    os.environ.update(
+        {
+            "MLPLATFORM_HOME": str(home),
+            "DAGSTER_HOME": str(home / "dagster"),
+            "MLPLATFORM_RAY_PORT": str(ray_port),
+            "MLPLATFORM_SERVE_PORT": str(serve_port),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+    )
+    os.environ.pop("RAY_ADDRESS", None)
+    (home / "dagster").mkdir(parents=True)
+    shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
+    from mlplatform.serving.cluster import LocalHead
+    from mlplatform.settings import load_settings
+
+    head = LocalHead(ray_port, load_settings().ray_dir)
+    env = head.environment()  # what `LocalHead.ensure_running` gives the platform's own head
+    stack = Platform(home, head, env, serve_port, f"sqlite:///{home / 'mlflow' / 'mlflow.db'}", {})
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+        f"--node-ip-address={LOOPBACK}", f"--port={ray_port}", "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    started = time.monotonic()
+    processes.append(start(command, env, home / "ray.log"))
+    wait_for_port(ray_port, 120)
+    stack.startup_s["ray_head"] = time.monotonic() - started
+    started = time.monotonic()
+    run_platform(stack)
+    stack.startup_s["mlplatform_run"] = time.monotonic() - started
+    stack.startup_s["ours_first_deploy"] = endpoint_deploy_seconds(home / "dagster")
+    print(f"`python -m mlplatform run`: {stack.startup_s['mlplatform_run']:.0f} s")
+    return stack
+
+
+def run_platform(stack: Platform) -> None:
+    """``python -m mlplatform run`` (train, register, evaluate, deploy), its output to run.log."""
+    with (stack.home / "run.log").open("a") as log:
+        subprocess.run(
+            [sys.executable, "-m", "mlplatform", "run"],
+            env=stack.env,
+            cwd=REPO,
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_platform(processes: list[subprocess.Popen], stack: Platform | None) -> None:
+    """Stop every process started (by pid), then check that HAProxy went with the head."""
+    for process in reversed(processes):
+        stop(process, timeout_s=60.0)
+    if stack is None:
+        return
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        if sock.connect_ex((LOOPBACK, stack.serve_port)) == 0:
+            print(f"something still listens on {stack.url} after the head stopped")
 
 
 def summary(runs: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
@@ -242,33 +349,25 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
     parser.add_argument("--keep", action="store_true", help="keep the temporary platform home")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument(
+        "--release-cost",
+        action="store_true",
+        help="instead: a one-model release vs a two-model canary vs shadow, side by side",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="clients of the --release-cost run (16)"
+    )
     args = parser.parse_args()
 
+    if args.release_cost:
+        return release_cost(args)
     home = Path(tempfile.mkdtemp(prefix="mlplatform-serving-bench-"))
-    ray_port, serve_port, baseline_port = free_port(), free_port(), free_port()
-    platform_env = {
-        "MLPLATFORM_HOME": str(home),
-        "DAGSTER_HOME": str(home / "dagster"),
-        "MLPLATFORM_RAY_PORT": str(ray_port),
-        "MLPLATFORM_SERVE_PORT": str(serve_port),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    }
-    os.environ.update(platform_env)
-    os.environ.pop("RAY_ADDRESS", None)
-    (home / "dagster").mkdir(parents=True)
-    shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
-    from mlplatform.serving.cluster import LocalHead
-    from mlplatform.settings import load_settings
-
-    head = LocalHead(ray_port, load_settings().ray_dir)
-    env = head.environment()  # what `LocalHead.ensure_running` gives the platform's own head
-    tracking_uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
-    ours = f"http://{LOOPBACK}:{serve_port}"
+    baseline_port = free_port()
     baseline = f"http://{LOOPBACK}:{baseline_port}"
-    bin_dir = Path(sys.executable).parent
     load_before = os.getloadavg()
     processes: list[subprocess.Popen] = []
-    results: dict[str, Any] = {"startup_s": {}}
+    results: dict[str, Any] = {}
+    stack: Platform | None = None
 
     singles = demo_records(512, seed=5)
     bodies = home / "single.json"
@@ -278,28 +377,10 @@ def main() -> int:
     batch_bodies.write_text(json.dumps([json.dumps({"records": batch_records})]))
     probe = json.dumps({"records": singles[:1]}).encode()
     try:
-        head = [
-            str(bin_dir / "ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
-            f"--port={ray_port}", "--include-dashboard=false", "--disable-usage-stats",
-        ]  # fmt: skip
-        started = time.monotonic()
-        processes.append(start(head, env, home / "ray.log"))
-        wait_for_port(ray_port, 120)
-        results["startup_s"]["ray_head"] = time.monotonic() - started
+        stack = start_platform(home, processes)
+        head, env, serve_port = stack.head, stack.env, stack.serve_port
+        tracking_uri, ours, results["startup_s"] = stack.tracking_uri, stack.url, stack.startup_s
         print(f"platform home {home}; endpoint {ours}; baseline {baseline}")
-        started = time.monotonic()
-        subprocess.run(
-            [sys.executable, "-m", "mlplatform", "run"],
-            env=env,
-            cwd=REPO,
-            check=True,
-            stdout=(home / "run.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        results["startup_s"]["mlplatform_run"] = time.monotonic() - started
-        results["startup_s"]["ours_first_deploy"] = endpoint_deploy_seconds(home / "dagster")
-        print(f"`python -m mlplatform run`: {results['startup_s']['mlplatform_run']:.0f} s")
-
         started = time.monotonic()
         processes.append(
             start(
@@ -313,7 +394,10 @@ def main() -> int:
         )
         results["startup_s"]["baseline"] = first_200(f"{baseline}/predict", probe, started)
         started = time.monotonic()
-        deploy_unprofiled(head, serve_port, tracking_uri)
+        from mlplatform.serving.release import Release
+
+        champion = httpx.get(f"{ours}/healthz", timeout=10).json()["model_version"]
+        deploy_app(head, serve_port, tracking_uri, "noprofile", Release(champion=champion), False)
         results["startup_s"]["ours_new_app"] = first_200(
             f"{ours}/noprofile/predict", probe, started
         )
@@ -360,12 +444,7 @@ def main() -> int:
         results["in_process_rows_per_s"] = statistics.median(in_process)
         results["runs"] = {f"{name}@{c}": value for (name, c), value in runs.items()}
     finally:
-        for process in reversed(processes):
-            stop(process, timeout_s=60.0)
-        with socket.socket() as sock:  # HAProxy must not outlive the head
-            sock.settimeout(0.5)
-            if sock.connect_ex((LOOPBACK, serve_port)) == 0:
-                print(f"something still listens on {LOOPBACK}:{serve_port} after the head stopped")
+        stop_platform(processes, stack)
     results["load_average"] = (load_before, os.getloadavg())
     figures = report(results, args)
     print("\n".join(figures))
@@ -481,6 +560,114 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
         f"| profiling cost <= {TARGETS['profiling_cost']:.0%} ({BATCH_ROWS}-record requests) "
         f"| {bulk_cost:.1%} | {verdict(bulk_cost <= TARGETS['profiling_cost'])} |",
     ]
+    return lines
+
+
+def releases() -> dict[str, "Release"]:
+    """The three releases compared: v1 alone, v2 in canary beside it, v2 in shadow beside it."""
+    from mlplatform.serving.release import Release
+
+    return {
+        "one model": Release(champion="1"),
+        "canary": Release(
+            champion="1",
+            challenger="2",
+            stage="canary",
+            canary_share=CANARY_SHARE,
+            rollout_id="benchmark-canary",
+        ),
+        "shadow": Release(
+            champion="1", challenger="2", stage="shadow", rollout_id="benchmark-shadow"
+        ),
+    }
+
+
+def release_cost(args: argparse.Namespace) -> int:
+    """Single-record throughput of a one-model release, a canary and a shadow, side by side."""
+    home = Path(tempfile.mkdtemp(prefix="mlplatform-release-bench-"))
+    processes: list[subprocess.Popen] = []
+    stack: Platform | None = None
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    bodies = home / "single.json"
+    bodies.write_text(json.dumps([json.dumps({"records": [r]}) for r in demo_records(512, seed=5)]))
+    try:
+        stack = start_platform(home, processes)
+        run_platform(stack)  # v2, the challenger of the canary and the shadow
+        apps = {name: name.replace(" ", "-") for name in releases()}
+        for name, release in releases().items():
+            deploy_app(stack.head, stack.serve_port, stack.tracking_uri, apps[name], release)
+        print(f"platform home {home}; apps {', '.join(f'/{app}' for app in apps.values())}")
+        for round_ in range(args.rounds):
+            names = list(apps)
+            names = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for name in names:
+                time.sleep(2)  # let the recorder and the shadow finish the previous run's work
+                url = f"{stack.url}/{apps[name]}/predict"
+                run = load(url, bodies, args.concurrency, args.duration_s)
+                runs[name].append(run)
+                print(
+                    f"round {round_ + 1} {name:9} {run['requests_per_s']:7.0f} req/s  "
+                    f"p50 {run['p50_ms']:6.1f} ms  p99 {run['p99_ms']:6.1f} ms  "
+                    f"failures {run['failures'] or 0}"
+                )
+    finally:
+        _leave_ray()
+        stop_platform(processes, stack)
+    figures = release_report(dict(runs), args, (load_before, os.getloadavg()))
+    print("\n".join(figures))
+    if not args.no_record:
+        with RESULTS.open("a") as handle:
+            handle.write("\n".join(["", *figures, ""]))
+    if not args.keep:
+        shutil.rmtree(home, ignore_errors=True)
+    return 0 if sum(failures(value) for value in runs.values()) == 0 else 1
+
+
+def _leave_ray() -> None:
+    """Disconnect from the head this process deployed to, before it stops."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
+def release_report(
+    runs: dict[str, list[dict[str, Any]]],
+    args: argparse.Namespace,
+    load_average: tuple[tuple[float, ...], tuple[float, ...]],
+) -> list[str]:
+    """The Markdown section for RESULTS.md: each release's figures and its ratio to one model."""
+    versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("ray", "lightgbm"))
+    before, after = load_average
+    one = summary(runs["one model"], "requests_per_s")[0]
+    lines = [
+        f"### Serving: the cost of a rollout ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, {versions}. Load "
+        f"average {before[0]:.1f} before, {after[0]:.1f} after. Single-record requests from "
+        f"{args.concurrency} closed-loop clients (aiohttp, its own process, 1 s warm-up), "
+        f"{args.rounds} rounds of {args.duration_s:g} s per release, the three alternating; "
+        "median (min-max). Each release is an app of the default deployment (1 replica, "
+        f"traffic profiling and the prediction log on); canary: v2 answers {CANARY_SHARE:.0%} "
+        "of the requests; shadow: v2 scores every request after the answer left.",
+        "",
+        "| release | req/s | share of one model | target | p50 / p99 ms | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, values in runs.items():
+        rate, low, high = summary(values, "requests_per_s")
+        target = RELEASE_TARGETS.get(name)
+        verdict = (
+            ""
+            if target is None
+            else f">= {target:.0%}: {'met' if rate / one >= target else '**not met**'}"
+        )
+        lines.append(
+            f"| {name} | {rate:.0f} ({low:.0f}-{high:.0f}) | {rate / one:.0%} | {verdict} "
+            f"| {summary(values, 'p50_ms')[0]:.1f} / {summary(values, 'p99_ms')[0]:.1f} "
+            f"| {failures(values)} |"
+        )
     return lines
 
 

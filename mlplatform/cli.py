@@ -306,6 +306,7 @@ def simulate_traffic(args: argparse.Namespace) -> int:
         label_delay_s=args.label_delay,
         predict_key=predict_key,
         feedback_key=feedback_key,
+        users=args.users,
     )
     print(report.summary())
     return 0 if report.ok else 1
@@ -420,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sim.add_argument("--label-delay", type=float, default=2.0, help="seconds before labels (2)")
     sim.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    sim.add_argument(
+        "--users",
+        type=int,
+        default=None,
+        help="simulated users, each naming itself in the X-Request-Key header (none)",
+    )
     sim.add_argument("--url", default=None, help="endpoint URL (default: the platform's)")
     args = parser.parse_args(argv)
     if args.command == "simulate":

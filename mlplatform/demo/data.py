@@ -8,6 +8,7 @@ and the relationship between features and default, as the economy turning would.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,70 @@ def generate_loans(
         frame.loc[rng.random(n) < share, column] = np.nan
     frame.loc[rng.random(n) < 0.02, "purpose"] = None
     return frame
+
+
+@dataclasses.dataclass(frozen=True)
+class Extract:
+    """One export of the loan book, as the upstream job writes it for a retrain.
+
+    Attributes:
+        n_rows: applications in the export.
+        seed: its random seed.
+        drift: how far its population has moved (see :func:`generate_loans`).
+        start: its first application date (it spans a year).
+        mislabelled_region: a region whose every loan the export marks as defaulted, as an
+            upstream bug would (the region's repayments missing from the join); ``None`` for a
+            sound export.
+
+    """
+
+    n_rows: int
+    seed: int
+    drift: float
+    start: str
+    mislabelled_region: str | None = None
+
+
+ROLLOUT_LIVE_DRIFT = 0.6
+"""How far today's applicants (the rollout demo's live traffic) are from last year's."""
+
+ROLLOUT_EXTRACTS = (
+    Extract(3000, seed=21, drift=0.0, start="2024-07-01"),
+    Extract(6000, seed=22, drift=ROLLOUT_LIVE_DRIFT, start="2025-07-01"),
+    Extract(6000, seed=23, drift=ROLLOUT_LIVE_DRIFT, start="2025-07-01", mislabelled_region="east"),
+)
+"""The rollout demo's three exports, one per retrain.
+
+v1 learns from last year's applicants; v2 from this year's, who are today's too: it is better
+live. v3 learns from an export whose join lost the east region's repayments, so every east loan
+reads as defaulted. Its test split carries the same bug, so the offline gate passes it (it ranks
+the east loans first, as the bad labels say); live traffic and its labels are sound, and there
+it scores the east region far too high and ranks worse than v2.
+"""
+
+
+def generate_extract(extract: Extract) -> pd.DataFrame:
+    """The applications of one export, with the export's labelling bug if it has one."""
+    frame = generate_loans(
+        extract.n_rows, seed=extract.seed, drift=extract.drift, start=extract.start
+    )
+    if extract.mislabelled_region is not None:
+        frame.loc[frame["region"] == extract.mislabelled_region, TARGET] = 1
+    return frame
+
+
+def write_extract(path: Path, extract: Extract) -> Path:
+    """Replace the file at ``path`` with one export (atomically), as the upstream job does.
+
+    Returns:
+        ``path``.
+
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    generate_extract(extract).to_csv(temporary, index=False)
+    temporary.replace(path)
+    return path
 
 
 def write_demo_source(directory: Path, n_rows: int = 5000, drift: float = 0.0) -> Path:

@@ -4,6 +4,8 @@
 applications at a steady rate (open loop, like real clients), posts the true outcome of a share of
 them to ``POST /feedback`` after a delay (as labels arrive in real life), and, with drift, moves
 the demo training source to the drifted population too, so that a retrain on fresh data helps.
+With ``users``, each request comes from one of that many simulated users and names it in the
+``X-Request-Key`` header, so a canary answers each user with the same model throughout.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ from mlplatform.demo.data import TARGET, generate_loans
 # Columns the demo generator adds that are not model inputs.
 _NOT_INPUTS = (TARGET, "application_id")
 
+# The endpoint's header naming the role of the model that answered (champion, canary).
+ROLE_HEADER = "X-Model-Role"
+# The header a request is assigned to a model of the release by (``serving.release``); repeated
+# here because the demo sits below the serving layer.
+REQUEST_KEY_HEADER = "X-Request-Key"
+
+
+def user_key(number: int) -> str:
+    """The request key of simulated user ``number``."""
+    return f"user-{number:05d}"
+
 
 @dataclasses.dataclass(frozen=True)
 class SimulationReport:
@@ -37,6 +50,9 @@ class SimulationReport:
         latency_ms_p50: median request latency.
         latency_ms_p99: 99th percentile request latency.
         versions: model versions that answered, with their request counts.
+        roles: the answering model's role (``champion``, ``canary``), with request counts; empty
+            when the endpoint does not name it.
+        users: simulated users who answered by role: ``{role: distinct users}``.
         labels_sent: ground-truth labels posted to /feedback.
         labels_matched: labels the endpoint matched to a logged prediction.
         seconds: wall-clock duration.
@@ -53,10 +69,14 @@ class SimulationReport:
     labels_sent: int
     labels_matched: int
     seconds: float
+    roles: dict[str, int] = dataclasses.field(default_factory=dict)
+    users: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for the terminal."""
         versions = ", ".join(f"v{v}: {n}" for v, n in sorted(self.versions.items()))
+        if self.roles:
+            versions += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(self.roles.items())) + ")"
         return (
             f"{self.requests} requests ({self.records} records) in {self.seconds:.1f} s: "
             f"{self.ok} ok, errors {self.errors or 'none'}; latency p50 {self.latency_ms_p50:.1f} "
@@ -106,21 +126,28 @@ async def _simulate(
     seed: int,
     predict_key: str | None,
     feedback_key: str | None,
+    users: int | None,
 ) -> SimulationReport:
     rng = np.random.default_rng(seed)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     versions: dict[str, int] = {}
+    roles: dict[str, int] = {}
+    users_by_role: dict[str, set[str]] = {}
     answered: list[tuple[str, int]] = []  # (request_id, first record's position)
     n_requests = max(1, int(rate * duration_s))
+    senders = rng.integers(0, users, n_requests) if users else None
     started = time.perf_counter()
 
     async def send(client: httpx.AsyncClient, number: int) -> None:
         first = (number * batch_size) % len(records)
         body = {"records": [records[(first + i) % len(records)] for i in range(batch_size)]}
+        headers = _bearer(predict_key)
+        if senders is not None:
+            headers[REQUEST_KEY_HEADER] = user_key(int(senders[number]))
         sent = time.perf_counter()
         try:
-            response = await client.post(f"{url}/predict", json=body, headers=_bearer(predict_key))
+            response = await client.post(f"{url}/predict", json=body, headers=headers)
         except httpx.HTTPError as error:
             errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
             return
@@ -130,6 +157,10 @@ async def _simulate(
             return
         answer = response.json()
         versions[answer["model_version"]] = versions.get(answer["model_version"], 0) + 1
+        role = response.headers.get(ROLE_HEADER)
+        if role is not None:
+            roles[role] = roles.get(role, 0) + 1
+            users_by_role.setdefault(role, set()).add(headers.get(REQUEST_KEY_HEADER, ""))
         answered.append((answer["request_id"], first))
 
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -172,6 +203,8 @@ async def _simulate(
         labels_sent=labels_sent,
         labels_matched=labels_matched,
         seconds=time.perf_counter() - started,
+        roles=roles,
+        users={role: len(keys - {""}) for role, keys in users_by_role.items()},
     )
 
 
@@ -186,6 +219,7 @@ def simulate(
     label_delay_s: float = 2.0,
     predict_key: str | None = None,
     feedback_key: str | None = None,
+    users: int | None = None,
 ) -> SimulationReport:
     """Send demo traffic to the endpoint at ``url`` and, optionally, labels for it.
 
@@ -200,13 +234,16 @@ def simulate(
         label_delay_s: wait before posting labels (predictions are logged within a second).
         predict_key: the API key sent with predictions (``None``: an endpoint without keys).
         feedback_key: the API key sent with labels (a key with the ``feedback`` scope).
+        users: simulated users the requests come from, each naming itself in the
+            ``X-Request-Key`` header (``None``: no key; the endpoint assigns by request id).
 
     Raises:
-        ValueError: on a non-positive rate, duration or batch size, or drift outside [0, 1].
+        ValueError: on a non-positive rate, duration, batch size or number of users, or drift
+            outside [0, 1].
 
     """
-    if rate <= 0 or duration_s <= 0 or batch_size < 1:
-        raise ValueError("rate, duration and batch size must be positive")
+    if rate <= 0 or duration_s <= 0 or batch_size < 1 or (users is not None and users < 1):
+        raise ValueError("rate, duration, batch size and users must be positive")
     n_records = max(1, int(rate * duration_s)) * batch_size
     records, labels = traffic_records(min(n_records, 200_000), drift, seed)
     return asyncio.run(
@@ -222,5 +259,6 @@ def simulate(
             seed,
             predict_key,
             feedback_key,
+            users,
         )
     )
