@@ -33,6 +33,7 @@ from mlplatform.serving.keys import (
 )
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.routes import build_api
+from mlplatform.serving.release import Release
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.status import collect_status
 from mlplatform_tests.support import deployed, free_port, train_champion
@@ -474,7 +475,11 @@ def test_a_keyed_endpoint_through_ray_serve_never_shows_a_key(
         keyless = simulate(url, rate=10, duration_s=0.5)
 
     assert status["predict"].served_version == "1" and "traffic" in status["predict"].endpoint
-    assert status["none"].endpoint == {"status": "ok", "model_version": "1"}
+    assert status["none"].endpoint == {
+        "status": "ok",
+        "model_version": "1",
+        "release": Release(champion="1").model_dump(),
+    }
     assert status["unknown"].endpoint is None
     assert status["unknown"].endpoint_error == (
         "/healthz refused the API key (HTTP 401): check MLPLATFORM_API_KEY"
