@@ -32,8 +32,8 @@ from mlplatform.serving.keys import (
     parse_api_keys,
 )
 from mlplatform.serving.model import ServedModel, load_served_model
-from mlplatform.serving.routes import build_api
 from mlplatform.serving.release import Release
+from mlplatform.serving.routes import build_api
 from mlplatform.serving.settings import ServingKnobs, ServingSettings
 from mlplatform.status import collect_status
 from mlplatform_tests.support import deployed, free_port, train_champion
