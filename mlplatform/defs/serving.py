@@ -292,7 +292,8 @@ def model_endpoint(
         raise EndpointDeployError(message) from None
     headers = bearer_headers(key_for(keys, "predict"))
     try:
-        preflight(champion.uri, mlflow_tracking.tracking_uri)
+        if not (before.status == "serving" and before.version == champion.version):
+            preflight(champion.uri, mlflow_tracking.tracking_uri)  # not once it serves already
     except UnservableModel as error:
         # Nothing was rolled: whatever served before still serves.
         raise _deploy_failed(context, mlflow_tracking, champion, before, str(error)) from None
