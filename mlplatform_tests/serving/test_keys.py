@@ -382,7 +382,10 @@ def test_without_keys_every_route_stays_open(champion):
         "model_name",
         "model_version",
         "pid",
+        "release",
         "traffic",
+        "versions",
+        "shadow",
         "feedback",
     }
 
