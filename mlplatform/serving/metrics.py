@@ -25,6 +25,9 @@ version's part in the release, ``champion``, ``shadow`` or ``canary``.
 ``mlplatform_release_version``              1 for each version the release serves, by ``role``
 ``mlplatform_rollbacks_total``              challengers dropped without being promoted, by the
                                             ``stage`` they were in (counted by every replica)
+``mlplatform_rollback_timestamp_seconds``   when the last rollback was seen (alerts use it: a
+                                            counter's first increment is invisible to
+                                            ``increase()``)
 ``mlplatform_profiler``                     the traffic profiler's counters (``counter``: the
                                             fields of ``TrafficStatus``; its losses are
                                             ``dropped_requests`` and ``dropped_rows``)
@@ -91,6 +94,7 @@ METRIC_NAMES = (
     "mlplatform_canary_share",
     "mlplatform_release_version",
     "mlplatform_rollbacks_total",
+    "mlplatform_rollback_timestamp_seconds",
     "mlplatform_profiler",
     "mlplatform_profiler_up",
     "mlplatform_feature_drift",
@@ -187,6 +191,11 @@ class _RayMetrics:
         self.rollbacks = serve_metrics.Counter(
             "mlplatform_rollbacks",
             "Challengers dropped from the release without being promoted.",
+            ("model", "model_version", "stage"),
+        )
+        self.rollback_time = serve_metrics.Gauge(
+            "mlplatform_rollback_timestamp_seconds",
+            "When the last rollback was seen (unix seconds).",
             ("model", "model_version", "stage"),
         )
         self.profiler = serve_metrics.Gauge(
@@ -336,9 +345,9 @@ class EndpointMetrics:
         if previous is not None and previous.challenger is not None:
             dropped = release.challenger != previous.challenger
             if dropped and release.champion == previous.champion:
-                metrics.rollbacks.inc(
-                    1, {"model_version": previous.challenger, "stage": str(previous.stage)}
-                )
+                tags = {"model_version": previous.challenger, "stage": str(previous.stage)}
+                metrics.rollbacks.inc(1, tags)
+                metrics.rollback_time.set(time.time(), tags)
         stage = release.stage or "none"
         for each in STAGES:
             metrics.stage.set(1.0 if each == stage else 0.0, {"stage": each})
