@@ -55,6 +55,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -318,14 +319,15 @@ class EndpointMetrics:
             counts = bucket_counts(predictions, self._metrics.value_buckets)
         else:
             counts = bucket_counts(scores_of(scores), SCORE_BUCKETS)
-            classes = collections.Counter(map(str, predictions))
+            # Counted by value, then named: str() per class, not per record.
+            classes = {predictions[0]: 1} if len(predictions) == 1 else Counter(predictions)
         key = (version, role)
         with self._lock:
             pending = self._pending
             table = pending.values if classes is None else pending.scores
             if classes is not None:
                 for label, n in classes.items():
-                    pending.classes[(version, role, label)] += n
+                    pending.classes[(version, role, str(label))] += n
             kept = table.get(key)
             if kept is None:
                 table[key] = counts
