@@ -283,6 +283,11 @@ class EndpointMetrics:
         self._flush_interval_s = flush_interval_s
         self._drift_poll_s = drift_poll_s
         self._next_drift_check = 0.0
+        # Every gauge's last value by its labels, set again on every flush: Ray's metrics
+        # agent forgets a gauge not set within two report intervals (about 20 s).
+        self._gauges: dict[
+            tuple[str, tuple[tuple[str, str], ...]], tuple[Any, float, dict[str, str]]
+        ] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -349,27 +354,29 @@ class EndpointMetrics:
             if dropped and release.champion == previous.champion:
                 tags = {"model_version": previous.challenger, "stage": str(previous.stage)}
                 metrics.rollbacks.inc(1, tags)
-                metrics.rollback_time.set(time.time(), tags)
+                self._set(metrics.rollback_time, time.time(), tags)
         stage = release.stage or "none"
         for each in STAGES:
-            metrics.stage.set(1.0 if each == stage else 0.0, {"stage": each})
-        metrics.canary_share.set(release.canary_share if release.stage == "canary" else 0.0)
+            self._set(metrics.stage, 1.0 if each == stage else 0.0, {"stage": each})
+        self._set(metrics.canary_share, release.canary_share if release.stage == "canary" else 0.0)
         served = _served(release)
         before = set() if previous is None else _served(previous)
         for version, role in before | served:
-            metrics.release_version.set(
-                1.0 if (version, role) in served else 0.0, {"model_version": version, "role": role}
+            self._set(
+                metrics.release_version,
+                1.0 if (version, role) in served else 0.0,
+                {"model_version": version, "role": role},
             )
         self._release = release
 
     def set_traffic(self, version: str, role: str, status: TrafficStatus) -> None:
         """Export the traffic profiler's counters and whether it is up."""
         tags = {"model_version": version, "role": role}
-        self._metrics.profiler_up.set(1.0 if status.status == "ok" else 0.0, tags)
+        self._set(self._metrics.profiler_up, 1.0 if status.status == "ok" else 0.0, tags)
         for field in dataclasses.fields(status):
             value = getattr(status, field.name)
             if isinstance(value, int):  # the counts, not status and reason
-                self._metrics.profiler.set(float(value), tags | {"counter": field.name})
+                self._set(self._metrics.profiler, float(value), tags | {"counter": field.name})
 
     def set_drift(self, summary: DriftSummary) -> None:
         """Export each feature's drift from a drift report; features it no longer has go to 0."""
@@ -377,15 +384,24 @@ class EndpointMetrics:
         current = set()
         for feature in summary.features:
             tags = {"model_version": summary.model_version, "feature": feature.feature}
-            metrics.drift.set(feature.effect or 0.0, tags | {"test": feature.test})
-            metrics.drifted.set(1.0 if feature.drifted else 0.0, tags)
+            self._set(metrics.drift, feature.effect or 0.0, tags | {"test": feature.test})
+            self._set(metrics.drifted, 1.0 if feature.drifted else 0.0, tags)
             current.add((summary.model_version, feature.feature, feature.test))
         for version, name, test in self._drift_versions - current:
             tags = {"model_version": version, "feature": name}
-            metrics.drift.set(0.0, tags | {"test": test})
-            metrics.drifted.set(0.0, tags)
+            self._set(metrics.drift, 0.0, tags | {"test": test})
+            self._set(metrics.drifted, 0.0, tags)
         self._drift_versions = current
-        metrics.drift_time.set(summary.reported_at, {"model_version": summary.model_version})
+        self._set(metrics.drift_time, summary.reported_at, {"model_version": summary.model_version})
+
+    def _set(
+        self, gauge: serve_metrics.Gauge, value: float, tags: dict[str, str] | None = None
+    ) -> None:
+        """Set a gauge and keep its value, to set it again on every flush."""
+        tags = tags or {}
+        with self._lock:
+            self._gauges[(gauge.info["name"], tuple(sorted(tags.items())))] = (gauge, value, tags)
+        gauge.set(value, tags)
 
     def add_collector(self, collect: Callable[[], None]) -> None:
         """Run ``collect`` on every flush (to set gauges from state read then, off the requests)."""
@@ -419,6 +435,10 @@ class EndpointMetrics:
         for collect in self._collectors:
             collect()
         self._check_drift()
+        with self._lock:
+            gauges = list(self._gauges.values())
+        for gauge, value, tags in gauges:
+            gauge.set(value, tags)
 
     def _check_drift(self) -> None:
         now = time.monotonic()
