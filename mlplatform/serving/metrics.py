@@ -8,7 +8,9 @@ platform's Prometheus configuration (``deploy/prometheus/prometheus.yml``) strip
 so the names below are what queries use.
 
 Every series carries ``model`` (the registered model), ``model_version`` and ``role``: the
-version's part in the release, ``champion``, ``shadow`` or ``canary``.
+version's part in the release, ``champion``, ``shadow`` or ``canary``. A challenger in shadow
+answers no request: it has predictions and scores, not requests, errors or latency (the
+rollout's evidence files time its scoring).
 
 ==========================================  =====================================================
 ``mlplatform_requests_total``               ``POST /predict`` requests, by ``code`` class (2xx..)
