@@ -352,7 +352,12 @@ def show_status(as_json: bool = False, rollout_only: bool = False) -> int:
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     with dagster_instance() as instance:
         status = collect_status(
-            instance, client, settings.model_name, settings.endpoint_url, headers=headers
+            instance,
+            client,
+            settings.model_name,
+            settings.endpoint_url,
+            headers=headers,
+            metrics_url=settings.metrics_url,
         )
     if rollout_only:
         print(status.rollout_text())

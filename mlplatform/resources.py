@@ -357,7 +357,9 @@ class RayServe(dg.ConfigurableResource):
             host=self.serve_host,
             port=self.port or settings.serve_port,
             app_name=self.app_name,
-            local_head=cluster.LocalHead(settings.ray_port, settings.ray_dir),
+            local_head=cluster.LocalHead(
+                settings.ray_port, settings.ray_dir, metrics_port=settings.metrics_port
+            ),
             timeout_s=timeout_s,
             api_keys=key_digests(self.api_keys()),
             release=release,

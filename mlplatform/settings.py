@@ -18,6 +18,7 @@ DEFAULT_MODEL_NAME = "mlplatform"
 DEFAULT_SERVE_HOST = "127.0.0.1"
 DEFAULT_SERVE_PORT = 8000
 DEFAULT_RAY_PORT = 6379
+DEFAULT_METRICS_PORT = 9400
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,8 @@ class PlatformSettings:
         serve_host: the interface the endpoint listens on.
         serve_port: the endpoint's HTTP port.
         ray_port: the GCS port of the local Ray head (when ``ray_address`` is ``None``).
+        metrics_port: where the local Ray head serves the endpoint's Prometheus metrics (on
+            127.0.0.1: ``http://127.0.0.1:<port>/metrics``).
         public_url: the endpoint's URL as clients reach it; ``None`` = ``http://host:port``.
         task: ``binary``, ``multiclass`` or ``regression``; ``None`` = infer from the target.
         sensitive_features: features whose fairness gap the promotion gate bounds.
@@ -51,6 +54,7 @@ class PlatformSettings:
     serve_host: str
     serve_port: int
     ray_port: int = DEFAULT_RAY_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
     public_url: str | None = None
     task: str | None = None
     sensitive_features: tuple[str, ...] = ()
@@ -96,6 +100,16 @@ class PlatformSettings:
         return self.home / "monitoring" / "feedback.sqlite"
 
     @property
+    def metrics_url(self) -> str | None:
+        """Where Prometheus scrapes the local head's metrics; ``None`` with a cluster of one's own.
+
+        On a cluster (``RAY_ADDRESS``), every node exports on its own metrics export port.
+        """
+        if self.ray_address is not None:
+            return None
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
     def endpoint_url(self) -> str:
         """The endpoint's base URL as clients reach it."""
         return self.public_url or f"http://{self.serve_host}:{self.serve_port}"
@@ -109,7 +123,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PlatformSettings:
     ``MLPLATFORM_MODEL_NAME`` (default ``mlplatform``), ``MLFLOW_TRACKING_URI`` (default SQLite
     under the home), ``RAY_ADDRESS``,
     ``MLPLATFORM_SERVE_HOST`` (default 127.0.0.1), ``MLPLATFORM_SERVE_PORT`` (default 8000),
-    ``MLPLATFORM_RAY_PORT`` (default 6379), ``MLPLATFORM_ENDPOINT_URL`` (default
+    ``MLPLATFORM_RAY_PORT`` (default 6379), ``MLPLATFORM_METRICS_PORT`` (default 9400, the local
+    head's Prometheus metrics), ``MLPLATFORM_ENDPOINT_URL`` (default
     ``http://<host>:<port>``; set it when clients reach the endpoint through another name) and
     ``MLPLATFORM_SENSITIVE_FEATURES`` (comma-separated; default none).
 
@@ -131,6 +146,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PlatformSettings:
         serve_host=env.get("MLPLATFORM_SERVE_HOST") or DEFAULT_SERVE_HOST,
         serve_port=_port(env, "MLPLATFORM_SERVE_PORT", DEFAULT_SERVE_PORT),
         ray_port=_port(env, "MLPLATFORM_RAY_PORT", DEFAULT_RAY_PORT),
+        metrics_port=_port(env, "MLPLATFORM_METRICS_PORT", DEFAULT_METRICS_PORT),
         public_url=(env.get("MLPLATFORM_ENDPOINT_URL") or "").rstrip("/") or None,
         task=env.get("MLPLATFORM_TASK") or None,
         sensitive_features=tuple(

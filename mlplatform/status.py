@@ -55,6 +55,8 @@ class PlatformStatus:
             paused, since when); ``None`` when none is.
         last_rollout: the latest rollout verdict with its evidence (from a sensor tick or a
             rollout_report run).
+        metrics_url: where Prometheus scrapes the endpoint's metrics (the local Ray head's
+            metrics export port); ``None`` when not known here (a Ray cluster of one's own).
 
     """
 
@@ -68,6 +70,7 @@ class PlatformStatus:
     decisions: list[dict[str, Any]]
     rollout: dict[str, Any] | None = None
     last_rollout: dict[str, Any] | None = None
+    metrics_url: str | None = None
 
     @property
     def served_version(self) -> str | None:
@@ -114,6 +117,8 @@ class PlatformStatus:
             agreement = "in sync" if self.in_sync else "NOT the champion"
             serving = f"v{self.served_version} at {self.endpoint_url} ({agreement})"
         lines = [f"Model:     {self.model_name}", f"Champion:  {champion}", f"Endpoint:  {serving}"]
+        if self.metrics_url:
+            lines.append(f"Metrics:   {self.metrics_url} (Prometheus scrape address)")
         traffic = (self.endpoint or {}).get("traffic")
         if traffic:
             counters = ", ".join(f"{name} {value}" for name, value in traffic.items())
@@ -214,6 +219,7 @@ def collect_status(
     decisions: int = 5,
     timeout_s: float = 5.0,
     headers: Mapping[str, str] | None = None,
+    metrics_url: str | None = None,
 ) -> PlatformStatus:
     """Ask the registry, the endpoint and the Dagster instance what they know now.
 
@@ -227,6 +233,7 @@ def collect_status(
         headers: the headers of the endpoint request: an API key with the ``predict`` scope
             gets its traffic counters too (without, an endpoint with keys answers its served
             version only).
+        metrics_url: the Prometheus scrape address to show.
 
     """
     champion, registry_error, rollout = None, None, None
@@ -259,4 +266,5 @@ def collect_status(
         decisions=[_metadata(record, _DECISION_FIELDS) for record in records.records],
         rollout=rollout,
         last_rollout=_last_rollout(instance),
+        metrics_url=metrics_url,
     )

@@ -84,7 +84,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHead]:
     # In this process too, before Ray reads them: driver and head agree on the serving path.
     for name, value in fast_ingress_environment(single_node=True).items():
         os.environ.setdefault(name, value)
-    head = LocalHead(free_port(), tmp_path_factory.mktemp("ray"))
+    # Its metrics export port too, for the tests that scrape it with Prometheus.
+    head = LocalHead(free_port(), tmp_path_factory.mktemp("ray"), metrics_port=free_port())
     address = head.ensure_running()
     try:  # stopped also when connecting to it fails, not only after the session
         os.environ.update(head.auth_environment())

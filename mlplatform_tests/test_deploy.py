@@ -288,7 +288,16 @@ def test_workspace_points_at_the_user_code_server(compose: dict[str, Any]) -> No
 
 def test_compose_services_build_the_right_dockerfiles(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "user_code", "webserver", "daemon", "ray-head"}
+    assert set(services) == {
+        "postgres",
+        "mlflow",
+        "user_code",
+        "webserver",
+        "daemon",
+        "ray-head",
+        "prometheus",
+        "grafana",
+    }
 
     assert build_dockerfile(services["user_code"]) == REPO / "Dockerfile"
     assert build_dockerfile(services["webserver"]) == DEPLOY / "Dockerfile.dagster"

@@ -8,7 +8,7 @@ from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.registry import champion_model
 from mlplatform.defs.training import candidate_model
 from mlplatform.resources import DataSource, MlflowTracking
-from mlplatform.settings import load_settings
+from mlplatform.settings import DEFAULT_METRICS_PORT, load_settings
 from mlplatform.status import PlatformStatus, collect_status
 from mlplatform_tests.support import free_port
 
@@ -27,7 +27,10 @@ def test_status_reports_each_source_on_its_own(instance, small_loans_csv):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     down = f"http://127.0.0.1:{free_port()}"  # nothing serves there
 
-    status = collect_status(instance, client, "mlplatform", down, timeout_s=2)
+    metrics_url = load_settings().metrics_url
+    status = collect_status(
+        instance, client, "mlplatform", down, timeout_s=2, metrics_url=metrics_url
+    )
 
     assert status.champion == "1" and status.registry_error is None
     assert status.endpoint is None and status.endpoint_error == "no answer: ConnectError"
@@ -38,6 +41,8 @@ def test_status_reports_each_source_on_its_own(instance, small_loans_csv):
     text = status.to_text()
     assert "Champion:  v1" in text and f"Endpoint:  down at {down}" in text
     assert "Drift:     no verdict yet" in text and "promoted v1: test roc_auc" in text
+    scrape = f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics"
+    assert f"Metrics:   {scrape} (Prometheus scrape address)" in text
     document = status.to_dict()
     assert document["in_sync"] is False and document["champion"] == "1"
 
@@ -84,3 +89,13 @@ def test_in_sync_means_the_whole_release():
     assert not status(in_shadow, shadow | {"stage": "canary"}).in_sync
     # A rollout of the champion itself (promoted by hand) is no part of the release.
     assert status(alone, shadow | {"challenger": "1"}).in_sync
+
+
+def test_metrics_port_setting_gives_the_local_heads_scrape_address(tmp_path):
+    settings = load_settings({"MLPLATFORM_HOME": str(tmp_path), "MLPLATFORM_METRICS_PORT": "9555"})
+    assert settings.metrics_port == 9555
+    assert settings.metrics_url == "http://127.0.0.1:9555/metrics"
+    # A cluster of one's own: every node exports on its own port, none of them ours to name.
+    assert load_settings({"RAY_ADDRESS": "ray://head:10001"}).metrics_url is None
+    with pytest.raises(ValueError, match="MLPLATFORM_METRICS_PORT must be a port number"):
+        load_settings({"MLPLATFORM_METRICS_PORT": "metrics"})

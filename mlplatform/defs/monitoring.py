@@ -23,6 +23,7 @@ from whylogs.core import DatasetProfileView
 from mlplatform.defs.serving import run_in_progress
 from mlplatform.model.registry import CHAMPION_ALIAS
 from mlplatform.monitoring import drift
+from mlplatform.monitoring.drift_summary import DriftSummary, write_drift_summary
 from mlplatform.monitoring.feedback import FeedbackStore, live_performance
 from mlplatform.monitoring.profiles import (
     SkippedFile,
@@ -194,7 +195,8 @@ def drift_report(
     context: dg.AssetExecutionContext, mlflow_tracking: MlflowTracking
 ) -> Iterator[dg.Output[dict[str, Any]] | dg.AssetCheckResult]:
     """The champion's live traffic against its training data: drift per feature, live metrics."""
-    assessment = assess_traffic(mlflow_tracking, load_settings(), load_monitoring_settings())
+    settings = load_settings()
+    assessment = assess_traffic(mlflow_tracking, settings, load_monitoring_settings())
     if isinstance(assessment, str):
         summary = f"No evaluation: {assessment}."
         context.log.info(summary)
@@ -202,6 +204,12 @@ def drift_report(
         yield dg.AssetCheckResult(check_name="no_drift", passed=True, description=summary)
         return
     result = assessment.evidence.result
+    # The endpoint's replicas export each feature's drift from this file (metric gauges).
+    write_drift_summary(
+        settings.traffic_dir,
+        mlflow_tracking.registered_model_name,
+        DriftSummary.from_result(result, assessment.evidence.model_version, now=time.time()),
+    )
     yield dg.Output(
         {"summary": result.summary(), "drifted_columns": result.drifted_columns},
         metadata=assessment_metadata(assessment),

@@ -28,10 +28,12 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
+from mlplatform.monitoring.drift_summary import drift_summary_path
 from mlplatform.monitoring.evidence import VersionCounts, write_counts
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.serving.keys import KeyDigests
 from mlplatform.serving.loopback import bind_replica_grpc_to_loopback
+from mlplatform.serving.metrics import EndpointMetrics
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.recording import TrafficSink
 from mlplatform.serving.release import Release
@@ -76,13 +78,15 @@ class ModelEndpoint:
         self._predict_batched.set_max_batch_size(self.settings.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self._closed = threading.Event()
+        model = None
         if self.settings.model_uri:  # one model, as `serve run ... model_uri=...` asks
             model = load_served_model(self.settings.model_uri, self.settings.tracking_uri)
             self.models[model.version] = model
-            self.model_name = model.name
+        self.model_name = model.name if model else str(self.settings.model_name)
+        self.metrics = self._start_metrics()
+        if model is not None:
             self.served = self._assemble(Release(champion=model.version))
-        else:
-            self.model_name = str(self.settings.model_name)
+            self.metrics.set_release(self.served.release)
         threading.Thread(target=self._write_evidence_every, name="evidence", daemon=True).start()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -94,6 +98,7 @@ class ModelEndpoint:
         release = Release.model_validate(user_config)
         served = await asyncio.to_thread(self._prepare, release)
         before, self.served = self.served, served
+        self.metrics.set_release(release)
         if before is not None:
             retired = set(self.sinks) - {self._sink_key(m) for m in served.members}
             sinks = [self.sinks.pop(key) for key in retired]
@@ -125,9 +130,27 @@ class ModelEndpoint:
         if release.rollout_id is not None and release.stage is not None:
             key = (release.rollout_id, release.stage, version)
             counts = self.counts.setdefault(key, VersionCounts())
-        member = ReleaseMember(model, role, counts=counts)
+        member = ReleaseMember(model, role, counts=counts, metrics=self.metrics)
         member.traffic = self._sink(member)
         return member
+
+    def _start_metrics(self) -> EndpointMetrics:
+        """The replica's Prometheus metrics, with the latest drift and the profilers' counters."""
+        traffic_dir = self.settings.traffic_dir
+        metrics = EndpointMetrics(
+            self.model_name,
+            drift_file=drift_summary_path(traffic_dir, self.model_name) if traffic_dir else None,
+        )
+
+        def profilers() -> None:
+            for member in self.served.members if self.served is not None else ():
+                if member.traffic is not None:
+                    metrics.set_traffic(
+                        member.version, member.role, member.traffic.current_status()
+                    )
+
+        metrics.add_collector(profilers)
+        return metrics.start()
 
     @staticmethod
     def _sink_key(member: ReleaseMember) -> tuple[str, bool]:
@@ -209,6 +232,7 @@ class ModelEndpoint:
             predict_single=self._predict_batched,
             api_keys=self.api_keys,
             shadow=self.shadow,
+            metrics=self.metrics,
         )
 
     def __del__(self) -> None:
@@ -219,6 +243,8 @@ class ModelEndpoint:
         self._closed.set()
         self.shadow.wait_idle(timeout_s=5)
         self._retire(list(self.sinks.values()))
+        if getattr(self, "metrics", None) is not None:  # None: __init__ failed before it
+            self.metrics.close()
 
     # Batch size and wait are set per replica from the settings, in __init__.
     @serve.batch

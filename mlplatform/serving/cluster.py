@@ -125,11 +125,15 @@ class LocalHead:
         state_dir: where the head's token and process group are kept (the platform home's
             ``ray/``). The token is used unless the environment names one of its own
             (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``).
+        metrics_port: where the head serves Prometheus metrics (Ray's metrics export port: the
+            endpoint's metrics, :mod:`mlplatform.serving.metrics`, and Ray's own). Ray binds it
+            to the node's address, 127.0.0.1 here; ``None`` lets Ray pick a free port.
 
     """
 
     port: int
     state_dir: Path
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -189,6 +193,12 @@ class LocalHead:
                 "stop the other server (or another Ray cluster: `make stop`) or set "
                 "MLPLATFORM_SERVE_PORT"
             )
+        if self.metrics_port is not None and port_is_open(LOOPBACK, self.metrics_port):
+            # Ray's agent would fail to bind it and the head would come up without metrics.
+            raise RuntimeError(
+                f"port {self.metrics_port} is already in use: stop what holds it or set "
+                "MLPLATFORM_METRICS_PORT"
+            )
         command = [
             _ray_executable(),
             "start",
@@ -198,6 +208,8 @@ class LocalHead:
             "--include-dashboard=false",
             "--disable-usage-stats",
         ]
+        if self.metrics_port is not None:
+            command.append(f"--metrics-export-port={self.metrics_port}")
         environment = self.environment()
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         starter = subprocess.Popen(

@@ -693,9 +693,13 @@ class TrafficSink:
                 unsettled_rows=self._unsettled_rows + self._pending_rows,
             )
 
+    def current_status(self) -> TrafficStatus:
+        """The counters as this replica knows them now, without asking the recorder process."""
+        return self._status(self._current, self._down_reason)
+
     def counters(self) -> ReplicaCounters:
         """The replica's counters as they are kept on disk (see the module's docstring)."""
-        status = self._status(self._current, self._down_reason)
+        status = self.current_status()
         return ReplicaCounters(
             model_name=self._model_name,
             model_version=self._model_version,

@@ -30,6 +30,7 @@ from pydantic_core import from_json, to_json
 from mlplatform.model.spec import FeatureKind, FeatureSpec
 from mlplatform.monitoring.feedback import FeedbackStore, FeedbackUnavailable
 from mlplatform.serving.keys import GRANTED_SCOPES, ApiKeyMiddleware, KeyDigests
+from mlplatform.serving.metrics import EndpointMetrics, RequestMetricsMiddleware
 from mlplatform.serving.model import ServedModel
 from mlplatform.serving.release import REQUEST_KEY_HEADER
 from mlplatform.serving.served import (
@@ -376,6 +377,7 @@ def _answer_with(member: ReleaseMember, requests: list[SingleRequest]) -> list[S
         member.traffic.record(request_ids, records, result)
     fields = member.model.response_fields(result)
     predictions, probabilities = fields["predictions"], fields["probabilities"]
+    member.observe(predictions, probabilities)
     return [
         _answer(
             member.model,
@@ -405,6 +407,7 @@ def build_api(
     predict_single: SinglePredictor | None = None,
     api_keys: KeyDigests | None = None,
     shadow: ShadowScorer | None = None,
+    metrics: EndpointMetrics | None = None,
 ) -> FastAPI:
     """The endpoint's FastAPI app around a release of loaded models.
 
@@ -422,6 +425,9 @@ def build_api(
             ``predict`` key.
         shadow: scores a challenger in shadow off the answer's path; ``None``: a scorer of the
             app's own.
+        metrics: where ``POST /predict`` requests are counted for Prometheus, by the version
+            and role their answer names (:mod:`mlplatform.serving.metrics`; the members of the
+            release count their predictions); ``None``: nowhere.
 
     Returns:
         The app, ready for any ASGI server (Ray Serve, uvicorn, FastAPI's ``TestClient``).
@@ -442,6 +448,12 @@ def build_api(
 
     if api_keys:
         api.add_middleware(ApiKeyMiddleware, digests=api_keys)
+    if metrics is not None:  # added last: outermost, so refused keys count too
+
+        def champion() -> str:
+            return current().champion.version
+
+        api.add_middleware(RequestMetricsMiddleware, metrics=metrics, champion=champion)
     _document_request_bodies(api, current, settings, bearer_auth=bool(api_keys))
 
     @api.exception_handler(InvalidRequest)
@@ -627,6 +639,7 @@ def _answer_many(
     if served.shadow is not None:
         shadow.submit(ShadowJob(served.shadow, request_id, records, 1))
     fields = member.model.response_fields(result)
+    member.observe(fields["predictions"], fields["probabilities"])
     return _answer(member.model, request_id, fields["predictions"], fields["probabilities"])
 
 

@@ -23,6 +23,7 @@ from mlplatform.serving.model import ServedModel
 from mlplatform.serving.release import Release
 
 if TYPE_CHECKING:  # the sink runs a Ray actor; the routes need only its record method
+    from mlplatform.serving.metrics import EndpointMetrics
     from mlplatform.serving.recording import TrafficSink
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class ReleaseMember:
         role: ``champion``, ``shadow`` or ``canary``.
         traffic: where its predictions are recorded (profiles, prediction log); ``None``: nowhere.
         counts: the rollout evidence it counts in the current stage; ``None`` outside a rollout.
+        metrics: where its predictions are counted for Prometheus; ``None``: nowhere.
 
     """
 
@@ -62,6 +64,7 @@ class ReleaseMember:
     role: Role
     traffic: TrafficSink | None = None
     counts: VersionCounts | None = None
+    metrics: EndpointMetrics | None = None
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -74,6 +77,11 @@ class ReleaseMember:
         if self.counts is not None:
             with self._lock:
                 self.counts.add(requests, errors, seconds * 1000)
+
+    def observe(self, predictions: list[Any], probabilities: list[Any] | None) -> None:
+        """Count predictions for Prometheus, as the endpoint answers them (see ``metrics``)."""
+        if self.metrics is not None:
+            self.metrics.observe_predictions(self.version, self.role, predictions, probabilities)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +221,9 @@ class ShadowScorer:
         self.stats.scored_requests += job.requests
         if member.traffic is not None:
             member.traffic.record(job.request_ids, records, result)
+        if member.metrics is not None:
+            fields = member.model.response_fields(result)
+            member.observe(fields["predictions"], fields["probabilities"])
 
 
 def versions_of(release: Release) -> Sequence[str]:

@@ -160,11 +160,12 @@ def test_main_command_works_from_an_empty_home_and_stop_stops_it(platform_home, 
     """
     home = tmp_path / "user-home"
     home.mkdir()
-    ray_port, serve_port = free_port(), free_port()
+    ray_port, serve_port, metrics_port = free_port(), free_port(), free_port()
     environment = {
         "HOME": str(home),
         "MLPLATFORM_RAY_PORT": str(ray_port),
         "MLPLATFORM_SERVE_PORT": str(serve_port),
+        "MLPLATFORM_METRICS_PORT": str(metrics_port),
     }
     # Nothing of this test session's Ray: no address, no token, no serving settings.
     inherited = {
@@ -206,6 +207,7 @@ def test_main_command_works_from_an_empty_home_and_stop_stops_it(platform_home, 
     assert "Stopped the local Ray head" in stop.stdout
     assert not port_is_open("127.0.0.1", ray_port)
     assert not port_is_open("127.0.0.1", serve_port)
+    assert not port_is_open("127.0.0.1", metrics_port)
 
 
 def test_workspace_file_loads_the_code_location(platform_home, tmp_path):

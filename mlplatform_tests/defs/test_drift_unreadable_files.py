@@ -17,6 +17,7 @@ from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.monitoring import drift_report, drift_sensor
 from mlplatform.defs.registry import champion_model
 from mlplatform.defs.training import candidate_model
+from mlplatform.monitoring.drift_summary import drift_summary_path, read_drift_summary
 from mlplatform.monitoring.profiles import version_directory
 from mlplatform.resources import MlflowTracking
 from mlplatform.serving.recorder import TrafficRecorder
@@ -69,6 +70,12 @@ def test_drift_sensor_and_report_skip_unreadable_windows_and_name_them(
     metadata = report.asset_materializations_for_node("drift_report")[0].metadata
     assert metadata["rows"].value == 600
     assert metadata["skipped_files"].value == skipped
+    # The summary the endpoint's replicas export as drift gauges: the same verdicts.
+    summary = read_drift_summary(drift_summary_path(settings.traffic_dir, "mlplatform"))
+    assert summary.model_version == "1" and summary.rows == 600
+    drifted = {f.feature for f in summary.features if f.drifted}
+    assert drifted == set(metadata["drifted_columns"].value)
+    assert summary.features and all(f.feature in spec.features for f in summary.features)
 
     # With no readable window left, the tick says so and names what it skipped.
     _truncate(next(directory.glob("*-good.json")))

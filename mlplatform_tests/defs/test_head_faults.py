@@ -56,6 +56,7 @@ class _Platform:
             "MLPLATFORM_TARGET": "defaulted",
             "MLPLATFORM_SERVE_PORT": str(self.serve_port),
             "MLPLATFORM_RAY_PORT": str(self.ray_port),
+            "MLPLATFORM_METRICS_PORT": str(free_port()),
             "MLPLATFORM_ENDPOINT_CHECK_S": str(CHECK_S),
         }
         (home / "dagster").mkdir(parents=True)
