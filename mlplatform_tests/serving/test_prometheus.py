@@ -115,12 +115,9 @@ def test_prometheus_counts_every_request_per_version(
         sent = {v: expected_version.count(v) + (INVALID if v == "1" else 0) for v in ("1", "2")}
         ours = f'application="{APP}"'
 
-        wait_for_value(
-            url,
-            f"sum by (model_version) (mlplatform_requests_total{{{ours}}})",
-            "model_version",
-            sent,
-        )
+        per_version = f"sum by (model_version) (mlplatform_requests_total{{{ours}}})"
+        wait_for_value(url, per_version, "model_version", sent)
+        print(f"FIGURE PromQL {per_version} -> {scalar_by(url, per_version, 'model_version')}")
         assert scalar_by(url, f"sum by (role) (mlplatform_requests_total{{{ours}}})", "role") == {
             "champion": sent["1"],
             "canary": sent["2"],
