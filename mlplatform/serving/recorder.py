@@ -197,7 +197,8 @@ class TrafficRecorder:
                 whether their predictions are in the log (``False``: an error lost them).
                 Lets a caller account for every record it handed over.
             shadow: the version scores in shadow beside the champion: its predictions are
-                logged as shadow predictions (:meth:`FeedbackStore.log_shadow_predictions`).
+                logged as shadow predictions (:meth:`FeedbackStore.log_shadow_predictions`), and
+                the records are not profiled (they are the champion's, profiled by its recorder).
 
         Raises:
             ValueError: for an unusable name.
@@ -375,6 +376,7 @@ class TrafficRecorder:
             marker, batch = self._drain(timeout)
             if batch is not None:
                 self._settle(batch.items, self._guarded(self._log_predictions, batch))
+            if batch is not None and not self._shadow:  # in shadow the champion profiles them
                 if not pending:
                     pending_since = time.monotonic()
                 pending.append(batch)

@@ -5,6 +5,7 @@ Real whylogs, real SQLite, real threads; only the clock is controlled where a te
 windows.
 """
 
+import datetime as dt
 import sqlite3
 import threading
 
@@ -194,3 +195,22 @@ def test_every_recorded_item_is_settled_with_its_tag_and_outcome(recorded_loans,
 
     assert settled == [(0, 1, 2, True), (1, 2, 2, True), (2, 1, 3, False)]
     assert recorder.stats().errors == 1
+
+
+def test_a_shadow_recorder_logs_shadow_predictions_and_profiles_nothing(recorded_loans, tmp_path):
+    frame, spec = recorded_loans
+    rows = inputs(frame, spec)
+    store = FeedbackStore(tmp_path / "feedback.db")
+    with TrafficRecorder(tmp_path, "loans", "1", spec, "r1", feedback=store) as champion:
+        champion.record("a", rows.iloc[:4], binary_result(4, seed=1))
+    with TrafficRecorder(
+        tmp_path, "loans", "2", spec, "r2", feedback=store, shadow=True
+    ) as challenger:
+        challenger.record("a", rows.iloc[:4], binary_result(4, seed=2))
+    assert challenger.stats().logged_rows == 4 and challenger.stats().profiled_rows == 0
+    assert sidecars(tmp_path / "loans" / "v2") == []  # the champion's recorder profiles them
+    assert [m["rows"] for m in sidecars(tmp_path / "loans" / "v1")] == [4]
+    assert store.count() == 4  # the answers; the challenger's scores are beside them
+    pairs = store.shadow_pairs("loans", "1", "2", dt.datetime.fromtimestamp(0, dt.UTC))
+    assert len(pairs) == 4
+    assert pairs["challenger_score"].tolist() == binary_result(4, seed=2)["probability"].tolist()
