@@ -204,13 +204,15 @@ def reference_profile(context: dg.AssetExecutionContext, features: FeatureSet) -
     path = reference_profile_path(load_settings().profiles_dir, features.data_version)
     # Written whole and durably: a drift report never reads half a baseline.
     write_atomically(path, view.serialize())
-    # What drift comparisons need to know about the columns, next to the profile.
+    # What drift comparisons need to know about the columns, next to the profile. The classes
+    # keep their JSON type: live labels and predictions are compared with them as logged (a
+    # positive class "1" matches no label 1).
     write_atomically(
         reference_sidecar(path),
         json.dumps(
             {
                 "task": features.spec.task,
-                "classes": [str(label) for label in features.spec.classes],
+                "classes": list(features.spec.classes),
                 "target": features.spec.target,
                 "features": dict(features.spec.features),
             }

@@ -15,6 +15,8 @@ from mlflow import MlflowClient
 
 from mlplatform.cli import main
 from mlplatform.definitions import defs
+from mlplatform.defs.features import features, reference_profile
+from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.registry import ROLLOUT_DECISION_TAG
 from mlplatform.defs.rollout import rollout_report, rollout_sensor
 from mlplatform.model.registry import CHAMPION_ALIAS
@@ -22,7 +24,7 @@ from mlplatform.monitoring.evidence import VersionCounts, write_counts
 from mlplatform.monitoring.feedback import FeedbackStore, PredictionRecord
 from mlplatform.monitoring.profiles import reference_profile_path, reference_sidecar
 from mlplatform.monitoring.rollout import RolloutCursor
-from mlplatform.resources import MlflowTracking
+from mlplatform.resources import DataSource, MlflowTracking
 from mlplatform.serving.release import RolloutState
 from mlplatform.settings import load_settings
 from mlplatform.status import collect_status
@@ -35,24 +37,31 @@ POLICY = {
 }
 
 
-@pytest.fixture
-def rollout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> RolloutState:
-    """Champion v1 and challenger v2 in shadow for two minutes, in the platform home's registry."""
+def _begin_rollout(
+    monkeypatch: pytest.MonkeyPatch, source: Path, data_version: str
+) -> RolloutState:
+    """Champion v1 and challenger v2, trained on ``data_version``, in shadow for two minutes."""
     for name, value in POLICY.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     client.create_registered_model("mlplatform")
     for _ in range(2):
-        version = client.create_model_version("mlplatform", source=str(tmp_path / "model")).version
-        client.set_model_version_tag("mlplatform", version, "data_version", "d1")
-    sidecar = reference_sidecar(reference_profile_path(settings.profiles_dir, "d1"))
-    sidecar.parent.mkdir(parents=True)
-    sidecar.write_text(json.dumps({"task": "binary", "classes": [0, 1], "features": {}}))
+        version = client.create_model_version("mlplatform", source=str(source)).version
+        client.set_model_version_tag("mlplatform", version, "data_version", data_version)
     client.set_registered_model_alias("mlplatform", CHAMPION_ALIAS, "1")
     state = RolloutState.begin("2", 0.2, now=time.time() - 120)
     MlflowTracking().set_rollout_state(state)
     return state
+
+
+@pytest.fixture
+def rollout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> RolloutState:
+    """Champion v1 and challenger v2 in shadow for two minutes, in the platform home's registry."""
+    sidecar = reference_sidecar(reference_profile_path(load_settings().profiles_dir, "d1"))
+    sidecar.parent.mkdir(parents=True)
+    sidecar.write_text(json.dumps({"task": "binary", "classes": [0, 1], "features": {}}))
+    return _begin_rollout(monkeypatch, tmp_path / "model", "d1")
 
 
 def _counts(state: RolloutState, requests: int, challenger_errors: int = 0) -> None:
@@ -176,6 +185,26 @@ def test_a_healthy_challenger_goes_from_shadow_to_canary_to_champion(rollout, in
     assert (tags[ROLLOUT_DECISION_TAG], tags["promotion.decision"]) == ("promoted", "promoted")
     assert tags["promotion.previous_champion"] == "1"
     assert "passed its rollout" in tags["promotion.reason"]
+
+
+def test_labelled_evidence_is_compared_on_roc_auc_with_the_reference_profiles_classes(
+    small_loans_csv, monkeypatch, tmp_path, instance
+):
+    # The positive class comes from the description the features job writes beside the
+    # reference profile; labels and predictions are logged as the endpoint logs them (0/1).
+    built = dg.materialize(
+        [raw_data, features, reference_profile],
+        resources={"data_source": DataSource(uri=str(small_loans_csv), target="defaulted")},
+    )
+    assert built.success
+    rollout = _begin_rollout(
+        monkeypatch, tmp_path / "model", built.output_for_node("features").data_version
+    )
+    _counts(rollout, 200)
+    _shadow_log(200, rollout.stage_since)
+    evidence = _metadata(_report(instance))["evidence"]
+    assert (evidence["labels"], evidence["labelled_metric"]) == (200, "roc_auc")
+    assert evidence["difference_low"] <= evidence["difference"] <= evidence["difference_high"]
 
 
 def test_a_failing_challenger_is_rolled_back_and_alerted(rollout, instance, monkeypatch):
