@@ -48,7 +48,10 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 # their scores differ by about 0.11 on average, as the population moved. Over 200 records, the
 # v1 -> v2 figures stay within agreement 0.63, score shift 0.13 and distance 0.20 in 99% of
 # samples; v2 -> v3 shifts scores by at least 0.17 (mlplatform_tests/demo/
-# test_rollout_scenario.py checks the gap on the full traffic sample).
+# test_rollout_scenario.py checks the gap on the full traffic sample). Latency: a stage's p99 of
+# a few hundred requests is its few slowest, and on two busy cores one scheduling pause of the
+# replica makes it 40 ms where the model scores in 5: the slack is 25 ms, which still catches a
+# challenger that scores ten times slower (v3, the linear model, scores in 50-80 ms).
 DEMO_POLICY = {
     "MLPLATFORM_ROLLOUT_MIN_REQUESTS": "200",
     "MLPLATFORM_ROLLOUT_MIN_SECONDS": "30",
@@ -56,6 +59,7 @@ DEMO_POLICY = {
     "MLPLATFORM_ROLLOUT_MIN_AGREEMENT": "0.6",
     "MLPLATFORM_ROLLOUT_MAX_SCORE_SHIFT": "0.15",
     "MLPLATFORM_ROLLOUT_MAX_DISTRIBUTION_DISTANCE": "0.25",
+    "MLPLATFORM_ROLLOUT_P99_SLACK_MS": "25",
 }
 
 
