@@ -27,7 +27,12 @@ from mlplatform.defs.registry import (
     record_rollout_end,
 )
 from mlplatform.defs.serving import deploy_in_progress
-from mlplatform.model.registry import CHAMPION_ALIAS, RegistryUnavailable
+from mlplatform.model.registry import (
+    CHAMPION_ALIAS,
+    ModelRef,
+    RegistryUnavailable,
+    load_tabular_model,
+)
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.monitoring.profiles import reference_profile_path, reference_sidecar
 from mlplatform.monitoring.rollout import (
@@ -121,7 +126,8 @@ def _task_of(tracking: MlflowTracking, settings: PlatformSettings, version: str)
     """The model's task and positive class, from the description of its reference profile.
 
     Falls back to the task logged with the version's MLflow run (positive class then unknown:
-    binary labels must be 0/1).
+    binary labels must be 0/1), and for a version registered by hand, with neither, to the
+    spec inside the model itself.
     """
     client = tracking.client()
     model = client.get_model_version(tracking.registered_model_name, version)
@@ -132,7 +138,12 @@ def _task_of(tracking: MlflowTracking, settings: PlatformSettings, version: str)
             description = json.loads(sidecar.read_text())
             strategy = strategy_for(description["task"])
             return strategy.name, strategy.positive_class(description["classes"])
-    return client.get_run(model.run_id).data.params["task"], None
+    params = client.get_run(model.run_id).data.params if model.run_id else {}
+    if "task" in params:
+        return params["task"], None
+    ref = ModelRef(tracking.registered_model_name, version, model.run_id or "", "unknown")
+    spec = load_tabular_model(ref).spec
+    return spec.task, spec.strategy.positive_class(spec.classes)
 
 
 def judge(

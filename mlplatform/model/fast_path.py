@@ -14,7 +14,12 @@ from sklearn.preprocessing import (
     OrdinalEncoder,
 )
 
-from mlplatform.model.pipeline import DatetimeExpander, boolean_value, parse_datetime
+from mlplatform.model.pipeline import (
+    DatetimeExpander,
+    FrameCoercer,
+    boolean_value,
+    parse_datetime,
+)
 from mlplatform.model.spec import FeatureSpec
 
 
@@ -59,9 +64,18 @@ class TreeRecordsPredictor:
 
     @classmethod
     def from_pipeline(cls, pipeline: Pipeline, spec: FeatureSpec) -> TreeRecordsPredictor | None:
-        """The fast path for ``pipeline``, or ``None`` if it is not a fitted LightGBM pipeline."""
+        """The fast path for ``pipeline``, or ``None`` if it is not a fitted LightGBM pipeline.
+
+        Only the pipeline :func:`~mlplatform.model.pipeline.make_model_pipeline` builds
+        qualifies (coercion, the column transformer, the booster, nothing else): a step added to
+        it would be skipped here, and the endpoint would answer what the model itself does not.
+        """
+        if [name for name, _ in pipeline.steps] != ["coerce", "preprocess", "estimator"]:
+            return None
         steps = dict(pipeline.steps)
-        preprocessor, estimator = steps.get("preprocess"), steps.get("estimator")
+        preprocessor, estimator = steps["preprocess"], steps["estimator"]
+        if not isinstance(steps["coerce"], FrameCoercer):
+            return None
         if not isinstance(preprocessor, ColumnTransformer) or not hasattr(estimator, "booster_"):
             return None
         layout = []

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from sklearn.linear_model import LogisticRegression
 
 from mlplatform.cli import main
 from mlplatform.definitions import defs
@@ -19,7 +21,11 @@ from mlplatform.defs.features import features, reference_profile
 from mlplatform.defs.ingest import raw_data
 from mlplatform.defs.registry import ROLLOUT_DECISION_TAG
 from mlplatform.defs.rollout import rollout_report, rollout_sensor
+from mlplatform.demo.data import generate_loans
+from mlplatform.model.pipeline import build_preprocessor, make_model_pipeline
+from mlplatform.model.pyfunc import TabularModel
 from mlplatform.model.registry import CHAMPION_ALIAS
+from mlplatform.model.spec import infer_feature_spec
 from mlplatform.monitoring.evidence import VersionCounts, write_counts
 from mlplatform.monitoring.feedback import FeedbackStore, PredictionRecord
 from mlplatform.monitoring.profiles import reference_profile_path, reference_sidecar
@@ -364,3 +370,34 @@ def test_status_shows_the_release_and_the_last_verdict(
     MlflowTracking().set_rollout_state(None)
     none = collect_status(instance, client, "mlplatform", down, timeout_s=2)
     assert none.rollout is None and "Rollout:   none under way" in none.to_text()
+
+
+def test_a_version_registered_by_hand_is_judged_by_its_own_spec(rollout, instance, tmp_path):
+    # A real model, logged and registered without training: no lineage tags, no task param.
+    frame = generate_loans(300)
+    spec = infer_feature_spec(frame, "defaulted")
+    pipeline = make_model_pipeline(
+        spec, build_preprocessor(spec, for_trees=False), LogisticRegression(max_iter=200)
+    ).fit(frame, frame["defaulted"])
+    uri = load_settings().tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("by-hand", artifact_location=str(tmp_path / "art"))
+    with mlflow.start_run(experiment_id=experiment):
+        logged = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TabularModel(pipeline, spec),
+            registered_model_name="mlplatform",
+        )
+    version = str(logged.registered_model_version)
+    state = RolloutState.begin(version, 0.2, now=time.time() - 120)
+    MlflowTracking().set_rollout_state(state)
+    counts = VersionCounts()
+    counts.add(200, 40, 3.0)
+    write_counts(
+        load_settings().traffic_dir, "mlplatform", state.rollout_id, "shadow", version, "a", counts
+    )
+
+    metadata = _metadata(_report(instance))
+    assert (metadata["verdict"], metadata["challenger_version"]) == ("roll_back", version)
+    assert _tags(version)[ROLLOUT_DECISION_TAG] == "rolled_back"

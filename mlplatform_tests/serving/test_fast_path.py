@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from lightgbm import LGBMClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
 
 from mlplatform.demo.data import generate_loans
 from mlplatform.model.fast_path import TreeRecordsPredictor
@@ -152,6 +154,18 @@ def test_datetime_rule_on_values_written_out_by_hand(value, tree_pipeline):
         assert np.isnan(parts).all()
     else:
         assert parts == [expected.month, expected.weekday(), expected.hour]
+
+
+def test_a_pipeline_with_a_step_of_its_own_takes_the_slow_path(tree_pipeline):
+    pipeline, fast_path = tree_pipeline
+    assert fast_path is not None
+    coerce, *rest = pipeline.steps
+    # A step the fast path knows nothing of: it would be skipped, so the pipeline scores instead.
+    cast = FunctionTransformer(pd.DataFrame.astype, kw_args={"dtype": {"income": "float32"}})
+    extended = Pipeline([coerce, ("cast", cast), *rest])
+    assert TreeRecordsPredictor.from_pipeline(extended, SPEC) is None
+    renamed = Pipeline([("first", coerce[1]), *rest])
+    assert TreeRecordsPredictor.from_pipeline(renamed, SPEC) is None
 
 
 def test_fast_and_slow_validation_give_the_same_frame():
