@@ -500,7 +500,11 @@ def test_a_keyed_endpoint_through_ray_serve_never_shows_a_key(
         "public health": 200,
     }
     assert answers["no key"].headers["www-authenticate"].startswith("Bearer")
-    assert answers["public health"].json() == {"status": "ok", "model_version": "1"}
+    assert answers["public health"].json() == {
+        "status": "ok",
+        "model_version": "1",
+        "release": Release(champion="1").model_dump(),
+    }
     for response in answers.values():
         _check_no_secret(response)
     # Nothing any Ray process of the session wrote (replica, proxy, controller, workers, the
