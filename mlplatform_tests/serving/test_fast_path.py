@@ -408,8 +408,10 @@ def _settled_haproxy_config(port: int, timeout_s: float = 30.0) -> str:
     """The configuration of the HAProxy answering on ``port``, once Ray has finished writing it.
 
     Ray rewrites the file and reloads HAProxy whenever an application of the session's Serve
-    instance is deployed or deleted; a read in the middle of that sees a half-written file. What
-    stays wrong for ``timeout_s`` is returned as it is, for the assertions to report.
+    instance is deployed or deleted; a read in the middle of that sees a half-written file, and
+    a read just after a deploy may not list the new replicas yet (meanwhile Serve's proxy, the
+    backup server, answers for them). What stays wrong for ``timeout_s`` is returned as it is,
+    for the assertions to report.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -417,7 +419,9 @@ def _settled_haproxy_config(port: int, timeout_s: float = 30.0) -> str:
         command = Path(f"/proc/{haproxy}/cmdline").read_bytes().split(b"\0")
         assert command[0].endswith(b"haproxy"), command
         config = Path(command[command.index(b"-f") + 1].decode()).read_text()
-        settled = not re.findall(r"^\s*bind (?!127\.0\.0\.1:|unix@)", config, re.MULTILINE)
+        settled = not re.findall(
+            r"^\s*bind (?!127\.0\.0\.1:|unix@)", config, re.MULTILINE
+        ) and re.search(r"server SERVE_REPLICA_fastpath", config)
         if settled or time.monotonic() > deadline:
             return config
         time.sleep(0.5)
