@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import pandas as pd
 
@@ -240,14 +240,7 @@ class FeedbackStore:
             FeedbackUnavailable: if the log cannot be written now; nothing is stored then.
 
         """
-        with self._transaction() as connection:
-            before = connection.total_changes
-            connection.executemany(
-                "INSERT OR IGNORE INTO predictions (request_id, row_index, model_name,"
-                " model_version, prediction, score, predicted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                records,
-            )
-            return connection.total_changes - before
+        return self._insert("predictions", records)
 
     def log_shadow_predictions(self, records: Iterable[PredictionRecord]) -> int:
         """Insert a shadowed challenger's predictions in one transaction (kept if logged already).
@@ -262,10 +255,18 @@ class FeedbackStore:
             FeedbackUnavailable: if the log cannot be written now; nothing is stored then.
 
         """
+        return self._insert("shadow_predictions", records)
+
+    def _insert(
+        self,
+        table: Literal["predictions", "shadow_predictions"],
+        records: Iterable[PredictionRecord],
+    ) -> int:
+        """Insert predictions into ``table`` in one transaction; rows already there are kept."""
         with self._transaction() as connection:
             before = connection.total_changes
             connection.executemany(
-                "INSERT OR IGNORE INTO shadow_predictions (request_id, row_index, model_name,"
+                f"INSERT OR IGNORE INTO {table} (request_id, row_index, model_name,"
                 " model_version, prediction, score, predicted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 records,
             )
