@@ -44,7 +44,6 @@ from mlplatform.serving.served import (
     ServedRelease,
     ShadowScorer,
     SingleRequest,
-    versions_of,
 )
 from mlplatform.serving.settings import ServingSettings
 
@@ -102,14 +101,14 @@ class ModelEndpoint:
         if before is not None:
             retired = set(self.sinks) - {self._sink_key(m) for m in served.members}
             sinks = [self.sinks.pop(key) for key in retired]
-            for version in set(self.models) - set(versions_of(release)):
+            for version in set(self.models) - set(release.versions):
                 del self.models[version]
             threading.Thread(target=self._retire, args=(sinks,), daemon=True).start()
         logger.info("serving %s", release)
 
     def _prepare(self, release: Release) -> ServedRelease:
         """Load the release's models that are not loaded yet and start their recorders."""
-        for version in versions_of(release):
+        for version in release.versions:
             if version not in self.models:
                 self.models[version] = load_served_model(
                     f"models:/{self.model_name}/{version}", self.settings.tracking_uri

@@ -80,6 +80,11 @@ class Release(BaseModel):
         return self.champion
 
     @property
+    def versions(self) -> tuple[str, ...]:
+        """The model versions this release needs loaded: the champion, then any challenger."""
+        return (self.champion,) if self.challenger is None else (self.champion, self.challenger)
+
+    @property
     def rollout_label(self) -> str | None:
         """The challenger in a phrase (``v4 in shadow``, ``v4 in canary at 20%``); else ``None``."""
         if self.challenger is None:

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from mlplatform.monitoring.evidence import VersionCounts
@@ -224,10 +223,3 @@ class ShadowScorer:
         if member.metrics is not None:
             fields = member.model.response_fields(result)
             member.observe(fields["predictions"], fields["probabilities"])
-
-
-def versions_of(release: Release) -> Sequence[str]:
-    """The model versions a release needs loaded."""
-    return (
-        [release.champion] if release.challenger is None else [release.champion, release.challenger]
-    )

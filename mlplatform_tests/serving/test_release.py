@@ -41,6 +41,7 @@ def test_in_shadow_the_champion_answers_and_the_challenger_scores_beside_it():
     assert {release.answering_version(key) for key in KEYS[:100]} == {"3"}
     assert release.shadowed
     assert release.rollout_label == "v4 in shadow"
+    assert release.versions == ("3", "4") and Release(champion="3").versions == ("3",)
 
 
 def test_in_canary_the_challenger_answers_the_keys_of_its_share():
