@@ -34,12 +34,24 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def dagster_instance() -> Iterator["dg.DagsterInstance"]:
-    """The Dagster instance in ``DAGSTER_HOME``, set to the platform's default when unset."""
+    """The Dagster instance in ``DAGSTER_HOME``, set to the platform's default when unset.
+
+    Opening an instance creates and migrates its SQLite storages. Two commands opening a new
+    home at once would both stamp its schema version and leave it unreadable for good, so the
+    opening holds an exclusive lock on ``$DAGSTER_HOME/instance.lock``; using the instance
+    afterwards does not.
+    """
+    import fcntl
+
     import dagster as dg
 
     dagster_home = os.environ.setdefault("DAGSTER_HOME", str(load_settings().dagster_home))
     os.makedirs(dagster_home, exist_ok=True)
-    with dg.DagsterInstance.get() as instance:
+    with open(os.path.join(dagster_home, "instance.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        instance = dg.DagsterInstance.get()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    with instance:
         yield instance
 
 

@@ -1,8 +1,13 @@
 """Runs the command line executes take turns with each other and with the run queue's runs."""
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -10,6 +15,8 @@ import pytest
 from mlplatform.definitions import RETRAIN_TAGS
 from mlplatform.defs.serving import ENDPOINT_TAGS
 from mlplatform.run_slots import CLI_LAUNCHER, LAUNCHER_TAG, run_turn
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @dg.op
@@ -118,3 +125,37 @@ def test_a_run_left_active_by_a_killed_command_is_failed_not_waited_for(instance
         f"Marked run {abandoned.run_id} (queued_job) failed: its command ended without "
         "finishing the run (killed?)."
     ]
+
+
+OPEN_THE_INSTANCE_AT = """
+import sys, time
+from mlplatform.cli import dagster_instance
+start = float(sys.argv[1])
+while time.time() < start:
+    pass
+with dagster_instance() as instance:
+    instance.get_runs()
+"""
+
+
+def test_commands_opening_a_new_home_at_once_leave_it_readable(tmp_path):
+    """Unlocked, four commands creating one home's SQLite storages stamp its schema twice."""
+    dagster_home = tmp_path / "dagster"
+    dagster_home.mkdir()
+    shutil.copy(REPOSITORY / "dagster.yaml", dagster_home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "MLPLATFORM_HOME": str(tmp_path)}
+    start = time.time() + 8  # every interpreter has imported Dagster by then
+    commands = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_THE_INSTANCE_AT, str(start)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    errors = [command.communicate(timeout=120)[1] for command in commands]
+    assert [command.returncode for command in commands] == [0] * 4, errors
+
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert instance.get_runs() == []
