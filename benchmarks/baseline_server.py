@@ -20,13 +20,13 @@ import json
 import uuid
 from typing import Any
 
-import pandas as pd
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from mlplatform.serving.model import ServedModel, load_served_model
 from mlplatform.serving.validation import InvalidRequest, check_records
+from mlplatform.tasks.base import ModelOutput
 
 LOOPBACK = "127.0.0.1"
 
@@ -41,7 +41,7 @@ class MicroBatcher:
         self.full = asyncio.Event()  # a whole batch is pending
         self.task: asyncio.Task | None = None
 
-    async def predict(self, record: dict[str, Any]) -> pd.DataFrame:
+    async def predict(self, record: dict[str, Any]) -> ModelOutput:
         """The prediction for one record, computed with whatever else is waiting."""
         loop = asyncio.get_running_loop()
         if self.task is None:
@@ -71,7 +71,7 @@ class MicroBatcher:
                     future.set_exception(error)
                 continue
             for index, (_, future) in enumerate(batch):
-                future.set_result(result.iloc[index : index + 1])
+                future.set_result(result.rows(index, index + 1))
 
 
 def build_server(model: ServedModel, max_batch_size: int, batch_wait_s: float | None) -> FastAPI:

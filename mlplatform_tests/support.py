@@ -40,6 +40,7 @@ from mlplatform.serving.keys import KeyDigests
 from mlplatform.serving.release import Release
 from mlplatform.serving.settings import ServingSettings
 from mlplatform.settings import PlatformSettings, load_settings
+from mlplatform.tasks.base import ModelOutput
 
 PLATFORM_VARIABLES = (
     "MLPLATFORM_SOURCE",
@@ -283,12 +284,10 @@ def inputs(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     return frame[list(spec.features)]
 
 
-def binary_result(n: int, seed: int = 0) -> pd.DataFrame:
-    """What a binary model's predict_frame returns (the recorder only profiles and logs it)."""
+def binary_result(n: int, seed: int = 0) -> ModelOutput:
+    """What a binary model answers for ``n`` records (the recorder only profiles and logs it)."""
     probability = np.random.default_rng(seed).random(n)
-    return pd.DataFrame(
-        {"prediction": (probability >= 0.5).astype(int), "probability": probability}
-    )
+    return ModelOutput({"prediction": (probability >= 0.5).astype(int), "probability": probability})
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -11,6 +11,7 @@ import pandas as pd
 from sklearn.pipeline import Pipeline
 
 from mlplatform.model.spec import FeatureSpec
+from mlplatform.tasks.base import ModelOutput
 
 
 class TabularModel(mlflow.pyfunc.PythonModel):
@@ -61,11 +62,11 @@ class TabularModel(mlflow.pyfunc.PythonModel):
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Predictions (and probabilities for classification) for raw records."""
-        return self.output_frame(self.scores(frame), frame.index)
+        return self.output(self.scores(frame)).frame(frame.index)
 
-    def output_frame(self, scores: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
+    def output(self, scores: np.ndarray) -> ModelOutput:
         """:meth:`scores` as the model's output: ``prediction`` and the probabilities behind it."""
-        return self.spec.strategy.output_frame(scores, self.spec.classes, self.threshold, index)
+        return self.spec.strategy.output(scores, self.spec.classes, self.threshold)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None

@@ -15,6 +15,7 @@ from mlplatform.model.fast_path import TreeRecordsPredictor
 from mlplatform.model.pyfunc import TabularModel
 from mlplatform.model.registry import MODEL_CARD_ARTIFACT, resolve_model_version
 from mlplatform.model.spec import FeatureSpec
+from mlplatform.tasks.base import ModelOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ServedModel:
         """The model's input contract."""
         return self.model.spec
 
-    def response_fields(self, result: pd.DataFrame) -> dict[str, Any]:
+    def response_fields(self, result: ModelOutput) -> dict[str, Any]:
         """``predictions`` and ``probabilities`` of a predict result, as the endpoint returns them.
 
         Binary: the positive-class probability per record; multiclass: ``{class: probability}``
@@ -60,7 +61,7 @@ class ServedModel:
         """
         return self.spec.strategy.response_fields(result, self.spec.classes)
 
-    def predict(self, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    def predict(self, records: Sequence[Mapping[str, Any]]) -> ModelOutput:
         """Predictions (and probabilities for classifiers) for validated records, row for row.
 
         Tree models take the fast path
@@ -68,10 +69,9 @@ class ServedModel:
         others go through the model's pipeline.
         """
         if self.fast_path is not None:
-            return self.model.output_frame(self.fast_path.scores(records))
-        return self.model.predict_frame(
-            pd.DataFrame.from_records(records, columns=list(self.spec.features))
-        )
+            return self.model.output(self.fast_path.scores(records))
+        frame = pd.DataFrame.from_records(records, columns=list(self.spec.features))
+        return self.model.output(self.model.scores(frame))
 
 
 def load_served_model(model_uri: str, tracking_uri: str | None = None) -> ServedModel:

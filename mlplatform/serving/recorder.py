@@ -38,6 +38,7 @@ from mlplatform.monitoring.profiles import (
     version_directory,
 )
 from mlplatform.serving.settings import TrafficKnobs
+from mlplatform.tasks.base import ModelOutput
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,13 @@ def _stack(
         for part in parts
     ]
     return pd.DataFrame(np.concatenate(arrays), columns=columns).infer_objects()
+
+
+def _stack_outputs(outputs: Sequence[ModelOutput]) -> pd.DataFrame:
+    """One frame of many requests' model outputs, column by column (their dtypes kept)."""
+    return pd.DataFrame(
+        {name: np.concatenate([output[name] for output in outputs]) for name in outputs[0].names}
+    )
 
 
 def _scores(results: pd.DataFrame) -> list[float | None]:
@@ -251,7 +259,7 @@ class TrafficRecorder:
         self,
         request_id: str | Sequence[str],
         frame: pd.DataFrame | Sequence[Mapping[str, Any]],
-        result: pd.DataFrame,
+        result: ModelOutput | pd.DataFrame,
         *,
         tag: Hashable = None,
     ) -> bool:
@@ -266,7 +274,8 @@ class TrafficRecorder:
             frame: the validated raw records: a frame, or the records as posted (they become
                 a frame in the background, together with the other requests' records).
             result: the model's output for them, row for row (``prediction``, and ``probability``
-                or per-class probability columns for classifiers).
+                or per-class probability columns for classifiers); a frame, as a pyfunc model
+                returns it, is taken too.
             tag: handed back to ``on_settled`` with this item once it is processed.
 
         Returns:
@@ -276,6 +285,8 @@ class TrafficRecorder:
             ValueError: if ``frame``, ``result`` (and the list of ids) have different lengths.
 
         """
+        if isinstance(result, pd.DataFrame):
+            result = ModelOutput.of_frame(result)
         if len(frame) != len(result):
             raise ValueError(f"{len(frame)} records but {len(result)} predictions")
         if not isinstance(request_id, str) and len(request_id) != len(frame):
@@ -403,7 +414,7 @@ class TrafficRecorder:
 
     def _drain(self, timeout: float) -> tuple[_Marker | None, _Batch | None]:
         """Wait up to ``timeout`` for a request, then take what is queued, up to a marker."""
-        items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame, Hashable]] = []
+        items: list[tuple[float, Any, Any, ModelOutput, Hashable]] = []
         marker, rows = None, 0
         try:
             item = self._queue.get(timeout=timeout)
@@ -435,9 +446,7 @@ class TrafficRecorder:
             self._settle(_settled_items(items), logged=False)
             return marker, None
 
-    def _to_batch(
-        self, items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame, Hashable]]
-    ) -> _Batch:
+    def _to_batch(self, items: list[tuple[float, Any, Any, ModelOutput, Hashable]]) -> _Batch:
         lengths = np.fromiter((len(item[2]) for item in items), dtype=np.int64, count=len(items))
         request_ids: list[str] = []
         indices: list[int] = []
@@ -450,7 +459,7 @@ class TrafficRecorder:
                 indices.extend(itertools.repeat(0, len(ids)))
         return _Batch(
             features=_stack([item[2] for item in items], self._feature_columns),
-            results=_stack([item[3] for item in items], list(items[0][3].columns)),
+            results=_stack_outputs([item[3] for item in items]),
             timestamps=np.repeat([item[0] for item in items], lengths),
             request_ids=request_ids,
             indices=indices,
@@ -554,7 +563,7 @@ class TrafficRecorder:
 
 
 def _settled_items(
-    items: list[tuple[float, Any, pd.DataFrame, pd.DataFrame, Hashable]],
+    items: list[tuple[float, Any, Any, ModelOutput, Hashable]],
 ) -> SettledItems:
     """``(tag, requests, rows)`` of queued items (a list of ids is that many requests)."""
     return [

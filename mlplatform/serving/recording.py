@@ -43,7 +43,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import pandas as pd
 import ray
 from pydantic_core import from_json
 from ray.exceptions import ActorDiedError, PendingCallsLimitExceeded, RayError
@@ -59,6 +58,7 @@ from mlplatform.monitoring.profiles import (
 from mlplatform.monitoring.tally import ReplicaTally, TallyCounts
 from mlplatform.serving.recorder import RecorderStats, SettledItems, TrafficRecorder
 from mlplatform.serving.settings import TrafficKnobs
+from mlplatform.tasks.base import ModelOutput
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class RecorderProcess:
         )
 
     def record_many(
-        self, handover: int, requests: list[tuple[Any, Any, pd.DataFrame]], resent: bool = False
+        self, handover: int, requests: list[tuple[Any, Any, ModelOutput]], resent: bool = False
     ) -> None:
         """:meth:`TrafficRecorder.record` each ``(request_id, records, result)`` of a hand-over.
 
@@ -216,7 +216,7 @@ class RecorderProcess:
         finally:
             self.ledger.finish(handover)
 
-    def _already_logged(self, requests: list[tuple[Any, Any, pd.DataFrame]]) -> set[str]:
+    def _already_logged(self, requests: list[tuple[Any, Any, ModelOutput]]) -> set[str]:
         """Requests of a resent hand-over that are in the prediction log (logged whole)."""
         if self.feedback is None:
             return set()
@@ -284,7 +284,7 @@ class _HandOver:
     """What the replica sent in one call, kept until the recorder reports it settled."""
 
     number: int
-    payload: list[tuple[Any, Any, pd.DataFrame]]  # (request id(s), records, result)
+    payload: list[tuple[Any, Any, ModelOutput]]  # (request id(s), records, result)
     rows: int
 
     def requests(self) -> list[tuple[str, int]]:
@@ -296,7 +296,7 @@ class _HandOver:
         ]
 
 
-def _requests_of(request_id: str | list[str], result: pd.DataFrame) -> list[tuple[str, int]]:
+def _requests_of(request_id: str | list[str], result: ModelOutput) -> list[tuple[str, int]]:
     """``(request id, records)`` of one recorded item (a list of ids: one record each)."""
     if isinstance(request_id, str):
         return [(request_id, len(result))]
@@ -383,7 +383,7 @@ class TrafficSink:
         self._poll_interval_s = poll_interval_s
         self._answer_timeout_s = answer_timeout_s
         self._lock = threading.Lock()
-        self._pending: list[tuple[Any, Any, pd.DataFrame]] = []
+        self._pending: list[tuple[Any, Any, ModelOutput]] = []
         self._pending_rows = 0
         self._unsettled: collections.deque[_HandOver] = collections.deque()
         self._to_resend: collections.deque[_HandOver] = collections.deque()
@@ -462,7 +462,7 @@ class TrafficSink:
         self,
         request_id: str | list[str],
         records: list[dict[str, Any]] | bytes,
-        result: pd.DataFrame,
+        result: ModelOutput,
     ) -> None:
         """Queue one request (or a micro-batch of one-record requests) for the process.
 
@@ -553,7 +553,7 @@ class TrafficSink:
                 self._pending[:0] = requests
                 self._pending_rows += rows
 
-    def _hand_over(self, payload: list[tuple[Any, Any, pd.DataFrame]], resent: bool) -> bool:
+    def _hand_over(self, payload: list[tuple[Any, Any, ModelOutput]], resent: bool) -> bool:
         """One actor call; whether it was made (not if the process has too many waiting)."""
         handover = _HandOver(self._next_handover, payload, sum(len(r) for _, _, r in payload))
         try:

@@ -11,6 +11,7 @@ Nothing here imports Dagster, MLflow, Ray or the layers above ``tasks``.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -48,6 +49,44 @@ def check_aligned(frame: pd.DataFrame, labels: np.ndarray, scores: np.ndarray) -
             f"frame ({len(frame)}), labels ({len(labels)}) and scores ({len(scores)}) "
             "must have the same length"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """A model's output for some records, column by column, row for row.
+
+    ``prediction``, and for classifiers the probabilities behind it (see
+    :meth:`TaskStrategy.output`). Columns of plain arrays, not a pandas frame: building a frame
+    costs more than scoring a few records with a tree model, and the endpoint answers from the
+    columns alone; the traffic recorder makes frames of many outputs at once, in its own
+    process (:meth:`frame`).
+    """
+
+    columns: dict[str, np.ndarray]
+
+    @classmethod
+    def of_frame(cls, frame: pd.DataFrame) -> ModelOutput:
+        """The output a pyfunc model's ``predict`` returned as a frame."""
+        return cls({str(name): frame[name].to_numpy() for name in frame.columns})
+
+    @property
+    def names(self) -> list[str]:
+        """The column names, ``prediction`` first."""
+        return list(self.columns)
+
+    def __len__(self) -> int:
+        return len(self.columns["prediction"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def rows(self, start: int, stop: int) -> ModelOutput:
+        """The output of records ``start`` to ``stop`` (excluded)."""
+        return ModelOutput({name: column[start:stop] for name, column in self.columns.items()})
+
+    def frame(self, index: pd.Index | None = None) -> pd.DataFrame:
+        """The output as a frame (what the MLflow pyfunc model returns)."""
+        return pd.DataFrame(self.columns, index=index)
 
 
 class TaskStrategy(abc.ABC):
@@ -174,18 +213,14 @@ class TaskStrategy(abc.ABC):
         """The scores from a LightGBM booster's raw ``predict`` output (the serving fast path)."""
 
     @abc.abstractmethod
-    def output_frame(
-        self,
-        scores: np.ndarray,
-        classes: Sequence[Any],
-        threshold: float | None,
-        index: pd.Index | None = None,
-    ) -> pd.DataFrame:
+    def output(
+        self, scores: np.ndarray, classes: Sequence[Any], threshold: float | None
+    ) -> ModelOutput:
         """The model's output for scores: ``prediction`` and the probabilities behind it."""
 
     @abc.abstractmethod
-    def response_fields(self, result: pd.DataFrame, classes: Sequence[Any]) -> dict[str, Any]:
-        """``predictions`` and ``probabilities`` of an output frame, as the endpoint answers."""
+    def response_fields(self, result: ModelOutput, classes: Sequence[Any]) -> dict[str, Any]:
+        """``predictions`` and ``probabilities`` of a model's output, as the endpoint answers."""
 
     @abc.abstractmethod
     def metrics(

@@ -16,7 +16,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from mlplatform.tasks import metrics
-from mlplatform.tasks.base import SCOPE, plain
+from mlplatform.tasks.base import SCOPE, ModelOutput, plain
 from mlplatform.tasks.classification import ClassificationTask
 from mlplatform.tasks.metrics import METRIC_NAMES, Interval
 from mlplatform.tasks.plots import plot_calibration, plot_precision_recall, plot_roc
@@ -114,19 +114,15 @@ class BinaryTask(ClassificationTask):
         """The booster's output is already the probability of encoded class 1, the positive one."""
         return np.asarray(raw, dtype=float)
 
-    def output_frame(
-        self,
-        scores: np.ndarray,
-        classes: Sequence[Any],
-        threshold: float | None,
-        index: pd.Index | None = None,
-    ) -> pd.DataFrame:
+    def output(
+        self, scores: np.ndarray, classes: Sequence[Any], threshold: float | None
+    ) -> ModelOutput:
         """``prediction`` (the class at the threshold) and the positive class's ``probability``."""
         negative, positive = classes
         labels = np.where(scores >= threshold, positive, negative)
-        return pd.DataFrame({"prediction": labels, "probability": scores}, index=index)
+        return ModelOutput({"prediction": labels, "probability": np.asarray(scores)})
 
-    def response_fields(self, result: pd.DataFrame, classes: Sequence[Any]) -> dict[str, Any]:
+    def response_fields(self, result: ModelOutput, classes: Sequence[Any]) -> dict[str, Any]:
         """The positive-class probability per record."""
         return {
             "predictions": result["prediction"].tolist(),

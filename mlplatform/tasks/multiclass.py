@@ -22,7 +22,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from mlplatform.tasks.base import SCOPE, DataError, ResampledIntervals, check_aligned, plain
+from mlplatform.tasks.base import (
+    SCOPE,
+    DataError,
+    ModelOutput,
+    ResampledIntervals,
+    check_aligned,
+    plain,
+)
 from mlplatform.tasks.classification import ClassificationTask, in_class_order
 from mlplatform.tasks.metrics import PROBABILITY_CLIP
 from mlplatform.tasks.slices import slice_table
@@ -139,27 +146,21 @@ class MulticlassTask(ResampledIntervals, ClassificationTask):
         """The booster's class probabilities, reordered to the spec's classes."""
         return in_class_order(raw, estimator, n_classes)
 
-    def output_frame(
-        self,
-        scores: np.ndarray,
-        classes: Sequence[Any],
-        threshold: float | None,
-        index: pd.Index | None = None,
-    ) -> pd.DataFrame:
+    def output(
+        self, scores: np.ndarray, classes: Sequence[Any], threshold: float | None
+    ) -> ModelOutput:
         """``prediction`` (the most probable class) and ``probability_<class>`` per class."""
         labels = np.asarray(classes, dtype=object)
         columns = {"prediction": labels[self.predicted_classes(scores, threshold)]}
         for position, label in enumerate(classes):
             columns[f"{PROBABILITY_PREFIX}{label}"] = scores[:, position]
-        return pd.DataFrame(columns, index=index)
+        return ModelOutput(columns)
 
-    def response_fields(self, result: pd.DataFrame, classes: Sequence[Any]) -> dict[str, Any]:
+    def response_fields(self, result: ModelOutput, classes: Sequence[Any]) -> dict[str, Any]:
         """``{class: probability}`` per record."""
-        columns = [f"{PROBABILITY_PREFIX}{label}" for label in classes]
         names = [str(label) for label in classes]
-        probabilities = [
-            dict(zip(names, row, strict=True)) for row in result[columns].to_numpy().tolist()
-        ]
+        per_class = [result[f"{PROBABILITY_PREFIX}{label}"].tolist() for label in classes]
+        probabilities = [dict(zip(names, row, strict=True)) for row in zip(*per_class, strict=True)]
         return {"predictions": result["prediction"].tolist(), "probabilities": probabilities}
 
     def metrics(

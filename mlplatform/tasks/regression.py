@@ -13,7 +13,7 @@ from scipy import stats
 from sklearn.linear_model import Ridge
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from mlplatform.tasks.base import SCOPE, ResampledIntervals, check_aligned
+from mlplatform.tasks.base import SCOPE, ModelOutput, ResampledIntervals, check_aligned
 from mlplatform.tasks.plots import plot_predicted_vs_actual, plot_residuals
 from mlplatform.tasks.rules import LOOKUP_KINDS, as_numbers, value_lookup
 from mlplatform.tasks.slices import slice_table
@@ -120,17 +120,13 @@ class RegressionTask(ResampledIntervals):
         """The booster's output is the predicted value."""
         return np.asarray(raw, dtype=float)
 
-    def output_frame(
-        self,
-        scores: np.ndarray,
-        classes: Sequence[Any],
-        threshold: float | None,
-        index: pd.Index | None = None,
-    ) -> pd.DataFrame:
+    def output(
+        self, scores: np.ndarray, classes: Sequence[Any], threshold: float | None
+    ) -> ModelOutput:
         """``prediction``: the predicted value."""
-        return pd.DataFrame({"prediction": scores}, index=index)
+        return ModelOutput({"prediction": np.asarray(scores)})
 
-    def response_fields(self, result: pd.DataFrame, classes: Sequence[Any]) -> dict[str, Any]:
+    def response_fields(self, result: ModelOutput, classes: Sequence[Any]) -> dict[str, Any]:
         """No probabilities (``None``)."""
         return {"predictions": result["prediction"].tolist(), "probabilities": None}
 

@@ -342,19 +342,23 @@ def test_regression_metrics_by_hand():
 
 def test_binary_output_and_response_fields():
     scores = np.array([0.2, 0.5, 0.7])
-    output = BINARY.output_frame(scores, ("no", "yes"), 0.5)
-    assert list(output.columns) == ["prediction", "probability"]
+    output = BINARY.output(scores, ("no", "yes"), 0.5)
+    assert output.names == ["prediction", "probability"]
     assert BINARY.response_fields(output, ("no", "yes")) == {
         "predictions": ["no", "yes", "yes"],
         "probabilities": [0.2, 0.5, 0.7],
     }
-    assert BINARY.output_frame(scores, (0, 1), 0.6)["prediction"].tolist() == [0, 0, 1]
+    assert BINARY.output(scores, (0, 1), 0.6)["prediction"].tolist() == [0, 0, 1]
+    assert output.rows(1, 3).frame().to_dict("list") == {
+        "prediction": ["yes", "yes"],
+        "probability": [0.5, 0.7],
+    }
 
 
 def test_multiclass_output_and_response_fields():
     scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
-    output = MULTICLASS.output_frame(scores, ("A", "B", "C"), None)
-    assert list(output.columns) == ["prediction", "probability_A", "probability_B", "probability_C"]
+    output = MULTICLASS.output(scores, ("A", "B", "C"), None)
+    assert output.names == ["prediction", "probability_A", "probability_B", "probability_C"]
     assert MULTICLASS.response_fields(output, ("A", "B", "C")) == {
         "predictions": ["B", "A"],
         "probabilities": [{"A": 0.1, "B": 0.7, "C": 0.2}, {"A": 0.5, "B": 0.2, "C": 0.3}],
@@ -362,8 +366,8 @@ def test_multiclass_output_and_response_fields():
 
 
 def test_regression_output_and_response_fields():
-    output = REGRESSION.output_frame(np.array([1.5, 2.0]), (), None)
-    assert list(output.columns) == ["prediction"]
+    output = REGRESSION.output(np.array([1.5, 2.0]), (), None)
+    assert output.names == ["prediction"]
     assert REGRESSION.response_fields(output, ()) == {
         "predictions": [1.5, 2.0],
         "probabilities": None,
