@@ -50,7 +50,9 @@ class PlatformStatus:
         endpoint: the endpoint's ``/healthz`` answer (served version, traffic counters).
         endpoint_error: why the endpoint did not answer, if it did not.
         last_drift: the latest drift verdict (from a sensor tick or a drift_report run).
-        decisions: the latest champion decisions, newest first.
+        decisions: the latest decisions, newest first: ``champion_model``'s (promote, keep,
+            block, force, roll back) and the rollout's actions (advance, roll back, and the
+            operators' pause, resume, promote, abort), each with its version and reason.
         rollout: the rollout under way as the registry keeps it (challenger, stage, share,
             paused, since when); ``None`` when none is.
         last_rollout: the latest rollout verdict with its evidence (from a sensor tick or a
@@ -199,6 +201,34 @@ def _metadata(record: Any, fields: tuple[str, ...]) -> dict[str, Any]:
     return values | {"recorded_at": stamp.isoformat(timespec="seconds")}
 
 
+# rollout_report's verdicts that change nothing: the rules wait, or there was nothing to judge.
+_NO_ACTION = frozenset({"wait", "none"})
+# How many of the latest rollout_report runs are searched for actions (most of them wait).
+_ROLLOUT_RUNS_SEARCHED = 200
+
+
+def _decisions(instance: dg.DagsterInstance, limit: int) -> list[dict[str, Any]]:
+    """The latest ``limit`` decisions of the champion and of rollouts, newest first."""
+    champion = instance.fetch_materializations(dg.AssetKey("champion_model"), limit=limit)
+    decisions = [(r.timestamp, _metadata(r, _DECISION_FIELDS)) for r in champion.records]
+    rollout = instance.fetch_materializations(
+        dg.AssetKey("rollout_report"), limit=_ROLLOUT_RUNS_SEARCHED
+    )
+    for record in rollout.records:
+        values = _metadata(record, _ROLLOUT_FIELDS)
+        if values.get("verdict", "none") in _NO_ACTION:
+            continue
+        decision = {
+            "decision": f"rollout {values['verdict']}",
+            "decided_version": values.get("challenger_version"),
+            "reason": values.get("summary"),
+            "recorded_at": values["recorded_at"],
+        }
+        decisions.append((record.timestamp, decision))
+    decisions.sort(key=lambda pair: pair[0], reverse=True)
+    return [decision for _, decision in decisions[:limit]]
+
+
 def _last_drift(instance: dg.DagsterInstance) -> dict[str, Any] | None:
     """The newest drift verdict: a drift_report run or a drift sensor tick, whichever is later."""
     key = dg.AssetKey("drift_report")
@@ -254,7 +284,6 @@ def collect_status(
             endpoint_error = f"/healthz answered HTTP {response.status_code}"
     except httpx.HTTPError as error:
         endpoint_error = f"no answer: {type(error).__name__}"
-    records = instance.fetch_materializations(dg.AssetKey("champion_model"), limit=decisions)
     return PlatformStatus(
         model_name=model_name,
         champion=champion,
@@ -263,7 +292,7 @@ def collect_status(
         endpoint=endpoint,
         endpoint_error=endpoint_error,
         last_drift=_last_drift(instance),
-        decisions=[_metadata(record, _DECISION_FIELDS) for record in records.records],
+        decisions=_decisions(instance, decisions),
         rollout=rollout,
         last_rollout=_last_rollout(instance),
         metrics_url=metrics_url,

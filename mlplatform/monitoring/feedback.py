@@ -427,7 +427,7 @@ class FeedbackStore:
                 ).rowcount
         return deleted
 
-    def logged_requests(self, request_ids: Iterable[str]) -> set[str]:
+    def logged_requests(self, request_ids: Iterable[str], *, shadow: bool = False) -> set[str]:
         """Which of these requests have their predictions in the log.
 
         A request's records are logged in one transaction, so a request is either logged
@@ -435,12 +435,15 @@ class FeedbackStore:
 
         Args:
             request_ids: the requests' ids.
+            shadow: look for a shadowed challenger's scores of them, not for their answers
+                (a request answered by the champion is not yet scored in shadow).
 
         Returns:
             The ids found.
 
         """
         ids = list(dict.fromkeys(request_ids))
+        table = "shadow_predictions" if shadow else "predictions"
         per_query = 500  # SQLite bounds the parameters of one statement
         found: set[str] = set()
         with self._connection() as connection:
@@ -449,7 +452,7 @@ class FeedbackStore:
                 found.update(
                     row[0]
                     for row in connection.execute(
-                        "SELECT DISTINCT request_id FROM predictions WHERE request_id IN ("
+                        f"SELECT DISTINCT request_id FROM {table} WHERE request_id IN ("
                         + ",".join("?" * len(chunk))
                         + ")",
                         chunk,

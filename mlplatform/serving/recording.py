@@ -178,6 +178,7 @@ class RecorderProcess:
         self.incarnation = uuid.uuid4().hex
         self.ledger = _Ledger()
         self.feedback = FeedbackStore(Path(feedback_db)) if feedback_db else None
+        self.shadow = bool(recorder_args.get("shadow"))
         self.recorder = TrafficRecorder(
             **recorder_args, feedback=self.feedback, on_settled=self.ledger.settle
         )
@@ -222,7 +223,7 @@ class RecorderProcess:
             return set()
         ids = [rid if isinstance(rid, str) else rid[0] for rid, _, _ in requests]
         try:
-            return self.feedback.logged_requests(ids)
+            return self.feedback.logged_requests(ids, shadow=self.shadow)
         except Exception:  # then they are recorded again: the log ignores duplicates
             logger.exception("traffic recorder: the prediction log could not be read")
             return set()
@@ -364,6 +365,7 @@ class TrafficSink:
         self._replica_id = str(replica_id)
         self._feedback_db = feedback_db
         self._feedback: FeedbackStore | None = None
+        self._shadow = shadow
         self._process_args = (
             niceness,
             feedback_db,
@@ -648,7 +650,7 @@ class TrafficSink:
             return set()  # profiles only: nothing a dead process held was kept
         if self._feedback is None:
             self._feedback = FeedbackStore(Path(self._feedback_db))
-        return self._feedback.logged_requests(request_ids)
+        return self._feedback.logged_requests(request_ids, shadow=self._shadow)
 
     def _settle_abandoned(self) -> None:
         """After the process stopped: whatever is still unsettled or waiting is settled now."""

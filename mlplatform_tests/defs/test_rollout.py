@@ -356,6 +356,15 @@ def test_status_shows_the_release_and_the_last_verdict(
     assert "Verdict:   wait" in text and "40 of 100 requests" in text
     assert "challenger_requests 40" in text
     assert status.to_dict()["rollout"]["rollout_id"] == rollout.rollout_id
+    # A wait decides nothing; an action is a decision, with its version and what it did.
+    assert status.decisions == []
+    assert _report(instance, action="pause").success
+    paused = collect_status(instance, client, "mlplatform", down, timeout_s=2)
+    assert [(d["decision"], d["decided_version"]) for d in paused.decisions] == [
+        ("rollout pause", "2")
+    ]
+    assert "rollout pause v2: " in paused.to_text()
+    assert _report(instance, action="resume").success
 
     # The command line shows the same without a run, and refuses a promotion without a reason
     # before anything is deployed.

@@ -127,6 +127,15 @@ def test_logged_requests_finds_requests_in_many_queries(tmp_path):
     assert store.logged_requests([]) == set()
 
 
+def test_logged_requests_of_a_shadow_are_its_scores_not_the_champions_answers(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.log_predictions(_prediction(f"r{i}", T0) for i in range(4))  # the champion answered
+    store.log_shadow_predictions(_prediction(f"r{i}", T0) for i in range(2))  # the shadow scored
+
+    assert store.logged_requests(["r0", "r1", "r2", "r3"], shadow=True) == {"r0", "r1"}
+    assert store.logged_requests(["r0", "r3"]) == {"r0", "r3"}
+
+
 def test_recorder_prunes_when_it_writes_a_window_at_most_hourly(recorded_loans, tmp_path):
     frame, spec = recorded_loans
     root = tmp_path / "traffic"
