@@ -20,7 +20,7 @@ import bisect
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mlplatform.monitoring.durable import write_atomically
@@ -66,24 +66,8 @@ class VersionCounts:
         )
 
     def quantile_ms(self, quantile: float) -> float | None:
-        """A latency quantile, interpolated within its bucket; ``None`` before any request.
-
-        Above the last bound the last bound is returned (a lower bound of the truth).
-        """
-        total = sum(self.latency_buckets)
-        if not total:
-            return None
-        rank = quantile * total
-        seen = 0
-        for index, count in enumerate(self.latency_buckets):
-            if count and seen + count >= rank:
-                if index == len(LATENCY_BUCKETS_MS):
-                    return LATENCY_BUCKETS_MS[-1]
-                low = LATENCY_BUCKETS_MS[index - 1] if index else 0.0
-                high = LATENCY_BUCKETS_MS[index]
-                return low + (high - low) * (rank - seen) / count
-            seen += count
-        return LATENCY_BUCKETS_MS[-1]
+        """A latency quantile (see :func:`bucket_quantile_ms`); ``None`` before any request."""
+        return bucket_quantile_ms(self.latency_buckets, quantile)
 
     @property
     def p99_ms(self) -> float | None:
@@ -107,6 +91,50 @@ class VersionCounts:
         if len(counts.latency_buckets) != len(LATENCY_BUCKETS_MS) + 1:
             raise ValueError(f"{len(counts.latency_buckets)} latency buckets")
         return counts
+
+
+def bucket_quantile_ms(buckets: Sequence[int], quantile: float) -> float | None:
+    """A latency quantile from requests per bucket (:data:`LATENCY_BUCKETS_MS`, then above).
+
+    Interpolated within its bucket, as Prometheus reads a histogram; above the last bound the
+    last bound is returned (a lower bound of the truth). ``None`` when no request is counted.
+    """
+    total = sum(buckets)
+    if not total:
+        return None
+    rank = quantile * total
+    seen = 0
+    for index, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            if index == len(LATENCY_BUCKETS_MS):
+                return LATENCY_BUCKETS_MS[-1]
+            low = LATENCY_BUCKETS_MS[index - 1] if index else 0.0
+            high = LATENCY_BUCKETS_MS[index]
+            return low + (high - low) * (rank - seen) / count
+        seen += count
+    return LATENCY_BUCKETS_MS[-1]
+
+
+def requests_slower_than(buckets: Sequence[int], bound_ms: float) -> float:
+    """How many of the counted requests took longer than ``bound_ms``.
+
+    Every request of the buckets above the bound, and the share of the bucket holding it that
+    lies above it (requests spread evenly within a bucket, as :func:`bucket_quantile_ms`
+    reads them). The last bucket has no upper end: it counts whole below its lower end, and
+    not at all above it (a lower bound of the truth).
+    """
+    slower = 0.0
+    for index, count in enumerate(buckets):
+        low = LATENCY_BUCKETS_MS[index - 1] if index else 0.0
+        if index == len(LATENCY_BUCKETS_MS):
+            slower += count if bound_ms < low else 0.0
+            continue
+        high = LATENCY_BUCKETS_MS[index]
+        if bound_ms <= low:
+            slower += count
+        elif bound_ms < high:
+            slower += count * (high - bound_ms) / (high - low)
+    return slower
 
 
 def stage_directory(

@@ -25,7 +25,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from mlplatform.monitoring.evidence import VersionCounts, read_stage_counts
+from mlplatform.monitoring.evidence import (
+    VersionCounts,
+    bucket_quantile_ms,
+    read_stage_counts,
+    requests_slower_than,
+)
 from mlplatform.monitoring.feedback import FeedbackStore
 from mlplatform.monitoring.rules import SensorCursor
 from mlplatform.tasks.base import Task, TaskStrategy
@@ -63,7 +68,11 @@ class RolloutPolicy:
         max_error_rate_excess: most the challenger's error rate may exceed the champion's.
         max_p99_ratio: the challenger's p99 latency may be at most this multiple of the
             champion's, plus ``p99_slack_ms`` (so a sub-millisecond champion does not fail a
-            challenger over noise).
+            challenger over noise). Judged on the challenger's requests slower than that
+            bound: rolled back when they are more than 1% of its requests with 95%
+            confidence, so a few slow requests (a pause of the process) in a small sample
+            never roll a challenger back, and a challenger slow throughout is rolled back
+            after the minimum of requests.
         p99_slack_ms: see ``max_p99_ratio``.
         min_agreement: in shadow, the least share of records on which both models decide the
             same (the same class, or the same bin of the value).
@@ -107,18 +116,25 @@ class VersionTraffic:
     Attributes:
         requests: requests it scored (answered, or in shadow scored beside the champion).
         errors: of those, the ones that failed (a server error, or a scoring error in shadow).
-        p99_ms: 99th percentile of its scoring latency, in milliseconds; ``None`` before any.
+        latency_buckets: its requests per scoring-latency bucket
+            (:data:`~mlplatform.monitoring.evidence.LATENCY_BUCKETS_MS`, then above); empty
+            when not measured.
 
     """
 
     requests: int
     errors: int
-    p99_ms: float | None = None
+    latency_buckets: tuple[int, ...] = ()
 
     @property
     def error_rate(self) -> float:
         """Errors per request (0 before any request)."""
         return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def p99_ms(self) -> float | None:
+        """99th percentile of its scoring latency, in milliseconds; ``None`` before any."""
+        return bucket_quantile_ms(self.latency_buckets, 0.99)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +216,8 @@ def decide_rollout(evidence: RolloutEvidence, policy: RolloutPolicy) -> RolloutV
 
     Rolled back when any rule fails: its error rate exceeds the champion's by more than the
     bound (judged only once the errors in cannot be diluted below it by the minimum of
-    requests), its p99 latency is over the bound (after the minimum of requests), in shadow its
+    requests), more than 1% of its requests are credibly slower than its p99 bound (after the
+    minimum of requests; see ``RolloutPolicy.max_p99_ratio``), in shadow its
     agreement, score shift or distribution distance is out of bounds (after the minimum), or
     its labelled performance is worse with confidence. Advanced when none fails and the stage
     has its minimum of requests, time and (canary) labels. Otherwise it waits.
@@ -235,10 +252,13 @@ def _failed_rules(evidence: RolloutEvidence, policy: RolloutPolicy) -> list[str]
     enough = challenger.requests >= policy.min_requests
     if enough and challenger.p99_ms is not None and champion.p99_ms is not None:
         bound = champion.p99_ms * policy.max_p99_ratio + policy.p99_slack_ms
-        if challenger.p99_ms > bound:
+        measured = sum(challenger.latency_buckets)
+        slower = requests_slower_than(challenger.latency_buckets, bound)
+        if _lower_bound(slower, measured) > P99_TAIL:
             failed.append(
                 f"p99 latency {challenger.p99_ms:.1f} ms is over {bound:.1f} ms (champion "
-                f"{champion.p99_ms:.1f} ms x {policy.max_p99_ratio} + {policy.p99_slack_ms} ms)"
+                f"{champion.p99_ms:.1f} ms x {policy.max_p99_ratio} + {policy.p99_slack_ms} ms): "
+                f"{slower:.0f} of {measured} requests slower, over 1% with 95% confidence"
             )
     shadow = evidence.shadow
     if shadow is not None and shadow.rows >= policy.min_requests:
@@ -267,6 +287,26 @@ def _failed_rules(evidence: RolloutEvidence, policy: RolloutPolicy) -> list[str]
             f"difference {_interval(labelled.difference)}"
         )
     return failed
+
+
+P99_TAIL = 0.01
+"""The share of requests a 99th percentile leaves above it."""
+
+_ONE_SIDED_95 = 1.6449
+"""The standard normal quantile of a one-sided 95% bound."""
+
+
+def _lower_bound(successes: float, trials: int) -> float:
+    """The one-sided 95% lower bound of a proportion (Wilson score); 0 without trials.
+
+    Wilson's bound stays inside [0, 1] and is sound for the small counts of a tail, where the
+    normal approximation is not.
+    """
+    if trials <= 0:
+        return 0.0
+    share, z2 = successes / trials, _ONE_SIDED_95**2
+    spread = _ONE_SIDED_95 * math.sqrt(share * (1 - share) / trials + z2 / (4 * trials**2))
+    return max(0.0, (share + z2 / (2 * trials) - spread) / (1 + z2 / trials))
 
 
 def _missing_evidence(evidence: RolloutEvidence, policy: RolloutPolicy) -> list[str]:
@@ -367,7 +407,7 @@ def compare_scores(
 
 def traffic_of(counts: VersionCounts) -> VersionTraffic:
     """One version's stage counts (summed over replicas) as the rules read them."""
-    return VersionTraffic(counts.requests, counts.errors, counts.p99_ms)
+    return VersionTraffic(counts.requests, counts.errors, tuple(counts.latency_buckets))
 
 
 def _decisions(

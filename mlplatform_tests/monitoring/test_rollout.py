@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from mlplatform.monitoring.evidence import VersionCounts
 from mlplatform.monitoring.rollout import (
     LabelledComparison,
     RolloutEvidence,
@@ -17,8 +18,21 @@ from mlplatform.monitoring.rollout import (
 )
 from mlplatform.tasks.metrics import Interval
 
+
+def _traffic(requests: int, errors: int = 0, slow: int = 0, slow_ms: float = 50.0):
+    """``requests`` scored in 1 ms but ``slow`` of them, scored in ``slow_ms``."""
+    counts = VersionCounts()
+    counts.add(requests - slow, errors, 1.0)
+    counts.add(slow, 0, slow_ms)
+    return VersionTraffic(requests, errors, tuple(counts.latency_buckets))
+
+
 POLICY = RolloutPolicy(min_requests=100, min_seconds=60, min_labels=50)
-CHAMPION = VersionTraffic(requests=1000, errors=0, p99_ms=10.0)
+# p99 10 ms exactly, as read from buckets: 890 requests in (0.5, 1], 100 in (5, 10], 10 above.
+_CHAMPION_COUNTS = VersionCounts()
+for _requests, _ms in ((890, 1.0), (100, 10.0), (10, 20.0)):
+    _CHAMPION_COUNTS.add(_requests, 0, _ms)
+CHAMPION = VersionTraffic(1000, 0, tuple(_CHAMPION_COUNTS.latency_buckets))
 AGREEING = ShadowComparison(rows=100, agreement=0.97, score_shift=0.02, distribution_distance=0.05)
 BETTER = LabelledComparison(50, "roc_auc", Interval(point=0.02, low=-0.01, high=0.05))
 
@@ -28,7 +42,7 @@ def _evidence(stage="shadow", seconds=60.0, challenger=None, shadow=AGREEING, la
         stage=stage,
         seconds_in_stage=seconds,
         champion=CHAMPION,
-        challenger=challenger or VersionTraffic(requests=100, errors=0, p99_ms=11.0),
+        challenger=challenger or _traffic(100),
         shadow=shadow,
         labelled=labelled,
     )
@@ -44,7 +58,7 @@ def test_a_healthy_shadow_advances_to_canary_once_it_has_its_minimum():
     ("evidence", "missing"),
     [
         (_evidence(seconds=59.0), "59 of 60 seconds"),
-        (_evidence(challenger=VersionTraffic(99, 0, 11.0)), "99 of 100 requests"),
+        (_evidence(challenger=_traffic(99, 0)), "99 of 100 requests"),
         (_evidence(shadow=None), "no record scored by both models yet"),
     ],
 )
@@ -87,37 +101,45 @@ def test_labelled_performance_worse_with_confidence_rolls_back_at_the_bound():
 def test_errors_roll_back_as_soon_as_the_minimum_of_requests_cannot_dilute_them():
     # 1% allowed over the champion's 0%: 2 errors are more than 1% of the 100 minimum at once,
     # even after only 10 requests; 1 error is not, until the rate is measured on 100 or more.
-    two_early = decide_rollout(_evidence(challenger=VersionTraffic(10, 2, 11.0)), POLICY)
+    two_early = decide_rollout(_evidence(challenger=_traffic(10, 2)), POLICY)
     assert two_early.action == "roll_back"
     assert two_early.reasons[0].startswith("error rate 20.00% (2 of 10) exceeds")
-    one_early = decide_rollout(_evidence(challenger=VersionTraffic(10, 1, 11.0)), POLICY)
+    one_early = decide_rollout(_evidence(challenger=_traffic(10, 1)), POLICY)
     assert one_early.action == "wait"
-    assert decide_rollout(_evidence(challenger=VersionTraffic(100, 1, 11.0)), POLICY).action == (
-        "advance"
-    )
-    assert decide_rollout(_evidence(challenger=VersionTraffic(150, 2, 11.0)), POLICY).action == (
-        "roll_back"
-    )
+    assert decide_rollout(_evidence(challenger=_traffic(100, 1)), POLICY).action == ("advance")
+    assert decide_rollout(_evidence(challenger=_traffic(150, 2)), POLICY).action == ("roll_back")
 
 
 def test_the_champions_own_errors_raise_the_bound():
-    flaky_champion = RolloutEvidence(
-        "shadow", 60.0, VersionTraffic(1000, 50, 10.0), VersionTraffic(100, 5, 11.0), AGREEING
-    )
+    flaky_champion = RolloutEvidence("shadow", 60.0, _traffic(1000, 50), _traffic(100, 5), AGREEING)
     assert decide_rollout(flaky_champion, POLICY).action == "advance"  # 5% vs 5%
 
 
-def test_p99_latency_is_bounded_by_a_ratio_and_a_slack_after_the_minimum():
-    # Champion 10 ms: bound 10 x 1.5 + 5 = 20 ms.
-    at_bound = _evidence(challenger=VersionTraffic(100, 0, 20.0))
-    assert decide_rollout(at_bound, POLICY).action == "advance"
-    slow = decide_rollout(_evidence(challenger=VersionTraffic(100, 0, 20.1)), POLICY)
+def test_p99_latency_rolls_back_when_more_than_1_percent_is_credibly_over_the_bound():
+    assert CHAMPION.p99_ms == 10.0  # bound 10 x 1.5 + 5 = 20 ms
+    # 2 of 100 over it: a pause in a small sample, not a slow challenger (its p99 is over).
+    paused = _evidence(challenger=_traffic(100, slow=2))
+    assert paused.challenger.p99_ms > 20.0
+    assert decide_rollout(paused, POLICY).action == "advance"
+    # 3 of 100: more than 1% with 95% confidence.
+    slow = decide_rollout(_evidence(challenger=_traffic(100, slow=3)), POLICY)
     assert (slow.action, slow.reasons) == (
         "roll_back",
-        ("p99 latency 20.1 ms is over 20.0 ms (champion 10.0 ms x 1.5 + 5.0 ms)",),
+        (
+            "p99 latency 41.7 ms is over 20.0 ms (champion 10.0 ms x 1.5 + 5.0 ms): "
+            "3 of 100 requests slower, over 1% with 95% confidence",
+        ),
     )
-    early = _evidence(challenger=VersionTraffic(99, 0, 50.0))
-    assert decide_rollout(early, POLICY).action == "wait"  # too few requests to judge a p99
+    # Slow throughout, but before the minimum of requests: not judged yet.
+    early = _evidence(challenger=_traffic(99, slow=99))
+    assert decide_rollout(early, POLICY).action == "wait"
+    # On more requests a smaller share is credible: 20 of 1000 (2%) is.
+    assert decide_rollout(_evidence(challenger=_traffic(1000, slow=20)), POLICY).action == (
+        "roll_back"
+    )
+    assert decide_rollout(_evidence(challenger=_traffic(1000, slow=12)), POLICY).action == (
+        "advance"
+    )
 
 
 @pytest.mark.parametrize(
@@ -140,7 +162,7 @@ def test_shadow_disagreement_rolls_back_once_enough_records_are_compared(shadow,
 
 def test_every_failed_rule_is_named():
     everything_wrong = _evidence(
-        challenger=VersionTraffic(100, 10, 99.0),
+        challenger=_traffic(100, 10, slow=10),
         shadow=ShadowComparison(100, 0.5, 0.5, 0.9),
     )
     assert len(decide_rollout(everything_wrong, POLICY).reasons) == 5

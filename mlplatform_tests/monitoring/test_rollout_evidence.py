@@ -11,7 +11,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, mean_absolute_error, roc_auc_score
 
-from mlplatform.monitoring.evidence import VersionCounts, write_counts
+from mlplatform.monitoring.evidence import (
+    VersionCounts,
+    bucket_quantile_ms,
+    requests_slower_than,
+    write_counts,
+)
 from mlplatform.monitoring.feedback import FeedbackStore, PredictionRecord
 from mlplatform.monitoring.rollout import (
     RolloutCursor,
@@ -45,6 +50,22 @@ def test_traffic_of_sums_replicas_and_reads_p99_from_buckets():
     assert (traffic.requests, traffic.errors, traffic.error_rate) == (100, 1, 0.01)
     assert 25.0 < traffic.p99_ms <= 50.0
     assert traffic_of(VersionCounts()).p99_ms is None
+
+
+def test_requests_slower_than_a_bound_are_read_from_the_buckets_as_the_quantiles_are():
+    counts = VersionCounts()
+    counts.add(90, 0, 2.0)  # (1, 2.5]
+    counts.add(10, 0, 20.0)  # (10, 25]
+    counts.add(4, 0, 9000.0)  # above the last bound, 5000 ms
+    buckets = counts.latency_buckets
+    assert requests_slower_than(buckets, 25.0) == 4
+    assert requests_slower_than(buckets, 10.0) == 14
+    assert requests_slower_than(buckets, 17.5) == 9  # half of (10, 25] is above 17.5
+    assert requests_slower_than(buckets, 1.75) == 59  # half of (1, 2.5] as well
+    assert requests_slower_than(buckets, 6000.0) == 0  # past the last bound: a lower bound
+    # Read back at the quantile's own value, the share above it is the quantile's complement.
+    p90 = bucket_quantile_ms(buckets, 0.9)
+    assert requests_slower_than(buckets, p90) == pytest.approx(104 * 0.1)
 
 
 def test_shadow_comparison_per_task():
