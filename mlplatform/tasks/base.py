@@ -58,8 +58,7 @@ class ModelOutput:
     ``prediction``, and for classifiers the probabilities behind it (see
     :meth:`TaskStrategy.output`). Columns of plain arrays, not a pandas frame: building a frame
     costs more than scoring a few records with a tree model, and the endpoint answers from the
-    columns alone; the traffic recorder makes frames of many outputs at once, in its own
-    process (:meth:`frame`).
+    columns alone; the traffic recorder stacks many outputs into one frame, in its own process.
     """
 
     columns: dict[str, np.ndarray]
