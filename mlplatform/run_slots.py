@@ -94,7 +94,7 @@ def _file_lock(path: Path, run_id: str, say: Callable[[str], None]) -> Iterator[
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
+            holder = _holder(descriptor)
             say(f"Waiting for run {holder or '(starting)'} to finish (one at a time) ...")
             fcntl.flock(descriptor, fcntl.LOCK_EX)
         os.ftruncate(descriptor, 0)
@@ -102,6 +102,20 @@ def _file_lock(path: Path, run_id: str, say: Callable[[str], None]) -> Iterator[
         yield
     finally:
         os.close(descriptor)  # releases the lock, also when the process dies
+
+
+def _holder(descriptor: int, wait_s: float = 2.0) -> str:
+    """The run id in a lock file another command holds; ``""`` if none appears in ``wait_s``.
+
+    The holder writes its id just after it took the lock, so a command that finds the lock
+    taken may read the file in between; it looks again for a moment rather than name nobody.
+    """
+    deadline = time.monotonic() + wait_s
+    while not (holder := os.pread(descriptor, 200, 0).decode(errors="replace").strip()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    return holder
 
 
 def _active_runs(instance: dg.DagsterInstance, key: str, value: str) -> list[dg.DagsterRun]:

@@ -62,7 +62,7 @@ def test_plain_pipeline_hands_outputs_on_and_runs_separate_checks_after_their_as
 
     @dg.asset(deps=[scaled])
     def after(context: dg.AssetExecutionContext) -> str:
-        return context.run.run_id
+        return context.run_id
 
     @dg.asset_check(asset=scaled)
     def scaled_is_sorted(scaled: list[int]) -> dg.AssetCheckResult:

@@ -1,5 +1,6 @@
 """Runs the command line executes take turns with each other and with the run queue's runs."""
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from mlplatform.definitions import RETRAIN_TAGS
 from mlplatform.defs.serving import ENDPOINT_TAGS
-from mlplatform.run_slots import CLI_LAUNCHER, LAUNCHER_TAG, run_turn
+from mlplatform.run_slots import CLI_LAUNCHER, LAUNCHER_TAG, run_turn, serial_tags
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -84,6 +85,25 @@ def test_a_second_command_waits_for_the_first_retrain(instance, second_tags):
     second.join(60)
     assert log == ["run-a in", "run-a out", "run-b in", "run-b out"]
     assert second.said == ["Waiting for run run-a to finish (one at a time) ..."]
+
+
+def test_a_command_names_a_holder_that_has_taken_the_lock_but_not_yet_written_its_id(instance):
+    # The moment between another command's flock and its write, held open for 0.3 s.
+    (key, value), *_ = serial_tags(RETRAIN_TAGS)
+    path = Path(instance.root_directory) / "locks" / f"{key}={value}.lock".replace("/", "_")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    command = Command(instance, RETRAIN_TAGS, "run-b")
+    command.start()
+    time.sleep(0.3)
+    os.pwrite(descriptor, b"run-a", 0)
+    _until(lambda: command.said, "the command to say it waits")
+    os.close(descriptor)
+    assert command.inside.wait(60)
+    command.release.set()
+    command.join(60)
+    assert command.said == ["Waiting for run run-a to finish (one at a time) ..."]
 
 
 def test_an_untagged_run_does_not_wait(instance):

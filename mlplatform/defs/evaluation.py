@@ -137,7 +137,7 @@ def evaluation_report(
         labels, curves, threshold, [str(label) for label in spec.classes], importance
     )
     lineage = {
-        "dagster_run_id": context.run.run_id,
+        "dagster_run_id": context.run_id,
         "mlflow_run_id": candidate_model.mlflow_run_id,
         **code_lineage(),
     }

@@ -75,7 +75,7 @@ def candidate_model(
     # clients send them; the pipeline's FrameCoercer converts to training dtypes either way.
     sample = features.inputs("train").head(20)
     lineage = {
-        "dagster_run_id": context.run.run_id,
+        "dagster_run_id": context.run_id,
         "data_version": features.data_version,
         **code_lineage(),
     }
