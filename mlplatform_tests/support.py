@@ -497,3 +497,34 @@ def promote_rollout(
     )
     assert result.success
     return result
+
+
+class BackgroundLoop(threading.Thread):
+    """A test's loop on a thread of its own: started by ``with``, stopped and joined at its end.
+
+    Subclasses implement :meth:`step`, one turn of the loop (a request, a poll), taken every
+    ``interval_s`` until the ``with`` block ends.
+    """
+
+    interval_s = 0.05
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+
+    def step(self) -> None:
+        """One turn of the loop."""
+        raise NotImplementedError
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.step()
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> BackgroundLoop:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.join()

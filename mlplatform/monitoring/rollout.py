@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from mlplatform.monitoring.evidence import (
     VersionCounts,
@@ -292,21 +293,17 @@ def _failed_rules(evidence: RolloutEvidence, policy: RolloutPolicy) -> list[str]
 P99_TAIL = 0.01
 """The share of requests a 99th percentile leaves above it."""
 
-_ONE_SIDED_95 = 1.6449
-"""The standard normal quantile of a one-sided 95% bound."""
 
+def _lower_bound(slower: float, requests: int) -> float:
+    """The one-sided 95% lower bound (Wilson score) of the share of slower requests.
 
-def _lower_bound(successes: float, trials: int) -> float:
-    """The one-sided 95% lower bound of a proportion (Wilson score); 0 without trials.
-
-    Wilson's bound stays inside [0, 1] and is sound for the small counts of a tail, where the
-    normal approximation is not.
+    ``slower`` is read from buckets and may be fractional; its whole part is counted (the
+    bound errs towards keeping the challenger). 0 without requests.
     """
-    if trials <= 0:
+    if requests <= 0:
         return 0.0
-    share, z2 = successes / trials, _ONE_SIDED_95**2
-    spread = _ONE_SIDED_95 * math.sqrt(share * (1 - share) / trials + z2 / (4 * trials**2))
-    return max(0.0, (share + z2 / (2 * trials) - spread) / (1 + z2 / trials))
+    test = stats.binomtest(math.floor(slower), requests, alternative="greater")
+    return float(test.proportion_ci(confidence_level=0.95, method="wilson").low)
 
 
 def _missing_evidence(evidence: RolloutEvidence, policy: RolloutPolicy) -> list[str]:

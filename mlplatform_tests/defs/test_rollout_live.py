@@ -8,7 +8,6 @@ records have an income of 0 and none) and answers most loans, but raises for eve
 """
 
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from mlplatform.serving.model import load_served_model
 from mlplatform.serving.preflight import preflight
 from mlplatform.serving.release import REQUEST_KEY_HEADER, RolloutState
 from mlplatform.settings import load_settings
-from mlplatform_tests.support import FAST_WINDOWS, loan_records, register_copy
+from mlplatform_tests.support import FAST_WINDOWS, BackgroundLoop, loan_records, register_copy
 
 NAME = "mlplatform"
 RECORDS = loan_records(50, seed=21)
@@ -49,30 +48,24 @@ def serving(resources, instance, monkeypatch, serve_port) -> Iterator[str]:
     return result.output_for_node("model_endpoint").url
 
 
-class Client(threading.Thread):
+class Client(BackgroundLoop):
     """Sends one loan per request until stopped, and keeps every status and answering version."""
 
     def __init__(self, url: str):
-        super().__init__(daemon=True)
+        super().__init__()
         self.url = url
         self.answers: list[tuple[int, str | None]] = []
-        self.stop = threading.Event()
+        self.http = httpx.Client(timeout=30)
 
-    def run(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self.stop.is_set():
-                record = RECORDS[len(self.answers) % len(RECORDS)]
-                response = client.post(f"{self.url}/predict", json={"records": [record]})
-                self.answers.append((response.status_code, response.headers.get("X-Model-Version")))
-                time.sleep(0.05)
-
-    def __enter__(self) -> "Client":
-        self.start()
-        return self
+    def step(self) -> None:
+        """One request."""
+        record = RECORDS[len(self.answers) % len(RECORDS)]
+        response = self.http.post(f"{self.url}/predict", json={"records": [record]})
+        self.answers.append((response.status_code, response.headers.get("X-Model-Version")))
 
     def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.join()
+        super().__exit__()
+        self.http.close()
 
 
 def _failing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

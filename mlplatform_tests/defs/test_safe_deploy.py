@@ -1,7 +1,5 @@
 """A version that cannot serve never replaces one that does, and the alias follows what serves."""
 
-import threading
-import time
 from collections.abc import Iterator
 
 import dagster as dg
@@ -13,12 +11,12 @@ from ray import serve
 from mlplatform.definitions import ASSETS, defs
 from mlplatform.monitoring.rules import EndpointState
 from mlplatform.serving.cluster import observe_endpoint
-from mlplatform_tests.support import register_copy
+from mlplatform_tests.support import BackgroundLoop, register_copy
 
 SERVING_V1 = EndpointState("serving", version="1")
 
 
-class HealthProbe(threading.Thread):
+class HealthProbe(BackgroundLoop):
     """Polls ``GET /healthz`` until stopped, then once more, and keeps every state it saw.
 
     The final poll makes "v1 answered throughout and after" checkable however quickly the
@@ -26,24 +24,17 @@ class HealthProbe(threading.Thread):
     """
 
     def __init__(self, url: str):
-        super().__init__(daemon=True)
+        super().__init__()
         self.url = url
         self.states: list[EndpointState] = []
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.states.append(observe_endpoint(self.url))
-            time.sleep(0.05)
-
-    def __enter__(self) -> "HealthProbe":
-        self.start()
-        return self
+    def step(self) -> None:
+        """One poll."""
+        self.states.append(observe_endpoint(self.url))
 
     def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.join()
-        self.states.append(observe_endpoint(self.url))
+        super().__exit__()
+        self.step()
 
 
 @pytest.fixture
